@@ -1,0 +1,21 @@
+"""bilevel: stochastic bilevel optimization in PyTorch.
+
+    min_x f(x, y*(x))   s.t.   y*(x) = argmin_y g(x, y)
+
+Define a :class:`BilevelProblem` (or a :class:`FunctionProblem` from two functions), then call
+:func:`solve` with a registered solver name, or :func:`hypergradient` for one estimate.
+"""
+from .hypergrad import hypergradient
+from .oracles import count_calls
+from .problem import BilevelProblem, FunctionProblem
+from .registry import PROBLEMS, SOLVERS, make_problem, make_solver, register_problem, register_solver
+from .solve import Callback, NonFiniteError, Result, solve
+from .solver import ComposedSolver, Solver, State
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BilevelProblem", "FunctionProblem", "hypergradient", "solve", "Result", "Callback",
+    "NonFiniteError", "Solver", "ComposedSolver", "State", "count_calls", "register_solver",
+    "register_problem", "make_solver", "make_problem", "SOLVERS", "PROBLEMS", "__version__",
+]

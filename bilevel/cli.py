@@ -1,0 +1,72 @@
+"""Command line: ``bilevel run [CONFIG.yaml] [key=value ...]`` and ``bilevel list``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .config import ConfigError, load, to_yaml
+from .registry import PROBLEMS, SOLVERS
+
+
+def _list(args) -> int:
+    for title, registry in (("Solvers", SOLVERS), ("Problems", PROBLEMS)):
+        print(f"{title}:")
+        for entry in registry.entries():
+            print(f"  {entry.name:<20s} {entry.description}")
+            if entry.paper:
+                print(f"  {'':<20s}   {entry.paper}")
+            if args.options:
+                opts = ", ".join(f"{k}={v!r}" for k, v in registry.options(entry.name).items())
+                print(f"  {'':<20s}   options: {opts}")
+        print()
+    return 0
+
+
+def _run(args) -> int:
+    from .experiment import run_experiment
+    config_path = args.config
+    overrides = list(args.overrides)
+    if config_path is not None and "=" in config_path:  # `bilevel run key=value ...`
+        overrides.insert(0, config_path)
+        config_path = None
+    cfg = load(config_path, overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    outcome = run_experiment(cfg)
+    if outcome.failed:
+        print(f"error: {len(outcome.failed)} solver(s) failed: {', '.join(outcome.failed)} "
+              f"(results of the others are in {outcome.run_dir})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bilevel", description="Stochastic bilevel optimization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run solvers on a problem (default: hyper-cleaning on digits)")
+    run.add_argument("config", nargs="?", help="YAML config file (default: the embedded main job)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver=soba steps=200")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.set_defaults(func=_run)
+    lst = sub.add_parser("list", help="list solvers and problems")
+    lst.add_argument("--options", action="store_true", help="also list each one's options and defaults")
+    lst.set_defaults(func=_list)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: files written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

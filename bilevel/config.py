@@ -1,0 +1,154 @@
+"""Run configuration: OmegaConf structured configs, validated before any work.
+
+    bilevel run [CONFIG.yaml] [key=value ...]
+
+The schema is :class:`RunConfig`. Without a CONFIG file the embedded main job
+(``bilevel/configs/default.yaml``: hyper-cleaning on scikit-learn's digits, three solvers against
+the no-cleaning baseline, step sizes tuned for it) is the base; overriding ``problem`` drops its
+problem- and solver-specific options, and overriding ``solvers`` drops the options of solvers no
+longer selected. ``solver=NAME`` is a shorthand for ``solvers=[NAME]``. Problem and solver
+options go under ``problem_options.KEY`` and ``solver_options.SOLVER.KEY``; they are checked
+against the problem's constructor and the solver's dataclass fields (names *and* types), so a
+typo fails at once with the list of valid names.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .registry import PROBLEMS, SOLVERS, check_options
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the key and what is expected."""
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "bilevel"
+    #: "online", "offline" or "disabled"; None: offline unless W&B credentials are present.
+    mode: Optional[str] = None
+    group: Optional[str] = None
+    #: Where W&B writes its files; None: <run folder>/wandb.
+    dir: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    problem: str = "hyperclean-digits"
+    problem_options: Dict[str, Any] = field(default_factory=dict)
+    solvers: List[str] = field(default_factory=lambda: ["lower-only", "soba", "stocbio", "aid-cg"])
+    solver_options: Dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    seed: int = 0
+    eval_every: int = 50
+    #: Parent folder of run folders.
+    output_dir: str = "results"
+    #: Run folder name; None: <problem>-<UTC timestamp>.
+    name: Optional[str] = None
+    progress: bool = True
+    plot: bool = True
+    #: Metrics for the table and the plot; empty: the problem's ``headline_metrics`` or all.
+    metrics: List[str] = field(default_factory=list)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def _schema():
+    return OmegaConf.structured(RunConfig)
+
+
+DEFAULT_JOB = Path(__file__).parent / "configs" / "default.yaml"
+
+
+def load(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge the schema, the YAML file (default: the embedded main job) and ``key=value``
+    overrides; then validate."""
+    try:
+        given = OmegaConf.from_dotlist(_shorthands(overrides))
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        base = OmegaConf.load(path if path is not None else DEFAULT_JOB)
+        if path is None and "problem" in given and given.problem != base.get("problem"):
+            base.pop("problem_options", None), base.pop("solver_options", None)
+        cfg = OmegaConf.merge(_schema(), base, given)
+        if "solvers" in given:
+            explicit = set(given.get("solver_options") or {})
+            cfg.solver_options = {k: v for k, v in cfg.solver_options.items()
+                                  if k in cfg.solvers or k in explicit}
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_explain(exc)) from exc
+    validate(cfg)
+    return cfg
+
+
+def _shorthands(overrides: Sequence[str]) -> List[str]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key == "solver":
+            out.append(f"solvers=[{value}]")
+        else:
+            out.append(item)
+    return out
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if key and "not in" in msg:
+        valid = ", ".join(f.name for f in dataclasses.fields(RunConfig))
+        return f"unknown config key {key!r}; valid top-level keys: {valid}"
+    return f"config key {key!r}: {msg}" if key else msg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check names and options against the registries; raise :class:`ConfigError`."""
+    try:
+        PROBLEMS.get(cfg.problem)
+        for name in cfg.solvers:
+            SOLVERS.get(name)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    if not cfg.solvers:
+        raise ConfigError("solvers is empty: name at least one solver (bilevel list shows them)")
+    if cfg.steps < 0 or cfg.eval_every < 1:
+        raise ConfigError(f"steps must be >= 0 and eval_every >= 1, got steps={cfg.steps}, eval_every={cfg.eval_every}")
+    try:
+        check_options(PROBLEMS.get(cfg.problem).cls, dict(cfg.problem_options), f"problem {cfg.problem!r} (problem_options)")
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    extra = sorted(set(cfg.solver_options) - set(cfg.solvers))
+    if extra:
+        raise ConfigError(f"solver_options has entries for {extra}, which are not in solvers {list(cfg.solvers)}")
+    for name in cfg.solver_options:
+        solver_options(cfg, name)  # type- and name-checks
+    if cfg.wandb.mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"wandb.mode must be online, offline or disabled, got {cfg.wandb.mode!r}")
+
+
+def solver_options(cfg: DictConfig, name: str) -> Dict[str, Any]:
+    """The options for solver ``name``, type-checked against its dataclass."""
+    given = cfg.solver_options.get(name, {}) or {}
+    if not isinstance(given, (dict, DictConfig)):
+        raise ConfigError(f"solver_options.{name} must be a mapping of option: value, got {given!r}")
+    cls = SOLVERS.get(name).cls
+    try:
+        check_options(cls, dict(given), f"solver {name!r} (solver_options.{name})")
+        typed = OmegaConf.merge(OmegaConf.structured(cls), given)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"solver_options.{name}: {_explain(exc)}") from None
+    return {k: typed[k] for k in given}
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,121 @@
+"""Solvers for the linear system of implicit differentiation.
+
+    A v = b,      A = d2_yy g(x, y)  (symmetric, positive definite when g is strongly convex in y)
+                  b = grad_y f(x, y)
+
+Every solver has the same shape, ``solver(matvec, b, **options) -> v``, where ``matvec(u)``
+returns ``A u`` (one Hessian-vector product) and ``b`` is a tree. They are interchangeable in
+:func:`bilevel.hypergrad.implicit`, as in jaxopt's ``implicit_diff``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import tree
+from .tree import Tree
+
+Matvec = Callable[[Tree], Tree]
+NEUMANN_VARIANTS = ("sum", "randomized")
+
+
+def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Optional[Tree] = None,
+                       tol: float = 0.0) -> Tree:
+    """Conjugate gradient, at most ``steps`` products, stopping when ||r|| <= tol ||b||.
+
+        r_0 = b - A v_0,  p_0 = r_0
+        alpha_k = <r_k, r_k> / <p_k, A p_k>
+        v_{k+1} = v_k + alpha_k p_k,  r_{k+1} = r_k - alpha_k A p_k
+        p_{k+1} = r_{k+1} + (<r_{k+1}, r_{k+1}> / <r_k, r_k>) p_k
+
+    ``init`` warm-starts v (costs one extra product). Exact after dim(y) steps in exact arithmetic.
+    """
+    _check_steps(steps)
+    v = tree.zeros_like(b) if init is None else tree.clone(init)
+    r = tree.clone(b) if init is None else tree.sub(b, matvec(v))
+    p = tree.clone(r)
+    rr = tree.sq_norm(r)
+    threshold = (tol * tree.norm(b)) ** 2
+    for _ in range(steps):
+        if rr <= threshold or rr == 0:
+            break
+        ap = matvec(p)
+        curvature = tree.dot(p, ap)
+        if curvature <= 0:
+            raise ValueError(
+                f"conjugate gradient met non-positive curvature <p, A p> = {float(curvature):.3e}: "
+                "the lower-level Hessian is not positive definite at this point")
+        alpha = rr / curvature
+        v = tree.axpy(alpha, p, v)
+        r = tree.axpy(-alpha, ap, r)
+        rr_new = tree.sq_norm(r)
+        p = tree.axpy(rr_new / rr, p, r)
+        rr = rr_new
+    return v
+
+
+def neumann_series(matvec: Matvec, b: Tree, *, steps: int = 10, lr: float,
+                   variant: str = "sum", generator: Optional[torch.Generator] = None,
+                   term: Optional[int] = None) -> Tree:
+    """Truncated Neumann series for A^{-1} b = lr * sum_{q>=0} (I - lr A)^q b  (needs lr < 2/L).
+
+    ``variant="sum"`` (StocBiO, Ji et al. 2021): v = lr * sum_{q=0}^{steps-1} (I - lr A)^q b,
+    ``steps - 1`` products.
+
+    ``variant="randomized"`` (Ghadimi and Wang 2018): q ~ Uniform{0, ..., steps-1},
+    v = steps * lr * (I - lr A)^q b, an unbiased estimate of the truncated sum; q products.
+    ``term`` fixes q (used to evaluate the same draw at two points); else q is drawn from
+    ``generator``.
+    """
+    _check_steps(steps)
+    if variant not in NEUMANN_VARIANTS:
+        raise ValueError(f"neumann variant must be one of {NEUMANN_VARIANTS}, got {variant!r}")
+    u = tree.clone(b)
+    if variant == "sum":
+        total = tree.clone(u)
+        for _ in range(steps - 1):
+            u = tree.axpy(-lr, matvec(u), u)
+            total = tree.add(total, u)
+        return tree.scale(total, lr)
+    q = draw_neumann_term(steps, generator) if term is None else int(term)
+    if not 0 <= q < steps:
+        raise ValueError(f"neumann term must lie in [0, {steps}), got {q}")
+    for _ in range(q):
+        u = tree.axpy(-lr, matvec(u), u)
+    return tree.scale(u, steps * lr)
+
+
+def draw_neumann_term(steps: int, generator: Optional[torch.Generator]) -> int:
+    """q ~ Uniform{0, ..., steps-1} for the randomized Neumann estimator."""
+    return int(torch.randint(steps, (1,), generator=generator))
+
+
+def linear_sgd(matvec: Matvec, b: Tree, *, steps: int = 1, lr: float, init: Optional[Tree] = None,
+               radius: Optional[float] = None) -> Tree:
+    """(Stochastic) gradient descent on the quadratic  1/2 <v, A v> - <b, v>:
+
+        z <- Proj_{||z|| <= radius}( z - lr (A z - b) )
+
+    With ``init`` carried across outer iterations and one step per iteration this is the
+    warm-started z of SOBA (Dagreou et al. 2022) and MA-SOBA (Chen et al. 2023); ``radius``
+    enables MA-SOBA's projection. ``steps`` products.
+    """
+    _check_steps(steps, minimum=0)
+    z = tree.zeros_like(b) if init is None else tree.clone(init)
+    for _ in range(steps):
+        z = tree.axpy(-lr, tree.sub(matvec(z), b), z)
+        if radius is not None:
+            z = project_ball(z, radius)
+    return z
+
+
+def project_ball(z: Tree, radius: float) -> Tree:
+    """Euclidean projection of the whole tree onto {||z|| <= radius}."""
+    n = float(tree.norm(z))
+    return tree.scale(z, radius / n) if n > radius else z
+
+
+def _check_steps(steps: int, minimum: int = 1) -> None:
+    if not isinstance(steps, int) or steps < minimum:
+        raise ValueError(f"steps must be an integer >= {minimum}, got {steps!r}")

@@ -1,0 +1,219 @@
+"""First- and second-order oracles of a bilevel problem, with call counting.
+
+    grad_upper(x, y)      = (grad_x f, grad_y f)
+    grad_lower(x, y)      = (grad_x g, grad_y g)
+    hvp(x, y, v)          = d2_yy g . v                  (Hessian-vector product)
+    cross(x, y, v)        = d2_xy g . v = d/dx <grad_y g, v>   (a tree shaped like x)
+
+Every derivative is a return value of ``torch.autograd.grad`` on an explicit loss or of a
+``torch.func`` transform; nothing is read from ``.grad`` buffers. Inputs are detached first, so
+the oracles never extend a caller's graph (unrolled differentiation lives in ``hypergrad.itd``).
+
+Second-order products have two modes:
+
+* ``"reverse"`` (default): reverse-over-reverse (double backward). Fastest on CPU
+  (research/env_and_data.md section 2: about 2 gradients per HVP for linear and MLP models).
+* ``"forward"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``. Some CPU kernels
+  have no forward-mode rule (oneDNN LSTM); the oracle then retries with oneDNN disabled and, if
+  that fails too, falls back to reverse mode with a one-time warning.
+
+Calls are counted in every active :func:`count_calls` context, so solvers need no bookkeeping.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch
+from torch import Tensor
+
+from .tree import Tree
+
+HVP_MODES = ("reverse", "forward")
+ORACLE_KINDS = ("grad_upper", "grad_lower", "hvp", "cross")
+
+
+class OracleCounts(dict):
+    """Number of calls per oracle kind: grad_upper, grad_lower, hvp, cross."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__({kind: 0 for kind in ORACLE_KINDS})
+        self.update(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.values())
+
+    def __sub__(self, other: "OracleCounts") -> "OracleCounts":
+        return OracleCounts({k: self[k] - other.get(k, 0) for k in self})
+
+
+_ACTIVE: List[OracleCounts] = []
+
+
+@contextlib.contextmanager
+def count_calls() -> Iterator[OracleCounts]:
+    """Count oracle calls made inside the block::
+
+        with count_calls() as counts:
+            solver.step(problem, state)
+        counts["hvp"]
+    """
+    counts = OracleCounts()
+    _ACTIVE.append(counts)
+    try:
+        yield counts
+    finally:
+        _ACTIVE.remove(counts)
+
+
+def _record(kind: str, n: int = 1) -> None:
+    for counts in _ACTIVE:
+        counts[kind] += n
+
+
+def _leaves(t: Tree) -> Tree:
+    """Detached copies that require grad: fresh leaves of a new graph."""
+    return {k: v.detach().requires_grad_(True) for k, v in t.items()}
+
+
+def _grad(output: Tensor, inputs: Tree, create_graph: bool = False) -> Tree:
+    values = torch.autograd.grad(
+        output, list(inputs.values()), create_graph=create_graph, allow_unused=True,
+        materialize_grads=True,
+    )
+    return dict(zip(inputs.keys(), values))
+
+
+def _vjp(outputs: Tree, inputs: Tree, cotangent: Tree) -> Tree:
+    """sum_k <outputs_k, cotangent_k> differentiated w.r.t. inputs (zeros where independent)."""
+    keys = [k for k, v in outputs.items() if v.requires_grad]
+    if not keys:
+        return {k: torch.zeros_like(v) for k, v in inputs.items()}
+    values = torch.autograd.grad(
+        [outputs[k] for k in keys], list(inputs.values()),
+        grad_outputs=[cotangent[k] for k in keys], allow_unused=True, materialize_grads=True,
+    )
+    return {k: v.detach() for k, v in zip(inputs.keys(), values)}
+
+
+def _scalar(value: Tensor, which: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{which} must return a 0-d tensor, got {shape}")
+    return value
+
+
+def grad_upper(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
+    """(grad_x f, grad_y f) at (x, y) on ``batch``. Counts one ``grad_upper``."""
+    _record("grad_upper")
+    xl, yl = _leaves(x), _leaves(y)
+    loss = _scalar(problem.upper_loss(xl, yl, batch), "upper_loss")
+    g = _grad(loss, {**{("x", k): v for k, v in xl.items()}, **{("y", k): v for k, v in yl.items()}})
+    return ({k: g[("x", k)] for k in x}, {k: g[("y", k)] for k in y})
+
+
+def grad_lower(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
+    """(grad_x g, grad_y g) at (x, y) on ``batch``. Counts one ``grad_lower``."""
+    _record("grad_lower")
+    xl, yl = _leaves(x), _leaves(y)
+    loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
+    g = _grad(loss, {**{("x", k): v for k, v in xl.items()}, **{("y", k): v for k, v in yl.items()}})
+    return ({k: g[("x", k)] for k in x}, {k: g[("y", k)] for k in y})
+
+
+def grad_lower_y(problem, x: Tree, y: Tree, batch: Any) -> Tree:
+    """grad_y g at (x, y) on ``batch``. Counts one ``grad_lower``."""
+    _record("grad_lower")
+    yl = _leaves(y)
+    loss = _scalar(problem.lower_loss({k: v.detach() for k, v in x.items()}, yl, batch), "lower_loss")
+    return {k: v.detach() for k, v in _grad(loss, yl).items()}
+
+
+def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
+    xl, yl = _leaves(x), _leaves(y)
+    loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
+    gy = _grad(loss, yl, create_graph=True)
+    inputs = {**({("y", k): t for k, t in yl.items()} if want_hvp else {}),
+              **({("x", k): t for k, t in xl.items()} if want_cross else {})}
+    out = _vjp(gy, inputs, v)
+    hv = {k: out[("y", k)] for k in y} if want_hvp else None
+    cr = {k: out[("x", k)] for k in x} if want_cross else None
+    return hv, cr, {k: t.detach() for k, t in gy.items()}
+
+
+# Problem types whose forward-mode products needed a fallback: "no_onednn" or "reverse".
+_FORWARD_FALLBACK: Dict[type, str] = {}
+
+
+def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
+    xd = {k: t.detach() for k, t in x.items()}
+    yd = {k: t.detach() for k, t in y.items()}
+    vd = {k: t.detach() for k, t in v.items()}
+
+    def lower(xx, yy):
+        return _scalar(problem.lower_loss(xx, yy, batch), "lower_loss")
+
+    def compute():
+        hv = cr = None
+        if want_hvp:
+            _, hv = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=1)(xd, yy), (yd,), (vd,))
+        if want_cross:  # d/dt grad_x g(x, y + t v) = d2_xy g . v
+            _, cr = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=0)(xd, yy), (yd,), (vd,))
+        return hv, cr
+
+    fallback = _FORWARD_FALLBACK.get(type(problem))
+    if fallback is None:
+        try:
+            return compute()
+        except (NotImplementedError, RuntimeError) as exc:
+            if "forward" not in str(exc).lower() and not isinstance(exc, NotImplementedError):
+                raise
+            fallback = _FORWARD_FALLBACK[type(problem)] = "no_onednn"
+    if fallback == "no_onednn":
+        try:
+            with torch.backends.mkldnn.flags(enabled=False):
+                return compute()
+        except (NotImplementedError, RuntimeError):
+            _FORWARD_FALLBACK[type(problem)] = "reverse"
+            warnings.warn(
+                f"{type(problem).__name__}: forward-mode AD is not supported by one of its "
+                "operations; second-order oracles fall back to reverse-over-reverse.",
+                RuntimeWarning, stacklevel=3,
+            )
+    hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+    return hv, cr
+
+
+def _second_order(problem, x, y, v, batch, mode, want_hvp, want_cross):
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    if want_hvp:
+        _record("hvp")
+    if want_cross:
+        _record("cross")
+    if mode == "reverse":
+        hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+        return hv, cr
+    return _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+
+
+def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: str = "reverse") -> Tree:
+    """d2_yy g(x, y; batch) . v. Counts one ``hvp``."""
+    return _second_order(problem, x, y, v, batch, mode, True, False)[0]
+
+
+def cross(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: str = "reverse") -> Tree:
+    """d2_xy g(x, y; batch) . v, shaped like x. Counts one ``cross``."""
+    return _second_order(problem, x, y, v, batch, mode, False, True)[1]
+
+
+def hvp_and_cross(problem, x: Tree, y: Tree, v: Tree, batch: Any) -> Tuple[Tree, Tree, Tree]:
+    """(d2_yy g . v, d2_xy g . v, grad_y g) from one double-backward pass on one batch.
+
+    Single-loop solvers (SOBA and kin) need all three at the same point and sample; sharing the
+    graph makes that cost about one HVP. Counts one ``hvp``, one ``cross`` and one ``grad_lower``.
+    """
+    _record("hvp"), _record("cross"), _record("grad_lower")
+    return _reverse_second_order(problem, x, y, v, batch, True, True)

@@ -1,0 +1,134 @@
+"""The bilevel problem protocol.
+
+    min_x  Phi(x) = f(x, y*(x)),      y*(x) = argmin_y g(x, y)
+
+A problem supplies the upper loss f (``upper_loss``), the lower loss g (``lower_loss``), a
+starting point (``init``), mini-batches (``sample``) and metrics (``evaluate``). Variables x and y
+are dicts of tensors; a module-based problem turns its modules into functions with
+``torch.func.functional_call``. Batches are opaque to the solvers: whatever ``sample`` returns is
+handed back, untouched, to the losses.
+"""
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import tree
+from .tree import Tree
+
+LEVELS = ("upper", "lower")
+
+
+class BilevelProblem(abc.ABC):
+    """Base class for bilevel problems.
+
+    Subclasses implement :meth:`upper_loss`, :meth:`lower_loss` and :meth:`init`; they override
+    :meth:`sample` when the losses are stochastic and :meth:`evaluate` to report metrics.
+    """
+
+    #: Short name used in logs and the registry.
+    name: str = "custom"
+
+    @abc.abstractmethod
+    def upper_loss(self, x: Tree, y: Tree, batch: Any) -> Tensor:
+        """f(x, y; batch): a 0-d tensor."""
+
+    @abc.abstractmethod
+    def lower_loss(self, x: Tree, y: Tree, batch: Any) -> Tensor:
+        """g(x, y; batch): a 0-d tensor, (ideally strongly) convex in y."""
+
+    @abc.abstractmethod
+    def init(self, generator: torch.Generator) -> Tuple[Tree, Tree]:
+        """Initial (x0, y0)."""
+
+    def sample(self, level: str, generator: torch.Generator) -> Any:
+        """A mini-batch for ``level`` in {"upper", "lower"}; ``None`` for deterministic losses."""
+        check_level(level)
+        return None
+
+    def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:
+        """Metrics at (x, y); must not modify x or y."""
+        return {}
+
+
+def check_level(level: str) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+
+
+class FunctionProblem(BilevelProblem):
+    """A problem given as two plain functions.
+
+    Example::
+
+        problem = FunctionProblem(
+            upper_loss=lambda x, y, batch: ((y["w"] - 1) ** 2).sum() + (x["l"] ** 2).sum(),
+            lower_loss=lambda x, y, batch: ((y["w"] - x["l"]) ** 2).sum(),
+            x0={"l": torch.zeros(3)}, y0={"w": torch.zeros(3)},
+        )
+    """
+
+    def __init__(
+        self,
+        upper_loss: Callable[[Tree, Tree, Any], Tensor],
+        lower_loss: Callable[[Tree, Tree, Any], Tensor],
+        x0,
+        y0,
+        sample: Optional[Callable[[str, torch.Generator], Any]] = None,
+        evaluate: Optional[Callable[[Tree, Tree], Dict[str, float]]] = None,
+        name: str = "custom",
+    ):
+        self._upper, self._lower = upper_loss, lower_loss
+        self._x0, self._y0 = tree.as_tree(x0, "x0"), tree.as_tree(y0, "y0")
+        self._sample, self._evaluate = sample, evaluate
+        self.name = name
+
+    def upper_loss(self, x, y, batch):
+        return self._upper(x, y, batch)
+
+    def lower_loss(self, x, y, batch):
+        return self._lower(x, y, batch)
+
+    def init(self, generator):
+        return tree.clone(self._x0), tree.clone(self._y0)
+
+    def sample(self, level, generator):
+        check_level(level)
+        return self._sample(level, generator) if self._sample else None
+
+    def evaluate(self, x, y):
+        return dict(self._evaluate(x, y)) if self._evaluate else {}
+
+
+class ProblemError(ValueError):
+    """A problem definition does not satisfy the protocol."""
+
+
+def validate(problem: BilevelProblem, x: Tree, y: Tree, generator: torch.Generator) -> None:
+    """Check, before any work, that the problem's pieces fit together.
+
+    Raises :class:`ProblemError` naming the problem when x or y is not a dict of tensors, when a
+    loss is not a finite 0-d tensor, or when the lower loss does not depend on y.
+    """
+    label = f"problem {getattr(problem, 'name', type(problem).__name__)!r}"
+    for name, var in (("x", x), ("y", y)):
+        if not isinstance(var, dict) or not var or not all(isinstance(v, Tensor) for v in var.values()):
+            raise ProblemError(f"{label}: init() must return x and y as non-empty dicts of tensors; {name} is {var!r:.80}")
+        for key, value in var.items():
+            if not value.is_floating_point():
+                raise ProblemError(f"{label}: {name}[{key!r}] has dtype {value.dtype}; variables must be floating point")
+    for level, loss_fn in (("upper", problem.upper_loss), ("lower", problem.lower_loss)):
+        batch = problem.sample(level, generator)
+        try:
+            value = loss_fn(x, y, batch)
+        except Exception as exc:  # re-raised with context: which loss, which problem
+            raise ProblemError(f"{label}: {level}_loss(x, y, batch) failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ProblemError(f"{label}: {level}_loss must return a 0-d tensor, got {shape}")
+        if not math.isfinite(float(value)):
+            raise ProblemError(f"{label}: {level}_loss is {float(value)} at the initial point")

@@ -1,0 +1,107 @@
+"""The solver contract.
+
+A solver is a dataclass of hyperparameters with two pure methods:
+
+    init(problem, x, y, generator) -> State      (may run warm-start steps on y)
+    step(problem, state) -> State                (one outer iteration)
+
+The :class:`State` holds everything needed to continue (x, the lower loop's state, estimator
+and upper-update states, the iteration counter and the run's ``torch.Generator``), so a run is
+checkpointed with ``torch.save(state)``.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, NamedTuple, Tuple
+
+import torch
+
+from . import upper
+from .lower import LowerState
+from .tree import Tree
+
+
+class State(NamedTuple):
+    x: Tree
+    lower: LowerState
+    iteration: int
+    generator: torch.Generator
+    estimator: Any = None
+    upper: Any = None
+    extra: Any = None
+
+    @property
+    def y(self) -> Tree:
+        return self.lower.y
+
+
+@dataclasses.dataclass
+class Solver(abc.ABC):
+    """Base class; subclasses are registered with :func:`bilevel.registry.register_solver`."""
+
+    @abc.abstractmethod
+    def init(self, problem, x: Tree, y: Tree, generator: torch.Generator) -> State:
+        """The state before the first outer iteration."""
+
+    @abc.abstractmethod
+    def step(self, problem, state: State) -> State:
+        """One outer iteration."""
+
+    def point(self, state: State) -> Tuple[Tree, Tree]:
+        """The (x, y) at which the run is evaluated (an averaged iterate for some solvers)."""
+        return state.x, state.lower.y
+
+    def hyperparameters(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class ComposedSolver(Solver):
+    """A solver made of the three parts, one outer iteration being
+
+        y-side:  lower_state <- lower_loop.update(x_t, lower_state)      (before or after h_t)
+        h_t, est <- estimator(x_t, lower_loop.point(lower_state), est, fresh draw)
+        x_{t+1} = x_t - upper_update(h_t)
+
+    Subclasses define :meth:`lower_loop`, :meth:`estimator` and :meth:`upper_update`, and may set
+    ``update_lower_first = False`` (single-loop methods evaluating h_t at y_t, then stepping y
+    from y_t) and a ``warm_steps`` field (steps of the lower loop at x_0 in :meth:`init`).
+    """
+
+    update_lower_first = True
+
+    @abc.abstractmethod
+    def lower_loop(self):
+        """A loop from :mod:`bilevel.lower`."""
+
+    @abc.abstractmethod
+    def estimator(self):
+        """An estimator from :mod:`bilevel.estimators`."""
+
+    @abc.abstractmethod
+    def upper_update(self):
+        """A transform from :mod:`bilevel.upper`."""
+
+    def init(self, problem, x, y, generator):
+        from .lower import warm_start
+        loop = self.lower_loop()
+        lower_state = loop.init(y)
+        warm_steps = getattr(self, "warm_steps", 0)
+        if warm_steps:
+            lower_state = warm_start(loop, problem, x, lower_state, warm_steps, generator)
+        return State(x=x, lower=lower_state, iteration=0, generator=generator,
+                     estimator=self.estimator().init(x, y), upper=self.upper_update().init(x))
+
+    def step(self, problem, s: State) -> State:
+        from .estimators import draw
+        loop = self.lower_loop()
+        lower_state = s.lower
+        if self.update_lower_first:
+            lower_state = loop.update(problem, s.x, lower_state, s.generator, s.iteration)
+        sample = draw(problem, s.generator, getattr(self, "share_lower_batch", False))
+        h, estimator_state = self.estimator()(problem, s.x, loop.point(lower_state), s.estimator, sample)
+        if not self.update_lower_first:
+            lower_state = loop.update(problem, s.x, lower_state, s.generator, s.iteration)
+        direction, upper_state = self.upper_update().update(h, s.upper)
+        return s._replace(x=upper.apply(s.x, direction), lower=lower_state, estimator=estimator_state,
+                          upper=upper_state, iteration=s.iteration + 1)
