@@ -22,7 +22,8 @@ NEUMANN_VARIANTS = ("sum", "randomized")
 
 def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Optional[Tree] = None,
                        tol: float = 0.0) -> Tree:
-    """Conjugate gradient, at most ``steps`` products, stopping when ||r|| <= tol ||b||.
+    """Conjugate gradient, at most ``steps`` products, stopping when ||r|| <= max(tol, eps) ||b||
+    (eps: the dtype's machine epsilon, below which the recursion only amplifies round-off).
 
         r_0 = b - A v_0,  p_0 = r_0
         alpha_k = <r_k, r_k> / <p_k, A p_k>
@@ -36,9 +37,10 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
     r = tree.clone(b) if init is None else tree.sub(b, matvec(v))
     p = tree.clone(r)
     rr = tree.sq_norm(r)
-    threshold = (tol * tree.norm(b)) ** 2
+    eps = torch.finfo(rr.dtype).eps
+    threshold = (max(tol, eps) * tree.norm(b)) ** 2
     for _ in range(steps):
-        if rr <= threshold or rr == 0:
+        if rr <= threshold:
             break
         ap = matvec(p)
         curvature = tree.dot(p, ap)

@@ -142,7 +142,7 @@ class Quadratic(BilevelProblem):
         L_outer_outer: largest eigenvalue of E[d2_xx f].
         L_cross_outer: largest singular value of E[d2_xz f].
         mu_inner: smallest eigenvalue / singular value of every spectrum (strong convexity of g).
-        batch_size: number of i.i.d. uniform sample indices drawn by ``sample``.
+        batch_size: number of i.i.d. uniform sample indices drawn by ``sample``; None for full batches.
         seed: seed of the numpy RandomState that draws the (inner, outer) generator seeds.
         dtype: "float32" or "float64", dtype of the variables and losses.
     """
@@ -153,10 +153,10 @@ class Quadratic(BilevelProblem):
     def __init__(self, n_samples_inner: int = 1024, n_samples_outer: int = 1024, dim_inner: int = 100,
                  dim_outer: int = 100, L_inner_inner: float = 1.0, L_inner_outer: float = 1.0,
                  L_cross_inner: float = 0.1, L_outer_inner: float = 1.0, L_outer_outer: float = 1.0,
-                 L_cross_outer: float = 0.1, mu_inner: float = 0.1, batch_size: int = 64,
+                 L_cross_outer: float = 0.1, mu_inner: float = 0.1, batch_size: Optional[int] = 64,
                  seed: int = 2442, dtype: str = "float64"):
         sizes = dict(n_samples_inner=n_samples_inner, n_samples_outer=n_samples_outer, dim_inner=dim_inner,
-                     dim_outer=dim_outer, batch_size=batch_size)
+                     dim_outer=dim_outer, **({} if batch_size is None else {"batch_size": batch_size}))
         scales = dict(L_inner_inner=L_inner_inner, L_inner_outer=L_inner_outer, L_cross_inner=L_cross_inner,
                       L_outer_inner=L_outer_inner, L_outer_outer=L_outer_outer, L_cross_outer=L_cross_outer,
                       mu_inner=mu_inner)
@@ -199,8 +199,10 @@ class Quadratic(BilevelProblem):
         return ({"x": torch.full((self.dim_outer,), -2.0, dtype=self.dtype)},
                 {"z": torch.zeros(self.dim_inner, dtype=self.dtype)})
 
-    def sample(self, level: str, generator: torch.Generator) -> Tensor:
+    def sample(self, level: str, generator: torch.Generator) -> Optional[Tensor]:
         check_level(level)
+        if self.batch_size is None:  # full batch: deterministic losses
+            return None
         samples = self.lower_samples if level == "lower" else self.upper_samples
         return torch.randint(samples.r.shape[0], (self.batch_size,), generator=generator)
 

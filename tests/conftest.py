@@ -301,7 +301,7 @@ def logreg():
 
 class MLPProblem(BilevelProblem):
     """y: parameters of Linear(3, 4) - Tanh - Linear(4, 2); x: input scale and shift (3 each).
-    Lower: cross-entropy on (X * scale + shift) + 0.05 ||y||^2; upper: cross-entropy on a
+    Lower: cross-entropy on (X * scale + shift) + 0.5 ||y||^2; upper: cross-entropy on a
     validation set fed through the same input transform."""
 
     name = "test_mlp"
@@ -320,7 +320,7 @@ class MLPProblem(BilevelProblem):
 
     def lower_loss(self, x, y, batch):
         reg = sum((p ** 2).sum() for p in y.values())
-        return F.cross_entropy(self._logits(x, y, self.X), self.labels) + 0.05 * reg
+        return F.cross_entropy(self._logits(x, y, self.X), self.labels) + 0.5 * reg
 
     def upper_loss(self, x, y, batch):
         return F.cross_entropy(self._logits(x, y, self.Xval), self.lval)

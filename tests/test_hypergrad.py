@@ -27,17 +27,16 @@ def lower_L(problem, x, y, h):
 
 
 @pytest.fixture(scope="module")
-def logreg_solution(logreg):
+def logreg_solution(logreg, h):
     """x and y*(x) (Newton, gradient norm < 1e-12) for the logistic problem."""
-    from conftest import newton_solve  # noqa: local helper module of this test directory
     x, y0 = logreg.point()
-    return x, newton_solve(logreg, x, y0)
+    return x, h.newton_solve(logreg, x, y0)
 
 
 @pytest.fixture(scope="module")
-def logreg_phi(logreg):
+def logreg_phi(logreg, h):
     """Phi(x) = f(x, y*(x)) as a function of the flat x, y* by Newton."""
-    from conftest import newton_solve, split
+    newton_solve, split = h.newton_solve, h.split
     x0, y0 = logreg.point()
     xs = {k: tuple(v.shape) for k, v in x0.items()}
 
@@ -238,7 +237,7 @@ def test_linear_sgd_and_cg_warm_start_at_solution(quad, h):
 
 def unrolled(problem, x, y0, lr, K, h):
     """y_K by K explicit gradient steps (plain autograd)."""
-    from conftest import split
+    split = h.split
     ys = h.shapes_of(y0)
     yf = h.cat(y0)
     for _ in range(K):
@@ -333,8 +332,9 @@ def test_unknown_method_lists_valid_methods(quad):
 
 def test_unknown_option_is_named(quad):
     x, y = quad.point()
-    with pytest.raises(TypeError, match="stepz"):
+    with pytest.raises(TypeError, match="stepz") as info:
         hypergradient(quad, x, y, method="cg", stepz=3)
+    assert "tol" in str(info.value) and "hvp_mode" in str(info.value)  # the valid options are listed
     with pytest.raises(TypeError, match="truncate"):  # an option of another method
         hypergradient(quad, x, y, method="neumann", lr=0.1, truncate=2)
 
