@@ -14,6 +14,7 @@ typo fails at once with the list of valid names.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -75,7 +76,8 @@ def load(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfi
             raise ConfigError(f"config file not found: {path}")
         base = OmegaConf.load(path if path is not None else DEFAULT_JOB)
         if path is None and "problem" in given and given.problem != base.get("problem"):
-            base.pop("problem_options", None), base.pop("solver_options", None)
+            for key in ("problem_options", "solver_options", "metrics"):  # they belong to its problem
+                base.pop(key, None)
         cfg = OmegaConf.merge(_schema(), base, given)
         if "solvers" in given:
             explicit = set(given.get("solver_options") or {})
@@ -104,6 +106,8 @@ def _explain(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
     if key and "not in" in msg:
+        if key.startswith("wandb."):
+            return f"unknown config key {key!r}; valid: " + ", ".join(f"wandb.{f.name}" for f in dataclasses.fields(WandbConfig))
         valid = ", ".join(f.name for f in dataclasses.fields(RunConfig))
         return f"unknown config key {key!r}; valid top-level keys: {valid}"
     return f"config key {key!r}: {msg}" if key else msg
@@ -121,10 +125,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("solvers is empty: name at least one solver (bilevel list shows them)")
     if cfg.steps < 0 or cfg.eval_every < 1:
         raise ConfigError(f"steps must be >= 0 and eval_every >= 1, got steps={cfg.steps}, eval_every={cfg.eval_every}")
+    problem_cls = PROBLEMS.get(cfg.problem).cls
     try:
-        check_options(PROBLEMS.get(cfg.problem).cls, dict(cfg.problem_options), f"problem {cfg.problem!r} (problem_options)")
+        check_options(problem_cls, dict(cfg.problem_options), f"problem {cfg.problem!r} (problem_options)")
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
+    _check_constructor_types(problem_cls, cfg.problem_options, f"problem_options ({cfg.problem})")
     extra = sorted(set(cfg.solver_options) - set(cfg.solvers))
     if extra:
         raise ConfigError(f"solver_options has entries for {extra}, which are not in solvers {list(cfg.solvers)}")
@@ -132,6 +138,16 @@ def validate(cfg: DictConfig) -> None:
         solver_options(cfg, name)  # type- and name-checks
     if cfg.wandb.mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode must be online, offline or disabled, got {cfg.wandb.mode!r}")
+
+
+def _check_constructor_types(cls: type, given, label: str) -> None:
+    """Type-check options against the annotations of ``cls.__init__`` (OmegaConf's rules)."""
+    hints = typing.get_type_hints(cls.__init__)
+    schema = dataclasses.make_dataclass(f"{cls.__name__}Options", [(k, hints.get(k, Any)) for k in given])
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), given)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{label}: {_explain(exc)}") from None
 
 
 def solver_options(cfg: DictConfig, name: str) -> Dict[str, Any]:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Dict, Iterator, List, Tuple
+import weakref
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -105,22 +106,23 @@ def _scalar(value: Tensor, which: str) -> Tensor:
     return value
 
 
+def _grad_both(loss_fn, which: str, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
+    xl, yl = _leaves(x), _leaves(y)
+    loss = _scalar(loss_fn(xl, yl, batch), which)
+    g = _grad(loss, {**{("x", k): v for k, v in xl.items()}, **{("y", k): v for k, v in yl.items()}})
+    return ({k: g[("x", k)] for k in x}, {k: g[("y", k)] for k in y})
+
+
 def grad_upper(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
     """(grad_x f, grad_y f) at (x, y) on ``batch``. Counts one ``grad_upper``."""
     _record("grad_upper")
-    xl, yl = _leaves(x), _leaves(y)
-    loss = _scalar(problem.upper_loss(xl, yl, batch), "upper_loss")
-    g = _grad(loss, {**{("x", k): v for k, v in xl.items()}, **{("y", k): v for k, v in yl.items()}})
-    return ({k: g[("x", k)] for k in x}, {k: g[("y", k)] for k in y})
+    return _grad_both(problem.upper_loss, "upper_loss", x, y, batch)
 
 
 def grad_lower(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
     """(grad_x g, grad_y g) at (x, y) on ``batch``. Counts one ``grad_lower``."""
     _record("grad_lower")
-    xl, yl = _leaves(x), _leaves(y)
-    loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
-    g = _grad(loss, {**{("x", k): v for k, v in xl.items()}, **{("y", k): v for k, v in yl.items()}})
-    return ({k: g[("x", k)] for k in x}, {k: g[("y", k)] for k in y})
+    return _grad_both(problem.lower_loss, "lower_loss", x, y, batch)
 
 
 def grad_lower_y(problem, x: Tree, y: Tree, batch: Any) -> Tree:
@@ -143,14 +145,31 @@ def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
     return hv, cr, {k: t.detach() for k, t in gy.items()}
 
 
-# Problem types whose forward-mode products needed a fallback: "no_onednn" or "reverse".
-_FORWARD_FALLBACK: Dict[type, str] = {}
+# Problems whose forward-mode products needed a fallback: "no_onednn" or "reverse".
+_FORWARD_FALLBACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _remembered_fallback(problem) -> Optional[str]:
+    try:
+        return _FORWARD_FALLBACK.get(problem)
+    except TypeError:  # unhashable or not weak-referenceable: decide again at each call
+        return None
+
+
+def _remember_fallback(problem, kind: str) -> None:
+    try:
+        _FORWARD_FALLBACK[problem] = kind
+    except TypeError:
+        pass
 
 
 def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
+    """Forward-over-reverse products. When an operation has no forward-mode rule (the oneDNN
+    LSTM kernel, an autograd.Function without jvp), retry with oneDNN off, then in reverse mode;
+    the error is re-raised only if reverse mode fails too (a genuine error in the loss)."""
     xd = {k: t.detach() for k, t in x.items()}
     yd = {k: t.detach() for k, t in y.items()}
-    vd = {k: t.detach() for k, t in v.items()}
+    vd = {k: v[k].detach() for k in y}  # jvp needs the tangent's keys in the primal's order
 
     def lower(xx, yy):
         return _scalar(problem.lower_loss(xx, yy, batch), "lower_loss")
@@ -163,26 +182,31 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
             _, cr = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=0)(xd, yy), (yd,), (vd,))
         return hv, cr
 
-    fallback = _FORWARD_FALLBACK.get(type(problem))
+    fallback = _remembered_fallback(problem)
     if fallback is None:
         try:
             return compute()
-        except (NotImplementedError, RuntimeError) as exc:
-            if "forward" not in str(exc).lower() and not isinstance(exc, NotImplementedError):
-                raise
-            fallback = _FORWARD_FALLBACK[type(problem)] = "no_onednn"
+        except (NotImplementedError, RuntimeError) as error:
+            first_error = error
+        fallback = "no_onednn"
     if fallback == "no_onednn":
         try:
             with torch.backends.mkldnn.flags(enabled=False):
-                return compute()
-        except (NotImplementedError, RuntimeError):
-            _FORWARD_FALLBACK[type(problem)] = "reverse"
-            warnings.warn(
-                f"{type(problem).__name__}: forward-mode AD is not supported by one of its "
-                "operations; second-order oracles fall back to reverse-over-reverse.",
-                RuntimeWarning, stacklevel=3,
-            )
-    hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+                result = compute()
+            _remember_fallback(problem, "no_onednn")
+            return result
+        except (NotImplementedError, RuntimeError) as error:
+            first_error = error
+    try:
+        hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+    except Exception:
+        raise first_error
+    if _remembered_fallback(problem) != "reverse":
+        _remember_fallback(problem, "reverse")
+        warnings.warn(
+            f"{type(problem).__name__}: forward-mode AD failed ({type(first_error).__name__}: "
+            f"{str(first_error).splitlines()[0][:120]}); second-order oracles use reverse-over-reverse.",
+            RuntimeWarning, stacklevel=3)
     return hv, cr
 
 

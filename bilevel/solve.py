@@ -132,7 +132,9 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
             initial and final points are always evaluated.
         callbacks: :class:`Callback` objects (JSONL writer, W&B, progress bar, ...).
         progress: show a progress bar with the latest metrics.
-        state: continue from a previous run's ``Result.state`` instead of initializing.
+        state: continue from a previous run's ``Result.state`` instead of initializing (``seed``
+            is then unused; the state's generator is copied, so the same state can be resumed
+            twice). Oracle counts and time restart from zero in the resumed run.
         **hyperparameters: solver options, e.g. ``upper_lr=0.05``; unknown names raise TypeError.
     """
     if isinstance(problem, str):
@@ -157,6 +159,10 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
             started = time.perf_counter()
             state = solver.init(problem, x0, y0, generator)
             elapsed += time.perf_counter() - started
+        else:  # continue on a copy of the generator: the caller's state stays a valid checkpoint
+            resumed = torch.Generator(device=state.generator.device)
+            resumed.set_state(state.generator.get_state())
+            state = state._replace(generator=resumed)
         for cb in callbacks:
             cb.on_start({"problem": problem_name, "solver": name, "steps": steps, "seed": seed,
                          "hyperparameters": solver.hyperparameters()})

@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -266,7 +267,7 @@ def test_interrupt_exits_130_and_keeps_files(tmp_path, capsys, monkeypatch):
 
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     dirs = {n: tmp_path / n for n in ("wandb_dir", "wandb_cache", "wandb_config", "wandb_data", "home")}
     for d in dirs.values():
         d.mkdir()
@@ -279,7 +280,10 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(dirs["home"] / ".netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    return dirs
+    # wandb keeps process-wide settings (WANDB_DIR, ...) from its first use: start afresh
+    wandb.teardown()
+    yield dirs
+    wandb.teardown()
 
 
 def test_wandb_offline_through_cli(wandb_env, tmp_path):
@@ -289,7 +293,11 @@ def test_wandb_offline_through_cli(wandb_env, tmp_path):
     assert code == 0, stderr
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and len(list(runs[0].glob("*.wandb"))) == 1
-    assert b"grad_norm_sq" in next(runs[0].glob("*.wandb")).read_bytes()
+    log = next(runs[0].glob("*.wandb"))
+    deadline = time.monotonic() + 15   # wandb's service may still be writing after finish()
+    while b"grad_norm_sq" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b"grad_norm_sq" in log.read_bytes()
     # without wandb.dir the W&B files go into the run folder
     code, _, stderr = run_main([*base, "name=w2"])
     assert code == 0, stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,7 @@ def test_progress_bar_custom_description_and_close(squad, capsys):
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch):
     """An isolated, offline W&B environment under tmp_path (no credentials, no network)."""
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     dirs = {name: tmp_path / name for name in ("wandb_dir", "wandb_cache", "wandb_config", "wandb_data", "home")}
     for d in dirs.values():
         d.mkdir()
@@ -170,7 +171,20 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    return dirs
+    # wandb keeps process-wide settings (WANDB_DIR, ...) from its first use: start afresh
+    wandb.teardown()
+    yield dirs
+    wandb.teardown()
+
+
+def wait_for_bytes(path, needle, timeout=15.0):
+    """The file's bytes once they contain ``needle`` (or after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    blob = path.read_bytes()
+    while needle not in blob and time.monotonic() < deadline:
+        time.sleep(0.1)
+        blob = path.read_bytes()
+    return blob
 
 
 def files_under(folder):
@@ -199,7 +213,8 @@ def test_wandb_offline_run(wandb_env, squad):
     assert len(runs) == 1
     data = list(runs[0].glob("*.wandb"))
     assert len(data) == 1
-    blob = data[0].read_bytes()
+    # wandb's service may still be writing the transaction log when finish() returns
+    blob = wait_for_bytes(data[0], b"inner_distance")
     assert b"grad_norm_sq" in blob and b"inner_distance" in blob
     assert json.dumps(result.final["grad_norm_sq"]).encode() in blob
 
