@@ -1,4 +1,5 @@
-"""Command line: ``bilevel run [CONFIG.yaml] [key=value ...]`` and ``bilevel list``."""
+"""Command line: ``bilevel run [CONFIG.yaml] [key=value ...]``, ``bilevel list`` and
+``bilevel check [problem=NAME ...]``."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,23 @@ def _run(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from omegaconf import OmegaConf
+
+    from .check import check_hypergradients
+    from .config import problem_from_overrides
+    given = OmegaConf.to_container(OmegaConf.from_dotlist(args.settings))
+    problem = problem_from_overrides(given.pop("problem", "quadratic"), given.pop("problem_options", {}) or {})
+    options = {k: given.pop(k) for k in list(given) if k in ("lower_lr", "lower_steps", "steps", "lr", "directions", "eps", "seed")}
+    if given:
+        raise ConfigError(f"bilevel check: unknown setting(s) {sorted(given)}; valid: problem, problem_options.KEY, "
+                          "lower_lr, lower_steps, steps, lr, directions, eps, seed")
+    print(f"hypergradient check on {problem.name} (at the initial x; relative errors)")
+    for row in check_hypergradients(problem, **options):
+        print(f"  {row['method']:<12s} vs {row['compared_with']:<32s} {row['relative_error']:.3e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bilevel", description="Stochastic bilevel optimization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list solvers and problems")
     lst.add_argument("--options", action="store_true", help="also list each one's options and defaults")
     lst.set_defaults(func=_list)
+    chk = sub.add_parser("check", help="compare every hypergradient estimator with the exact one and with "
+                                       "finite differences on a problem (default: quadratic)")
+    chk.add_argument("settings", nargs="*", help="problem=NAME problem_options.KEY=VALUE steps=50 lower_lr=0.1 ...")
+    chk.set_defaults(func=_check)
     return parser
 
 

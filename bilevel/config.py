@@ -140,12 +140,30 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"wandb.mode must be online, offline or disabled, got {cfg.wandb.mode!r}")
 
 
+def problem_from_overrides(name: str, options: Dict[str, Any]):
+    """Build a registered problem from untrusted options, with config-style errors."""
+    try:
+        cls = PROBLEMS.get(name).cls
+        check_options(cls, dict(options), f"problem {name!r} (problem_options)")
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(exc.args[0]) from None
+    _check_constructor_types(cls, options, f"problem_options ({name})")
+    typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(_options_schema(cls, options)), options))
+    try:
+        return cls(**typed)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"problem {name!r} (problem_options): {exc}") from None
+
+
+def _options_schema(cls: type, given):
+    hints = typing.get_type_hints(cls.__init__)
+    return dataclasses.make_dataclass(f"{cls.__name__}Options", [(k, hints.get(k, Any)) for k in given])
+
+
 def _check_constructor_types(cls: type, given, label: str) -> None:
     """Type-check options against the annotations of ``cls.__init__`` (OmegaConf's rules)."""
-    hints = typing.get_type_hints(cls.__init__)
-    schema = dataclasses.make_dataclass(f"{cls.__name__}Options", [(k, hints.get(k, Any)) for k in given])
     try:
-        OmegaConf.merge(OmegaConf.structured(schema), given)
+        OmegaConf.merge(OmegaConf.structured(_options_schema(cls, given)), given)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{label}: {_explain(exc)}") from None
 

@@ -316,3 +316,10 @@ def test_console_script_list(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "soba" in proc.stdout and "hyperclean-digits" in proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overrides_after_a_flag_are_applied(capsys):
+    assert cli.main(["run", "--print-config", "steps=7", "solver=soba"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps: 7" in printed and "- soba" in printed
+

@@ -229,3 +229,9 @@ def test_invalid_yaml_files(tmp_path, text, fragments):
 def test_registries_know_the_documented_names():
     assert set(SOLVERS.names()) >= {"aid-cg", "itd-bio", "lower-only", "soba", "stocbio"}
     assert set(PROBLEMS.names()) >= {"quadratic", "hyperclean-digits"}
+
+
+def test_unknown_wandb_key_lists_the_wandb_keys():
+    with pytest.raises(ConfigError) as info:
+        load(None, ["wandb.projekt=x"])
+    assert "wandb.projekt" in str(info.value) and "wandb.project" in str(info.value)
