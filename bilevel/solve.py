@@ -87,8 +87,7 @@ def _solver_name(solver: Solver) -> str:
 
 def _evaluate(problem, solver: Solver, state: State, elapsed: float, counts: OracleCounts) -> Dict[str, Any]:
     x, y = solver.point(state)
-    with torch.no_grad():
-        metrics = problem.evaluate(tree.detach(x), tree.detach(y))
+    metrics = problem.evaluate(tree.detach(x), tree.detach(y))
     record = {"iteration": state.iteration, "time": elapsed, **{f"calls/{k}": v for k, v in counts.items()},
               "calls/total": counts.total}
     record.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()})

@@ -1,6 +1,8 @@
 """The solver contract.
 
-A solver is a dataclass of hyperparameters with two pure methods:
+A solver is a dataclass of hyperparameters with two methods that return new states and never
+modify their inputs, except that sampling advances the state's ``torch.Generator`` in place
+(``solve`` resumes from a copy of it):
 
     init(problem, x, y, generator) -> State      (may run warm-start steps on y)
     step(problem, state) -> State                (one outer iteration)
@@ -18,7 +20,8 @@ from typing import Any, NamedTuple, Tuple
 import torch
 
 from . import upper
-from .lower import LowerState
+from .estimators import draw
+from .lower import LowerState, warm_start
 from .tree import Tree
 
 
@@ -83,7 +86,6 @@ class ComposedSolver(Solver):
         """A transform from :mod:`bilevel.upper`."""
 
     def init(self, problem, x, y, generator):
-        from .lower import warm_start
         loop = self.lower_loop()
         lower_state = loop.init(y)
         warm_steps = getattr(self, "warm_steps", 0)
@@ -93,7 +95,6 @@ class ComposedSolver(Solver):
                      estimator=self.estimator().init(x, y), upper=self.upper_update().init(x))
 
     def step(self, problem, s: State) -> State:
-        from .estimators import draw
         loop = self.lower_loop()
         lower_state = s.lower
         if self.update_lower_first:

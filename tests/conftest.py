@@ -347,3 +347,25 @@ def any_problem(request):
     problem = request.getfixturevalue(request.param)
     x, y = problem.point(at_solution=False) if request.param == "quad" else problem.point()
     return problem, x, y
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """An isolated, offline W&B environment under tmp_path (no credentials, no network)."""
+    wandb = pytest.importorskip("wandb")
+    dirs = {name: tmp_path / name for name in ("wandb_dir", "wandb_cache", "wandb_config", "wandb_data", "home")}
+    for d in dirs.values():
+        d.mkdir()
+    monkeypatch.setenv("WANDB_DIR", str(dirs["wandb_dir"]))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(dirs["wandb_cache"]))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(dirs["wandb_config"]))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(dirs["wandb_data"]))
+    monkeypatch.setenv("HOME", str(dirs["home"]))
+    monkeypatch.setenv("NETRC", str(dirs["home"] / ".netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    # wandb keeps process-wide settings (WANDB_DIR, ...) from its first use: start afresh
+    wandb.teardown()
+    yield dirs
+    wandb.teardown()

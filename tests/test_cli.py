@@ -265,27 +265,6 @@ def test_interrupt_exits_130_and_keeps_files(tmp_path, capsys, monkeypatch):
 # W&B through the CLI
 
 
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    dirs = {n: tmp_path / n for n in ("wandb_dir", "wandb_cache", "wandb_config", "wandb_data", "home")}
-    for d in dirs.values():
-        d.mkdir()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(dirs["wandb_dir"]))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(dirs["wandb_cache"]))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(dirs["wandb_config"]))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(dirs["wandb_data"]))
-    monkeypatch.setenv("HOME", str(dirs["home"]))
-    monkeypatch.setenv("NETRC", str(dirs["home"] / ".netrc"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    # wandb keeps process-wide settings (WANDB_DIR, ...) from its first use: start afresh
-    wandb.teardown()
-    yield dirs
-    wandb.teardown()
-
-
 def test_wandb_offline_through_cli(wandb_env, tmp_path):
     base = ["run", *SMALL_QUADRATIC, "solver=soba", "steps=6", "eval_every=3", f"output_dir={tmp_path / 'out'}",
             "progress=false", "plot=false", "wandb.enabled=true", "wandb.mode=offline"]

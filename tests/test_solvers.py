@@ -167,3 +167,41 @@ def test_lower_only_does_not_reduce_hypergradient_norm():
     result = bilevel.solve(problem, "lower-only", steps=100, eval_every=100, lower_lr=0.5)
     assert result.final["grad_norm_sq"] == pytest.approx(result.history[0]["grad_norm_sq"])
     assert result.final["inner_distance"] < 1e-3 * result.history[0]["inner_distance"]
+
+
+def test_composed_solver_warm_start_and_single_loop_order(problem, mats):
+    """warm_steps SGD steps at x0 in init; with update_lower_first=False the hypergradient is
+    taken at y_t and y then steps from y_t at x_t (SLIP's simultaneous order)."""
+    from dataclasses import dataclass
+
+    from bilevel import lower, upper
+    from bilevel.estimators import ConjugateGradient
+    from bilevel.solver import ComposedSolver
+
+    @dataclass
+    class WarmSingleLoop(ComposedSolver):
+        update_lower_first = False
+        warm_steps: int = 3
+
+        def lower_loop(self):
+            return lower.SGD(0.3, steps=1)
+
+        def estimator(self):
+            return ConjugateGradient(steps=DIM_Y, warm_start=False)
+
+        def upper_update(self):
+            return upper.sgd(0.2)
+
+    m, g = mats, torch.Generator().manual_seed(0)
+    solver = WarmSingleLoop()
+    state = solver.init(problem, *problem.init(g), g)
+    x, y = m["x0"].clone(), m["y0"].clone()
+    for _ in range(3):
+        y = y - 0.3 * grad_y_g(m, x, y)
+    torch.testing.assert_close(state.y["y"], y, rtol=0, atol=1e-12)
+    for _ in range(2):
+        state = solver.step(problem, state)
+        v = torch.linalg.solve(m["A"], y - m["t"])
+        x, y = x - 0.2 * (m["B"] @ x - m["C"] @ v), y - 0.3 * grad_y_g(m, x, y)
+        torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-10)
+        torch.testing.assert_close(state.y["y"], y, rtol=0, atol=1e-12)
