@@ -2,7 +2,9 @@
 
 Each loop is a small object with ``init(y) -> LowerState``, ``update(problem, x, state,
 generator, iteration) -> LowerState`` (one call per outer iteration) and ``point(state)``, the
-iterate at which hypergradients are evaluated. Every SGD step draws a fresh lower batch.
+iterate at which hypergradients are evaluated. Every SGD step draws a fresh lower batch. Step
+sizes ``lr`` are numbers or schedules ``t -> lr_t`` of the outer iteration t (see
+:func:`bilevel.upper.polynomial_decay`).
 
 * :class:`SGD`       k steps  y <- y - lr grad_y g(x, y; fresh batch).
 * :class:`Nesterov`  stochastic Nesterov accelerated gradient with averaging (AccBO):
@@ -42,17 +44,23 @@ def sgd_steps(problem, x: Tree, y: Tree, *, lr: float, steps: int, generator: to
     return y
 
 
+def step_size(lr, iteration: int) -> float:
+    """``lr`` at outer iteration ``iteration``: a constant, or a schedule called with it."""
+    return lr(iteration) if callable(lr) else lr
+
+
 @dataclass(frozen=True)
 class SGD:
-    """``steps`` SGD steps per outer iteration with step size ``lr``."""
-    lr: float
+    """``steps`` SGD steps per outer iteration with step size ``lr`` (number or schedule)."""
+    lr: Any
     steps: int = 1
 
     def init(self, y: Tree) -> LowerState:
         return LowerState(y=tree.clone(y))
 
     def update(self, problem, x, state: LowerState, generator, iteration: int = 0) -> LowerState:
-        return state._replace(y=sgd_steps(problem, x, state.y, lr=self.lr, steps=self.steps, generator=generator))
+        lr = step_size(self.lr, iteration)
+        return state._replace(y=sgd_steps(problem, x, state.y, lr=lr, steps=self.steps, generator=generator))
 
     def point(self, state: LowerState) -> Tree:
         return state.y
@@ -64,7 +72,7 @@ class Nesterov:
 
     ``momentum`` is the extrapolation gamma, ``averaging`` the weight tau of the running average.
     """
-    lr: float
+    lr: Any
     momentum: float = 0.5
     averaging: float = 0.5
     steps: int = 1
@@ -74,9 +82,10 @@ class Nesterov:
 
     def update(self, problem, x, state: LowerState, generator, iteration: int = 0) -> LowerState:
         y, y_prev, y_avg = state
+        lr = step_size(self.lr, iteration)
         for _ in range(self.steps):
             w = tree.map(lambda a, b: a + self.momentum * (a - b), y, y_prev)
-            y_prev, y = y, sgd_step(problem, x, w, self.lr, generator)
+            y_prev, y = y, sgd_step(problem, x, w, lr, generator)
             y_avg = tree.lerp(y_avg, y, self.averaging)
         return LowerState(y, y_prev, y_avg)
 

@@ -231,3 +231,15 @@ def test_sgd_step_module_function(det):
     y1 = lower.sgd_step(det, x, y0, 0.2, gen())
     assert torch.allclose(det.y_flat(y1), det.y_flat(y0) - 0.2 * grad(det, x, det.y_flat(y0)),
                           rtol=0, atol=1e-14)
+
+
+def test_sgd_step_size_schedule_uses_the_outer_iteration():
+    """lr given as a schedule t -> c / (t + 1): iteration 3 uses c / 4."""
+    from bilevel.problem import FunctionProblem
+    from bilevel.upper import polynomial_decay
+    p = FunctionProblem(lambda x, y, b: (y["w"] ** 2).sum(), lambda x, y, b: 0.5 * (y["w"] ** 2).sum(),
+                        {"l": torch.zeros(1, dtype=torch.float64)}, {"w": torch.ones(2, dtype=torch.float64)})
+    x, y = p.init(None)
+    loop = lower.SGD(polynomial_decay(0.8, 1.0))
+    out = loop.update(p, x, loop.init(y), None, iteration=3)
+    torch.testing.assert_close(out.y["w"], torch.full((2,), 1 - 0.2, dtype=torch.float64))
