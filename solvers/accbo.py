@@ -1,0 +1,119 @@
+"""AccBO: normalized recursive momentum on x, stochastic Nesterov with averaging on y.
+
+Gong, Hao, Liu. An Accelerated Algorithm for Stochastic Bilevel Optimization under Unbounded
+Smoothness. NeurIPS 2024 (arXiv 2409.19212).
+
+    y_0 = warm_steps SNAG steps at x_0;   y_{-1} = y_0;   yhat_0 = y_0
+    for t = 0, 1, ...   (the lower lines run inner_steps times when t % period == 0; paper: 1, 1)
+        w_t        = y_t + momentum (y_t - y_{t-1})
+        y_{t+1}    = w_t - lower_lr grad_y g(x_t, w_t; fresh batch)
+        yhat_{t+1} = (1 - averaging) yhat_t + averaging y_{t+1}
+        xi_t       = (upper batch, Hessian batch, cross batch, Neumann term q ~ U{0..Q-1})
+        h_t        = grad_x f - d2_xy g . v   at (x_t, yhat_{t+1}) on xi_t,
+                     v = Q neumann_lr (I - neumann_lr d2_yy g)^q grad_y f    (Ghadimi-Wang, Q = neumann_steps)
+        h'_t       = the same estimate at (x_{t-1}, yhat_t) on the SAME xi_t (same batches, same q)
+        m_t        = beta m_{t-1} + (1 - beta) h_t + beta (h_t - h'_t)          (m_0 = h_0)
+        x_{t+1}    = x_t - upper_lr m_t / ||m_t||
+
+The evaluated point is (x_t, yhat_t). Defaults: the official code's deep-AUC settings
+(research/official_algorithms.md section 12.4, AUC column): upper_lr 5e-3, lower_lr 5e-3,
+momentum 0.5, averaging 0.5, beta 0.9, neumann_steps 3, neumann_lr 0.1, warm_steps 3, period 1,
+inner_steps 1; independent Hessian and cross batches (the code draws two train batches).
+
+Options reproducing the code, off by default: ``lazy_storm`` takes h'_t := h_{t-1}, the previous
+iteration's estimate on its own (different) sample -- cheaper, but NOT the paper's estimator;
+``normalization="per_tensor"`` (the AUC code); ``neumann_variant="sum"`` (textbook truncated sum).
+
+Cost per iteration: inner_steps lower gradients (when t % period == 0) and two hypergradients
+(one with lazy_storm, and one at t = 0), each one upper gradient, q HVPs (Q - 1 with "sum") and
+one cross product.
+"""
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
+from bilevel import lower, upper
+from bilevel.estimators import Neumann, draw
+from bilevel.lower import LowerState, warm_start
+from bilevel.registry import register_solver
+from bilevel.solver import ComposedSolver, State
+from bilevel.tree import Tree
+
+NEUMANN_VARIANTS = ("randomized", "sum")
+
+
+class Previous(NamedTuple):
+    """What the STORM correction needs: the previous point (x_{t-1}, yhat_t), or with lazy_storm
+    the previous estimate h_{t-1}."""
+    x: Optional[Tree] = None
+    y: Optional[Tree] = None
+    h: Optional[Tree] = None
+
+
+@register_solver("accbo", paper="Gong, Hao, Liu. An Accelerated Algorithm for Stochastic Bilevel Optimization under Unbounded Smoothness. NeurIPS 2024")
+@dataclass
+class AccBO(ComposedSolver):
+    """Normalized STORM on x with a same-sample correction, SNAG with averaging on y."""
+    upper_lr: Any = 5e-3
+    lower_lr: Any = 5e-3
+    momentum: float = 0.5
+    averaging: float = 0.5
+    beta: float = 0.9
+    neumann_steps: int = 3
+    neumann_lr: float = 0.1
+    warm_steps: int = 3
+    period: int = 1
+    inner_steps: int = 1
+    normalization: str = "global"
+    neumann_variant: str = "randomized"
+    lazy_storm: bool = False
+    share_lower_batch: bool = False
+
+    def __post_init__(self):
+        for name in ("upper_lr", "lower_lr", "neumann_lr"):
+            value = getattr(self, name)
+            if not callable(value) and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name, ok in (("momentum", 0 <= self.momentum < 1), ("averaging", 0 < self.averaging <= 1),
+                         ("beta", 0 <= self.beta < 1), ("neumann_steps", self.neumann_steps >= 1),
+                         ("warm_steps", self.warm_steps >= 0), ("period", self.period >= 1),
+                         ("inner_steps", self.inner_steps >= 1)):
+            if not ok:
+                raise ValueError(f"{name} out of range: {getattr(self, name)}")
+        if self.normalization not in upper.NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {upper.NORMALIZATIONS}, got {self.normalization!r}")
+        if self.neumann_variant not in NEUMANN_VARIANTS:
+            raise ValueError(f"neumann_variant must be one of {NEUMANN_VARIANTS}, got {self.neumann_variant!r}")
+
+    def lower_loop(self):
+        nesterov = lower.Nesterov(self.lower_lr, self.momentum, self.averaging, self.inner_steps)
+        return lower.Periodic(nesterov, self.period)
+
+    def estimator(self):
+        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant=self.neumann_variant)
+
+    def upper_update(self):
+        return upper.chain(upper.storm(self.beta), upper.normalize(self.normalization), upper.scale(self.upper_lr))
+
+    def init(self, problem, x, y, generator):
+        loop = self.lower_loop()
+        y0 = warm_start(loop, problem, x, loop.init(y), self.warm_steps, generator).y
+        return State(x=x, lower=LowerState(y=y0, y_prev=y0, y_avg=y0), iteration=0, generator=generator,
+                     upper=self.upper_update().init(x))
+
+    def step(self, problem, s: State) -> State:
+        loop, estimate = self.lower_loop(), self.estimator()
+        lower_state = loop.update(problem, s.x, s.lower, s.generator, s.iteration)
+        y_avg = loop.point(lower_state)
+        sample = draw(problem, s.generator, self.share_lower_batch)
+        h, _ = estimate(problem, s.x, y_avg, None, sample)
+        previous = None
+        if s.extra is not None:  # from t = 1 on; m_0 = h_0
+            previous = s.extra.h if self.lazy_storm else estimate(problem, s.extra.x, s.extra.y, None, sample)[0]
+        direction, upper_state = self.upper_update().update(h, s.upper, previous=previous)
+        extra = Previous(h=h) if self.lazy_storm else Previous(x=s.x, y=y_avg)
+        return s._replace(x=upper.apply(s.x, direction), lower=lower_state, upper=upper_state, extra=extra,
+                          iteration=s.iteration + 1)
+
+    def point(self, state: State):
+        return state.x, self.lower_loop().point(state.lower)
