@@ -144,6 +144,12 @@ class HypercleanDigits(BilevelProblem):
         size, n = (self.batch_size, self.n_train) if level == "lower" else (self.val_batch_size, self.n_val)
         return None if size is None else torch.randint(n, (size,), generator=generator)
 
+    def n_samples(self, level: str) -> int:
+        """Size of the finite sum: n_train ("lower") or n_val ("upper"); the losses take any
+        LongTensor of indices into that split as a batch (used by SABA)."""
+        check_level(level)
+        return self.n_train if level == "lower" else self.n_val
+
     def init(self, generator: torch.Generator):
         """x0 = 0 (every weight 0.5) and y0 = 0."""
         x = {"weight_logits": torch.zeros(self.n_train, dtype=self.dtype)}

@@ -212,6 +212,12 @@ class Quadratic(BilevelProblem):
         samples = self.lower_samples if level == "lower" else self.upper_samples
         return samples.loss(x["x"], y["z"], batch)
 
+    def n_samples(self, level: str) -> int:
+        """Number of per-sample quadratics of the upper or lower loss: the problem is a finite sum
+        whose losses take any LongTensor of sample indices as a batch (used by SABA)."""
+        check_level(level)
+        return (self.lower_samples if level == "lower" else self.upper_samples).r.shape[0]
+
     def upper_loss(self, x, y, batch):
         return self._loss("upper", x, y, batch)
 

@@ -1,2 +1,2 @@
 """One file per algorithm; importing this package registers them."""
-from . import aid_cg, itd_bio, lower_only, soba, stocbio  # noqa: F401
+from . import accbo, aid_cg, amigo, bsa, itd_bio, lower_only, ma_soba, soba, stocbio, ttsa  # noqa: F401

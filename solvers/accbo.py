@@ -30,7 +30,7 @@ one cross product.
 """
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 from bilevel import lower, upper
 from bilevel.estimators import Neumann, draw
@@ -54,20 +54,20 @@ class Previous(NamedTuple):
 @dataclass
 class AccBO(ComposedSolver):
     """Normalized STORM on x with a same-sample correction, SNAG with averaging on y."""
-    upper_lr: Any = 5e-3
-    lower_lr: Any = 5e-3
-    momentum: float = 0.5
-    averaging: float = 0.5
-    beta: float = 0.9
-    neumann_steps: int = 3
-    neumann_lr: float = 0.1
-    warm_steps: int = 3
-    period: int = 1
-    inner_steps: int = 1
-    normalization: str = "global"
-    neumann_variant: str = "randomized"
-    lazy_storm: bool = False
-    share_lower_batch: bool = False
+    upper_lr: float = 5e-3                # eta (number or schedule t -> lr_t)
+    lower_lr: float = 5e-3                # SNAG step alpha (number or schedule)
+    momentum: float = 0.5                 # SNAG extrapolation gamma, in [0, 1)
+    averaging: float = 0.5                # tau of yhat, in (0, 1]; 1 = no averaging
+    beta: float = 0.9                     # STORM weight, in [0, 1)
+    neumann_steps: int = 3                # Q
+    neumann_lr: float = 0.1               # Neumann step (below 2 / L of the lower Hessian)
+    warm_steps: int = 3                   # T0 SNAG steps at x_0
+    period: int = 1                       # lower update every `period` iterations ...
+    inner_steps: int = 1                  # ... of `inner_steps` SNAG steps
+    normalization: str = "global"         # or "per_tensor" (AUC code)
+    neumann_variant: str = "randomized"   # Ghadimi-Wang; or "sum" (textbook truncated series)
+    lazy_storm: bool = False              # True: h'_t := h_{t-1} (code; not the paper)
+    share_lower_batch: bool = False       # True: one lower batch for the HVPs and the cross product
 
     def __post_init__(self):
         for name in ("upper_lr", "lower_lr", "neumann_lr"):

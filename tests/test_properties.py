@@ -16,10 +16,12 @@ def _spd(seed: int, n: int, conditioning: float) -> torch.Tensor:
 
 @SETTINGS
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 12), conditioning=st.floats(0, 3))
-def test_cg_solves_any_spd_system_in_n_steps(seed, n, conditioning):
+def test_cg_solves_any_spd_system(seed, n, conditioning):
+    """Exact in n steps only in exact arithmetic: with condition numbers up to 1e3, round-off
+    costs CG orthogonality, so a few multiples of n are allowed."""
     a = _spd(seed, n, conditioning)
     b = {"v": torch.randn(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)}
-    v = linear_system.conjugate_gradient(lambda u: {"v": a @ u["v"]}, b, steps=n + 2)
+    v = linear_system.conjugate_gradient(lambda u: {"v": a @ u["v"]}, b, steps=4 * n + 4)
     assert torch.allclose(a @ v["v"], b["v"], atol=1e-7 * (1 + float(b["v"].norm())))
 
 

@@ -1,0 +1,141 @@
+"""SAGA memories over a fixed partition of a finite sum (SABA; reusable by other VR solvers).
+
+Finite-sum problems. SAGA needs a fixed set of summands, while problems here draw i.i.d. index
+batches. A problem is a *finite sum* at a level when it exposes ``n_samples(level) -> int`` and
+its losses accept a 1-d LongTensor of sample indices as the batch, the loss on it being the mean
+of the per-sample losses (the quadratic and hyper-cleaning problems do). :func:`finite_sum_size`
+checks this and raises a TypeError naming what is missing.
+
+Partition. The n indices of a level are cut into K = ceil(n / batch_size) fixed consecutive
+mini-batches B_k = [k b, min(n, (k + 1) b)) (the last one may be smaller). With d_k the direction
+on B_k (a gradient of the mean loss over B_k, or a product with its Hessian), the full-batch
+direction is the batch-size-weighted mean
+
+    d = sum_k w_k d_k,        w_k = |B_k| / n.
+
+SAGA estimate. A memory holds one entry M[k] per mini-batch (a tree, or a dict of trees for
+several quantities sharing a batch, e.g. {"grad_y": ..., "hvp": ..., "cross": ...}) and their
+weighted mean Mbar = sum_k w_k M[k]. With j drawn uniformly from {0..K-1}:
+
+    d_hat = K w_j (d_j - M[j]) + Mbar          then      M[j] <- d_j,  Mbar <- Mbar + w_j (d_j - M[j]_old)
+
+E_j[d_hat] = d, so the estimate is unbiased for the full-batch direction. When every mini-batch
+has the same size, K w_j = 1 and this is the textbook d_j - M[j] + mean_k M[k]; the factor K w_j
+only corrects for a smaller last batch. Mbar is kept up to date incrementally (as benchopt does),
+so an estimate costs O(size of one entry), not O(K).
+
+Memories are immutable: :func:`update` returns a new :class:`Memory` whose table shares every
+untouched entry with the old one, so states stay pure and checkpointable (``torch.save``).
+Initialization: :func:`zeros` (benchopt's ``mode_init_memory='zero'``), or :func:`full` from the
+directions on every mini-batch at one point (a full pass).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, NamedTuple, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+#: A tensor, or a dict whose values are Nested (a tree, or a dict of trees).
+Nested = Union[Tensor, Dict[str, Any]]
+
+
+def _map(fn: Callable[..., Tensor], first: Nested, *others: Nested) -> Nested:
+    """Apply ``fn`` leaf-wise over nested dicts of tensors with the same keys."""
+    if isinstance(first, Tensor):
+        return fn(first, *others)
+    for other in others:
+        if not isinstance(other, dict) or other.keys() != first.keys():
+            raise ValueError(f"memory entries have different structures: {sorted(first)} vs "
+                             f"{sorted(other) if isinstance(other, dict) else type(other).__name__}")
+    return {k: _map(fn, v, *(o[k] for o in others)) for k, v in first.items()}
+
+
+def finite_sum_size(problem, level: str, who: str = "this solver") -> int:
+    """n_samples(level) of a finite-sum problem; TypeError naming the problem when it is not one."""
+    label = f"problem {getattr(problem, 'name', '?')!r} ({type(problem).__name__})"
+    counter = getattr(problem, "n_samples", None)
+    if not callable(counter):
+        raise TypeError(
+            f"{who} needs a finite-sum problem, but {label} has no n_samples(level) method; add "
+            "n_samples(level) -> int (the number of samples of the 'upper' or 'lower' loss) and accept "
+            "a LongTensor of sample indices as the batch of upper_loss and lower_loss")
+    n = counter(level)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TypeError(f"{who}: {label}.n_samples({level!r}) must return a positive int, got {n!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Fixed consecutive mini-batches of ``batch_size`` indices out of ``n`` (the last may be smaller)."""
+    n: int
+    batch_size: int
+
+    def __post_init__(self):
+        for name in ("n", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def size(self, k: int) -> int:
+        return min(self.n, (k + 1) * self.batch_size) - k * self.batch_size
+
+    def batch(self, k: int) -> Tensor:
+        """The indices of mini-batch k, a LongTensor."""
+        return torch.arange(k * self.batch_size, k * self.batch_size + self.size(k))
+
+    def weight(self, k: int) -> float:
+        """w_k = |B_k| / n: the full-batch direction is sum_k w_k d_k."""
+        return self.size(k) / self.n
+
+    def draw(self, generator: torch.Generator) -> int:
+        """j ~ U{0..K-1}: one ``torch.randint(K, (1,))`` from the run generator."""
+        return int(torch.randint(self.n_batches, (1,), generator=generator))
+
+
+class Memory(NamedTuple):
+    """SAGA table: ``table[k]`` = M[k], ``average`` = sum_k w_k M[k]."""
+    table: Tuple[Nested, ...]
+    average: Nested
+
+
+def zeros(like: Nested, partition: Partition) -> Memory:
+    """All entries zero (benchopt's ``mode_init_memory='zero'``)."""
+    zero = _map(torch.zeros_like, like)
+    return Memory(table=(zero,) * partition.n_batches, average=zero)
+
+
+def full(entries: Sequence[Nested], partition: Partition) -> Memory:
+    """M[k] = entries[k] (the directions on every mini-batch at one point), Mbar their weighted mean."""
+    if len(entries) != partition.n_batches:
+        raise ValueError(f"need one entry per mini-batch ({partition.n_batches}), got {len(entries)}")
+    average = _map(torch.zeros_like, entries[0])
+    for k, entry in enumerate(entries):
+        average = _map(lambda a, e, w=partition.weight(k): a + w * e, average, entry)
+    return Memory(table=tuple(entries), average=average)
+
+
+def estimate(memory: Memory, partition: Partition, j: int, current: Nested) -> Nested:
+    """d_hat = K w_j (d_j - M[j]) + Mbar, with d_j = ``current`` the direction on mini-batch j."""
+    factor = partition.size(j) * partition.n_batches / partition.n
+    return _map(lambda d, m, a: a + factor * (d - m), current, memory.table[j], memory.average)
+
+
+def update(memory: Memory, partition: Partition, j: int, current: Nested) -> Memory:
+    """M[j] <- d_j and Mbar <- Mbar + w_j (d_j - M[j]); a new Memory, the old one is untouched."""
+    w = partition.weight(j)
+    average = _map(lambda a, d, m: a + w * (d - m), memory.average, current, memory.table[j])
+    table = memory.table[:j] + (current,) + memory.table[j + 1:]
+    return Memory(table=table, average=average)
+
+
+def saga(memory: Memory, partition: Partition, j: int, current: Nested) -> Tuple[Nested, Memory]:
+    """(:func:`estimate`, :func:`update`): the variance-reduced direction and the new memory."""
+    return estimate(memory, partition, j, current), update(memory, partition, j, current)

@@ -1,0 +1,161 @@
+"""Recursive (variance-reduced) estimates of the two directions of a bilevel step.
+
+Variance-reduced bilevel methods carry running estimates of
+
+    d^y ~ grad_y g(x, y)        (moves y)            d^x ~ grad Phi(x, y)        (moves x)
+
+and carry them from an old point to a new one with the SAME samples B at both points:
+
+    d_new = G(new; B) + w (d_old - G(old; B)),         G = (grad_y g, hypergradient estimate)
+
+* w = 1 - eta: STORM, recursive momentum (Cutkosky and Orabona 2019), as in SUSTAIN and MRBO;
+* w = 1:       SPIDER / SARAH (Fang et al. 2018; Nguyen et al. 2017), as in VRBO between its
+               periodic large-batch refreshes.
+
+One sample B is a lower batch for grad_y g plus one :class:`~bilevel.estimators.Draw` for the
+hypergradient (upper, Hessian and cross batches and the seed of the randomized Neumann term), so
+G(new; B) - G(old; B) carries no sampling noise of its own. Estimators must be stateless
+(:class:`~bilevel.estimators.Neumann`): they are called with state ``None``.
+
+:class:`DoubleMomentum` is the single-loop solver with STORM on both levels (SUSTAIN, MRBO);
+subclasses choose the hypergradient estimator.
+"""
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Tuple
+
+import torch
+
+from . import tree
+from .estimators import Draw, draw
+from .lower import LowerState
+from .oracles import grad_lower_y
+from .solver import Solver, State
+from .tree import Tree
+from .upper import polynomial_decay
+
+Point = Tuple[Tree, Tree]
+
+
+class Estimates(NamedTuple):
+    """Running estimates at one point: ``lower`` of grad_y g, ``upper`` of the hypergradient."""
+    lower: Tree
+    upper: Tree
+
+
+class Sample(NamedTuple):
+    """The samples of one evaluation of G: a lower batch for grad_y g, a Draw for the hypergradient."""
+    lower: Any
+    draw: Draw
+
+
+def sample(problem, generator: torch.Generator, share_lower_batch: bool = False) -> Sample:
+    """A fresh lower batch, then a fresh Draw (all independent; see :func:`bilevel.estimators.draw`)."""
+    return Sample(problem.sample("lower", generator), draw(problem, generator, share_lower_batch))
+
+
+def evaluate(problem, estimator, x: Tree, y: Tree, batch: Sample) -> Estimates:
+    """G(x, y; B) = (grad_y g(x, y; B.lower), estimator's hypergradient at (x, y) on B.draw).
+    Costs one lower gradient plus the estimator's cost."""
+    h, _ = estimator(problem, x, y, None, batch.draw)
+    return Estimates(grad_lower_y(problem, x, y, batch.lower), h)
+
+
+def recursive_update(problem, estimator, new: Point, old: Point, estimates: Estimates, weight: float,
+                     batch: Sample) -> Estimates:
+    """d_new = G(new; B) + weight (d_old - G(old; B)), both levels, ONE sample B at both points."""
+    at_new = evaluate(problem, estimator, *new, batch)
+    at_old = evaluate(problem, estimator, *old, batch)
+    return Estimates(*(tree.map(lambda n, d, o: n + weight * (d - o), *parts)
+                       for parts in zip(at_new, estimates, at_old)))
+
+
+def refresh(problem, estimator, x: Tree, y: Tree, generator: torch.Generator, batches: int,
+            share_lower_batch: bool = False) -> Estimates:
+    """A large-batch G(x, y): the mean over ``batches`` independent samples, or a single
+    evaluation when the problem is deterministic (its sample() returns None: the full batch)."""
+    total, count = None, 0
+    for _ in range(batches):
+        batch = sample(problem, generator, share_lower_batch)
+        value = evaluate(problem, estimator, x, y, batch)
+        total = value if total is None else Estimates(*map(tree.add, total, value))
+        count += 1
+        if all(b is None for b in (batch.lower, batch.draw.upper, batch.draw.hessian, batch.draw.cross)):
+            break
+    return Estimates(*(tree.scale(t, 1.0 / count) for t in total))
+
+
+def check_positive(owner: str, **values) -> None:
+    """ValueError naming the first value that is not a positive finite number."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{owner}: {name} must be a positive number, got {value!r}")
+
+
+def check_integer(owner: str, minimum: int, **values) -> None:
+    """ValueError naming the first value that is not an integer >= ``minimum``."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class DoubleMomentum(Solver):
+    """STORM on both levels; single loop, x and y moved together from estimates at (x_t, y_t):
+
+        x_{t+1} = x_t - upper_lr_t d^x_t,            y_{t+1} = y_t - lower_lr_t d^y_t
+        B_{t+1} = fresh (lower batch, Draw)
+        d_{t+1} = G(x_{t+1}, y_{t+1}; B_{t+1}) + (1 - eta_{t+1}) (d_t - G(x_t, y_t; B_{t+1}))
+        d_0     = G(x_0, y_0; B_0)                                        (in init)
+
+    with G = (grad_y g, hypergradient from :meth:`estimator`) and the schedules
+    c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta. Defaults are the benchopt
+    bilevel benchmark's SUSTAIN and MRBO (identical): step 0.1 for both levels and the Neumann
+    series, eta 0.5, decays (lower 1/3, neumann 0, eta 2/3, upper 1/3), 10 Neumann terms.
+    """
+    upper_lr: float = 0.1
+    lower_lr: float = 0.1
+    eta: float = 0.5
+    neumann_lr: float = 0.1
+    neumann_steps: int = 10
+    upper_decay: float = 1 / 3
+    lower_decay: float = 1 / 3
+    neumann_decay: float = 0.0
+    eta_decay: float = 2 / 3
+    share_lower_batch: bool = False
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        check_positive(owner, upper_lr=self.upper_lr, lower_lr=self.lower_lr, neumann_lr=self.neumann_lr)
+        check_integer(owner, 1, neumann_steps=self.neumann_steps)
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
+            raise ValueError(f"{owner}: eta must lie in (0, 1], got {self.eta!r}")
+        for name in ("upper_decay", "lower_decay", "neumann_decay", "eta_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+
+    @abc.abstractmethod
+    def estimator(self, iteration: int):
+        """The stateless hypergradient estimator used at ``iteration`` (its Neumann lr may decay)."""
+
+    def neumann_lr_at(self, iteration: int) -> float:
+        return polynomial_decay(self.neumann_lr, self.neumann_decay)(iteration)
+
+    def init(self, problem, x, y, generator):
+        batch = sample(problem, generator, self.share_lower_batch)
+        estimates = evaluate(problem, self.estimator(0), x, y, batch)
+        return State(x=tree.clone(x), lower=LowerState(y=tree.clone(y)), iteration=0, generator=generator,
+                     estimator=estimates)
+
+    def step(self, problem, s: State) -> State:
+        t, d = s.iteration, s.estimator
+        x = tree.axpy(-polynomial_decay(self.upper_lr, self.upper_decay)(t), d.upper, s.x)
+        y = tree.axpy(-polynomial_decay(self.lower_lr, self.lower_decay)(t), d.lower, s.y)
+        weight = 1 - polynomial_decay(self.eta, self.eta_decay)(t + 1)
+        batch = sample(problem, s.generator, self.share_lower_batch)
+        d = recursive_update(problem, self.estimator(t + 1), (x, y), (s.x, s.y), d, weight, batch)
+        return s._replace(x=x, lower=s.lower._replace(y=y), estimator=d, iteration=t + 1)

@@ -1,0 +1,50 @@
+"""Checks of solver hyperparameters, called from each solver's ``__post_init__``.
+
+Each check reads attributes of the solver by name and raises ``ValueError`` naming the field,
+the rule and the value, so that ``solve(problem, "bo-rep", beta=1.5)`` fails before any work.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+
+def check_positive(solver: Any, *names: str) -> None:
+    """Step sizes and scales: positive numbers (a schedule t -> lr_t is accepted as is)."""
+    for name in names:
+        value = getattr(solver, name)
+        if callable(value):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_count(solver: Any, *names: str, minimum: int = 1) -> None:
+    """Step counts and periods: integers >= minimum."""
+    for name in names:
+        value = getattr(solver, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_unit(solver: Any, *names: str) -> None:
+    """Momentum and averaging weights: numbers in [0, 1)."""
+    for name in names:
+        value = getattr(solver, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+
+
+def check_exponent(solver: Any, *names: str) -> None:
+    """Decay exponents e of lr_t = c / (t + 1)^e: finite and >= 0 (0: a constant step)."""
+    for name in names:
+        value = getattr(solver, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_choice(solver: Any, name: str, choices: Iterable[str]) -> None:
+    """Named variants: one of ``choices``."""
+    value, choices = getattr(solver, name), tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

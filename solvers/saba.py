@@ -1,0 +1,103 @@
+"""SABA: SOBA's single loop with SAGA variance reduction on every direction.
+
+Dagreou, Ablin, Vaiter, Moreau. A framework for bilevel optimization that enables stochastic and
+global variance reduction algorithms. NeurIPS 2022.
+
+For finite sums g = sum_k w_k g_k and f = sum_k w_k f_k over fixed mini-batches (bilevel.memory:
+each level's n_samples(level) indices cut into consecutive mini-batches of ``batch_size``, the
+last possibly smaller, w_k = |B_k| / n), draw one lower mini-batch i and one upper mini-batch j
+uniformly per iteration (in that order, from the run generator) and, at the current (x_t, y_t, z_t),
+
+    grad_y g_i,  H_i z_t = d2_yy g_i . z_t,  J_i z_t = d2_xy g_i . z_t    (one double-backward pass on i)
+    grad_x f_j,  grad_y f_j                                               (one pass on j)
+
+Each of these five quantities q gets its SAGA estimate (bilevel.memory.saga), with a memory
+entry per mini-batch of its level:
+
+    q_hat = K w_i (q_i - M[i]) + sum_k w_k M[k],      then M[i] <- q_i
+
+and SOBA's directions and simultaneous updates are taken with the estimates:
+
+    D_y = grad_y g_hat,   D_z = (H z)_hat - grad_y f_hat,   D_x = grad_x f_hat - (J z)_hat
+    y_{t+1} = y_t - lower_lr D_y,   z_{t+1} = z_t - z_lr D_z,   x_{t+1} = x_t - upper_lr D_x
+
+(z is -v of the paper). The estimate is unbiased for the full-batch direction; K w_i = 1 when all
+mini-batches have the same size. The problem must be a finite sum: ``n_samples(level)`` and losses
+taking LongTensor index batches (TypeError otherwise); its own ``sample`` and batch size are not
+used. State: x, y (lower), z (estimator), and extra = {"lower": Memory, "upper": Memory}.
+
+Defaults (benchopt bilevel benchmark, research/peers.md section 3.3): step 0.1 and outer ratio 1,
+so upper_lr = lower_lr = z_lr = 0.1, constant; batch_size 64; memory_init "zero" (benchopt's
+mode_init_memory); "full" fills the memories by a full pass at (x_0, y_0, z_0 = 0).
+
+Cost per iteration: one lower gradient, one HVP, one cross product (shared pass,
+bilevel.oracles.hvp_and_cross), one upper gradient. init with memory_init="full": that per
+lower mini-batch (K_lower) and one upper gradient per upper mini-batch (K_upper).
+"""
+from dataclasses import dataclass
+
+from bilevel import lower, memory, oracles, tree, upper
+from bilevel.memory import Partition
+from bilevel.registry import register_solver
+from bilevel.solver import Solver, State
+
+from .borep import check_choice, check_count, check_positive
+
+MEMORY_INITS = ("zero", "full")
+
+
+@register_solver("saba", paper="Dagreou, Ablin, Vaiter, Moreau. A framework for bilevel optimization that enables stochastic and global variance reduction algorithms. NeurIPS 2022")
+@dataclass
+class SABA(Solver):
+    """SOBA with a SAGA memory per mini-batch on all five directions (finite-sum problems)."""
+    upper_lr: float = 0.1
+    lower_lr: float = 0.1
+    z_lr: float = 0.1
+    batch_size: int = 64
+    memory_init: str = "zero"
+
+    def __post_init__(self):
+        check_positive(self, "upper_lr", "lower_lr", "z_lr")
+        check_count(self, "batch_size")
+        check_choice(self, "memory_init", MEMORY_INITS)
+
+    def partitions(self, problem):
+        return {level: Partition(memory.finite_sum_size(problem, level, "saba"), self.batch_size)
+                for level in ("lower", "upper")}
+
+    def init(self, problem, x, y, generator):
+        parts, z = self.partitions(problem), tree.zeros_like(y)
+        if self.memory_init == "full":  # a full pass at (x_0, y_0, z_0)
+            memories = {"lower": memory.full([self._lower_terms(problem, x, y, z, parts["lower"], k)
+                                              for k in range(parts["lower"].n_batches)], parts["lower"]),
+                        "upper": memory.full([self._upper_terms(problem, x, y, parts["upper"], k)
+                                              for k in range(parts["upper"].n_batches)], parts["upper"])}
+        else:
+            memories = {"lower": memory.zeros({"grad_y": y, "hvp": y, "cross": x}, parts["lower"]),
+                        "upper": memory.zeros({"grad_x": x, "grad_y": y}, parts["upper"])}
+        return State(x=x, lower=lower.SGD(self.lower_lr).init(y), iteration=0, generator=generator, estimator=z,
+                     upper=upper.sgd(self.upper_lr).init(x), extra=memories)
+
+    def step(self, problem, s):
+        parts, y, z = self.partitions(problem), s.lower.y, s.estimator
+        i, j = parts["lower"].draw(s.generator), parts["upper"].draw(s.generator)
+        low, lower_memory = memory.saga(s.extra["lower"], parts["lower"], i,
+                                        self._lower_terms(problem, s.x, y, z, parts["lower"], i))
+        up, upper_memory = memory.saga(s.extra["upper"], parts["upper"], j,
+                                       self._upper_terms(problem, s.x, y, parts["upper"], j))
+        direction, upper_state = upper.sgd(self.upper_lr).update(tree.sub(up["grad_x"], low["cross"]), s.upper)
+        return s._replace(
+            x=upper.apply(s.x, direction),
+            lower=s.lower._replace(y=tree.axpy(-self.lower_lr, low["grad_y"], y)),
+            estimator=tree.axpy(-self.z_lr, tree.sub(low["hvp"], up["grad_y"]), z),
+            upper=upper_state, extra={"lower": lower_memory, "upper": upper_memory}, iteration=s.iteration + 1)
+
+    @staticmethod
+    def _lower_terms(problem, x, y, z, part, k):
+        hz, cross_z, grad_y = oracles.hvp_and_cross(problem, x, y, z, part.batch(k))
+        return {"grad_y": grad_y, "hvp": hz, "cross": cross_z}
+
+    @staticmethod
+    def _upper_terms(problem, x, y, part, k):
+        grad_x, grad_y = oracles.grad_upper(problem, x, y, part.batch(k))
+        return {"grad_x": grad_x, "grad_y": grad_y}

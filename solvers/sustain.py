@@ -1,0 +1,44 @@
+"""SUSTAIN: STORM (double momentum) on both levels with a randomized Neumann hypergradient.
+
+Khanduri, Zeng, Hong, Wai, Wang, Yang. A Near-Optimal Algorithm for Stochastic Bilevel
+Optimization via Double-Momentum. NeurIPS 2021 (Algorithm 1).
+
+Both variables move together from the estimates at (x_t, y_t); the new estimates are then
+formed at (x_{t+1}, y_{t+1}) and corrected at the previous pair (x_t, y_t), which is the paper's
+order (its y_t is paired with x_t, never with x_{t+1}). With xi_{t+1} one fresh sample (a lower
+batch zeta, and a Draw: upper, Hessian and cross batches and the Neumann term q):
+
+    x_{t+1}   = x_t - upper_lr_t d^x_t,                 y_{t+1} = y_t - lower_lr_t d^y_t
+    d^y_{t+1} = grad_y g(x_{t+1}, y_{t+1}; zeta) + (1 - eta_{t+1}) (d^y_t - grad_y g(x_t, y_t; zeta))
+    d^x_{t+1} = h(x_{t+1}, y_{t+1}; xi)          + (1 - eta_{t+1}) (d^x_t - h(x_t, y_t; xi))
+    h(x, y; xi) = grad_x f - d2_xy g . v,     v = Q neumann_lr (I - neumann_lr d2_yy g)^q grad_y f
+    d_0 = (grad_y g, h) at (x_0, y_0) on a fresh sample
+
+h is Ghadimi and Wang's randomized Neumann estimator (HIA), q ~ U{0..Q-1}, Q = neumann_steps;
+the SAME q and batches are used at both points (bilevel.recursive.recursive_update).
+Schedules c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta.
+
+Defaults: the benchopt bilevel benchmark's SUSTAIN (research/peers.md section 3.3): step 0.1 for
+both levels and for the Neumann series, 10 Neumann terms, eta 0.5, decays (lower 1/3,
+neumann 0, eta 2/3, upper 1/3), matching the paper's alpha_t ~ t^{-1/3}, eta_t ~ alpha_t^2.
+Not copied from the official AccBO-repo baseline (research/official_algorithms.md section 6):
+its STORM used d_{t-2} instead of d_{t-1} and drew different q at the two points. Deviations
+from the paper: one eta for both levels (benchopt), one Hessian batch for all q products.
+
+Cost per iteration: 2 lower gradients, 2 upper gradients, 2q HVPs (2(Q-1)/2 on average),
+2 cross products; init: half of that.
+"""
+from dataclasses import dataclass
+
+from bilevel.estimators import Neumann
+from bilevel.recursive import DoubleMomentum
+from bilevel.registry import register_solver
+
+
+@register_solver("sustain", paper="Khanduri, Zeng, Hong, Wai, Wang, Yang. A Near-Optimal Algorithm for Stochastic Bilevel Optimization via Double-Momentum. NeurIPS 2021")
+@dataclass
+class SUSTAIN(DoubleMomentum):
+    """STORM on x and y, randomized Neumann (HIA) hypergradient evaluated on one draw at both points."""
+
+    def estimator(self, iteration):
+        return Neumann(lr=self.neumann_lr_at(iteration), steps=self.neumann_steps, variant="randomized")

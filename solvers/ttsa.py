@@ -1,0 +1,69 @@
+"""TTSA: two-timescale stochastic approximation, one lower SGD step per outer step.
+
+Hong, Wai, Wang, Yang. A Two-Timescale Stochastic Algorithm Framework for Bilevel Optimization:
+Complexity Analysis and Application to Actor-Critic. SIAM J. Optim. 33(1), 2023 (arXiv 2007.05170).
+
+    b_t     = lower_lr / (t + 1)^lower_lr_decay,    a_t = upper_lr / (t + 1)^upper_lr_decay
+    y_{t+1} = y_t - b_t grad_y g(x_t, y_t; fresh batch)
+    q ~ U{0, ..., Q-1},   v_t = Q eta (I - eta H_t)^q grad_y f(x_t, y_{t+1})     (Q = neumann_steps,
+                                                       eta = neumann_lr; Ghadimi-Wang's estimator)
+    h_t     = grad_x f(x_t, y_{t+1}) - d2_xy g(x_t, y_{t+1}) . v_t
+    x_{t+1} = x_t - a_t h_t
+
+Order: the lower step comes first and h_t is taken at y_{t+1}, as in the paper's Algorithm 1
+(h_f^k estimates the surrogate gradient at (x^k, y^{k+1})) and in benchopt's ttsa.py. The
+paper's projection of x onto a constraint set is omitted (x is unconstrained here). The upper,
+Hessian and cross batches are independent draws; all q Hessian products share one batch
+(bilevel.estimators.Neumann), whereas Ghadimi and Wang draw a fresh sample per product.
+
+Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, for the
+Neumann series and for x (outer_ratio 1), n_hia_steps 10, decay exponents 0.4 (y), 0 (Neumann,
+constant) and 0.6 (x) -- the two timescales b ~ t^{-2/5}, a ~ t^{-3/5} of the paper's analysis.
+
+Cost per iteration: one lower gradient, q HVPs (random, (Q - 1)/2 on average), one cross
+product, one upper gradient.
+"""
+import math
+from dataclasses import dataclass
+
+from bilevel import lower, upper
+from bilevel.estimators import Neumann
+from bilevel.registry import register_solver
+from bilevel.solver import ComposedSolver
+
+from .borep import check_count, check_positive
+
+
+@register_solver("ttsa", paper="Hong, Wai, Wang, Yang. A Two-Timescale Stochastic Algorithm Framework for Bilevel Optimization: Complexity Analysis and Application to Actor-Critic. SIAM J. Optim. 2023")
+@dataclass
+class TTSA(ComposedSolver):
+    """One decaying-step lower SGD step, randomized Neumann hypergradient, decaying-step SGD on x."""
+    upper_lr: float = 0.1
+    lower_lr: float = 0.1
+    neumann_steps: int = 10
+    neumann_lr: float = 0.1
+    lower_lr_decay: float = 0.4
+    upper_lr_decay: float = 0.6
+    share_lower_batch: bool = False
+
+    def __post_init__(self):
+        check_positive(self, "upper_lr", "lower_lr", "neumann_lr")
+        check_count(self, "neumann_steps")
+        check_exponent(self, "lower_lr_decay", "upper_lr_decay")
+
+    def lower_loop(self):
+        return lower.SGD(upper.polynomial_decay(self.lower_lr, self.lower_lr_decay), steps=1)
+
+    def estimator(self):
+        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized")
+
+    def upper_update(self):
+        return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))
+
+
+def check_exponent(solver, *names):
+    """Decay exponents e of lr_t = c / (t + 1)^e: finite and >= 0 (0 is a constant step)."""
+    for name in names:
+        value = getattr(solver, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
