@@ -23,7 +23,6 @@ subclasses choose the hypergradient estimator.
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Tuple
 
@@ -36,6 +35,7 @@ from .oracles import grad_lower_y
 from .solver import Solver, State
 from .tree import Tree
 from .upper import polynomial_decay
+from .validation import check_count, check_exponent, check_positive
 
 Point = Tuple[Tree, Tree]
 
@@ -88,18 +88,9 @@ def refresh(problem, estimator, x: Tree, y: Tree, generator: torch.Generator, ba
     return Estimates(*(tree.scale(t, 1.0 / count) for t in total))
 
 
-def check_positive(owner: str, **values) -> None:
-    """ValueError naming the first value that is not a positive finite number."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ValueError(f"{owner}: {name} must be a positive number, got {value!r}")
-
-
-def check_integer(owner: str, minimum: int, **values) -> None:
-    """ValueError naming the first value that is not an integer >= ``minimum``."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+def schedule(value, exponent: float):
+    """t -> value / (t + 1)^exponent, or ``value`` itself when it already is a schedule t -> value_t."""
+    return value if callable(value) else polynomial_decay(value, exponent)
 
 
 @dataclass
@@ -112,14 +103,17 @@ class DoubleMomentum(Solver):
         d_0     = G(x_0, y_0; B_0)                                        (in init)
 
     with G = (grad_y g, hypergradient from :meth:`estimator`) and the schedules
-    c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta. Defaults are the benchopt
-    bilevel benchmark's SUSTAIN and MRBO (identical): step 0.1 for both levels and the Neumann
-    series, eta 0.5, decays (lower 1/3, neumann 0, eta 2/3, upper 1/3), 10 Neumann terms.
+    c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta (a step size given as a
+    schedule t -> c_t is used as is). Defaults are the benchopt bilevel benchmark's SUSTAIN and
+    MRBO (identical): step 0.1 for both levels and the Neumann series, eta 0.5, decays (lower 1/3,
+    neumann 0, eta 2/3, upper 1/3), 10 Neumann terms. The lower batch of grad_y g and the upper,
+    Hessian and cross batches are independent (``share_lower_batch=True``: one batch for the
+    Hessian and cross products).
     """
-    upper_lr: float = 0.1
-    lower_lr: float = 0.1
+    upper_lr: Any = 0.1
+    lower_lr: Any = 0.1
     eta: float = 0.5
-    neumann_lr: float = 0.1
+    neumann_lr: Any = 0.1
     neumann_steps: int = 10
     upper_decay: float = 1 / 3
     lower_decay: float = 1 / 3
@@ -128,22 +122,18 @@ class DoubleMomentum(Solver):
     share_lower_batch: bool = False
 
     def __post_init__(self):
-        owner = type(self).__name__
-        check_positive(owner, upper_lr=self.upper_lr, lower_lr=self.lower_lr, neumann_lr=self.neumann_lr)
-        check_integer(owner, 1, neumann_steps=self.neumann_steps)
+        check_positive(self, "upper_lr", "lower_lr", "neumann_lr")
+        check_count(self, "neumann_steps")
+        check_exponent(self, "upper_decay", "lower_decay", "neumann_decay", "eta_decay")
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
-            raise ValueError(f"{owner}: eta must lie in (0, 1], got {self.eta!r}")
-        for name in ("upper_decay", "lower_decay", "neumann_decay", "eta_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+            raise ValueError(f"eta must lie in (0, 1], got {self.eta!r}")
 
     @abc.abstractmethod
     def estimator(self, iteration: int):
         """The stateless hypergradient estimator used at ``iteration`` (its Neumann lr may decay)."""
 
     def neumann_lr_at(self, iteration: int) -> float:
-        return polynomial_decay(self.neumann_lr, self.neumann_decay)(iteration)
+        return schedule(self.neumann_lr, self.neumann_decay)(iteration)
 
     def init(self, problem, x, y, generator):
         batch = sample(problem, generator, self.share_lower_batch)
@@ -153,8 +143,8 @@ class DoubleMomentum(Solver):
 
     def step(self, problem, s: State) -> State:
         t, d = s.iteration, s.estimator
-        x = tree.axpy(-polynomial_decay(self.upper_lr, self.upper_decay)(t), d.upper, s.x)
-        y = tree.axpy(-polynomial_decay(self.lower_lr, self.lower_decay)(t), d.lower, s.y)
+        x = tree.axpy(-schedule(self.upper_lr, self.upper_decay)(t), d.upper, s.x)
+        y = tree.axpy(-schedule(self.lower_lr, self.lower_decay)(t), d.lower, s.y)
         weight = 1 - polynomial_decay(self.eta, self.eta_decay)(t + 1)
         batch = sample(problem, s.generator, self.share_lower_batch)
         d = recursive_update(problem, self.estimator(t + 1), (x, y), (s.x, s.y), d, weight, batch)

@@ -35,7 +35,7 @@ from bilevel.linear_system import NEUMANN_VARIANTS
 from bilevel.registry import register_solver
 from bilevel.solver import ComposedSolver
 
-from .borep import check_choice, check_count, check_positive, check_unit
+from bilevel.validation import check_choice, check_count, check_positive, check_unit
 
 
 @register_solver("adambo", paper="Gong, Hao, Liu. On the Convergence of Adam-Type Algorithms for Bilevel Optimization under Unbounded Smoothness. TMLR 2025")

@@ -28,8 +28,7 @@ from bilevel.estimators import LinearSystemSGD
 from bilevel.registry import register_solver
 from bilevel.solver import ComposedSolver
 
-from .borep import check_count, check_positive
-from .ttsa import check_exponent
+from bilevel.validation import check_count, check_exponent, check_positive
 
 
 @register_solver("amigo", paper="Arbel, Mairal. Amortized Implicit Differentiation for Stochastic Bilevel Optimization. ICLR 2022")

@@ -38,6 +38,7 @@ from bilevel.estimators import LinearSystemSGD, Neumann
 from bilevel.linear_system import NEUMANN_VARIANTS
 from bilevel.registry import register_solver
 from bilevel.solver import ComposedSolver
+from bilevel.validation import check_choice, check_count, check_positive, check_unit
 
 HYPERGRADIENTS = ("neumann", "linear_sgd")
 
@@ -79,30 +80,3 @@ class BOREP(ComposedSolver):
 
     def upper_update(self):
         return upper.chain(upper.ema(self.beta), upper.normalize(self.normalization), upper.scale(self.upper_lr))
-
-
-def check_unit(solver, name):
-    value = getattr(solver, name)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
-
-
-def check_positive(solver, *names):
-    """Step sizes: positive numbers (schedules t -> lr_t are not checked)."""
-    for name in names:
-        value = getattr(solver, name)
-        if not callable(value) and not value > 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
-
-
-def check_count(solver, *names, minimum=1):
-    for name in names:
-        value = getattr(solver, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_choice(solver, name, choices):
-    value = getattr(solver, name)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -29,8 +29,7 @@ from bilevel.estimators import Neumann
 from bilevel.registry import register_solver
 from bilevel.solver import ComposedSolver
 
-from .borep import check_count, check_positive
-from .ttsa import check_exponent
+from bilevel.validation import check_count, check_exponent, check_positive
 
 
 @register_solver("bsa", paper="Ghadimi, Wang. Approximation Methods for Bilevel Programming. arXiv 1802.02246, 2018")

@@ -34,7 +34,7 @@ from bilevel.linear_system import project_ball
 from bilevel.registry import register_solver
 from bilevel.solver import Solver, State
 
-from .borep import check_positive, check_unit
+from bilevel.validation import check_positive, check_unit
 
 
 @register_solver("ma-soba", paper="Chen, Xiao, Balasubramanian. Optimal Algorithms for Stochastic Bilevel Optimization under Relaxed Smoothness Conditions. arXiv 2306.12067, 2023")

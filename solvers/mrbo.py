@@ -23,7 +23,7 @@ Hessian batch for all Q-1 products (the paper draws one per product). No officia
 exists in the studied repos (research/official_algorithms.md section 6).
 
 Cost per iteration: 2 lower gradients, 2 upper gradients, 2(Q-1) HVPs, 2 cross products; init:
-half of that.
+half of that. All batches independent unless share_lower_batch (Hessian and cross batch shared).
 """
 from dataclasses import dataclass
 

@@ -32,7 +32,9 @@ from bilevel.linear_system import NEUMANN_VARIANTS
 from bilevel.registry import register_solver
 from bilevel.solver import ComposedSolver
 
-from .borep import HYPERGRADIENTS, check_choice, check_count, check_positive, check_unit
+from bilevel.validation import check_choice, check_count, check_positive, check_unit
+
+from .borep import HYPERGRADIENTS
 
 
 @register_solver("slip", paper="Gong, Hao, Liu. A Nearly Optimal Single Loop Algorithm for Stochastic Bilevel Optimization under Unbounded Smoothness. ICML 2024")

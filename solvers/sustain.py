@@ -25,8 +25,8 @@ Not copied from the official AccBO-repo baseline (research/official_algorithms.m
 its STORM used d_{t-2} instead of d_{t-1} and drew different q at the two points. Deviations
 from the paper: one eta for both levels (benchopt), one Hessian batch for all q products.
 
-Cost per iteration: 2 lower gradients, 2 upper gradients, 2q HVPs (2(Q-1)/2 on average),
-2 cross products; init: half of that.
+Cost per iteration: 2 lower gradients, 2 upper gradients, 2q HVPs for the step's q (Q - 1 on
+average), 2 cross products; init: one of each of the gradients and the cross product, q HVPs.
 """
 from dataclasses import dataclass
 

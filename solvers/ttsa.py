@@ -23,7 +23,6 @@ constant) and 0.6 (x) -- the two timescales b ~ t^{-2/5}, a ~ t^{-3/5} of the pa
 Cost per iteration: one lower gradient, q HVPs (random, (Q - 1)/2 on average), one cross
 product, one upper gradient.
 """
-import math
 from dataclasses import dataclass
 
 from bilevel import lower, upper
@@ -31,7 +30,7 @@ from bilevel.estimators import Neumann
 from bilevel.registry import register_solver
 from bilevel.solver import ComposedSolver
 
-from .borep import check_count, check_positive
+from bilevel.validation import check_count, check_exponent, check_positive
 
 
 @register_solver("ttsa", paper="Hong, Wai, Wang, Yang. A Two-Timescale Stochastic Algorithm Framework for Bilevel Optimization: Complexity Analysis and Application to Actor-Critic. SIAM J. Optim. 2023")
@@ -59,11 +58,3 @@ class TTSA(ComposedSolver):
 
     def upper_update(self):
         return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))
-
-
-def check_exponent(solver, *names):
-    """Decay exponents e of lr_t = c / (t + 1)^e: finite and >= 0 (0 is a constant step)."""
-    for name in names:
-        value = getattr(solver, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

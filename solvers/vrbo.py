@@ -26,7 +26,7 @@ Defaults: the benchopt bilevel benchmark's VRBO (research/peers.md section 3.3):
 (n_shia_steps). benchopt refreshes on the full batch every period_frac (n_inner + n_outer) /
 batch_size iterations (period_frac 128, i.e. every 128 epochs of batches); here ``period`` counts
 outer iterations directly (period = period_frac (n_inner + n_outer) / batch_size), default 10, and
-refresh_batches 10 are our choices. Unlike benchopt, the x move is corrected for too (benchopt
+refresh_batches 10 are our choices. Step sizes may be schedules t -> lr_t (constant by default). Unlike benchopt, the x move is corrected for too (benchopt
 compares y_{k,i} with y_{k,i-1} at x_{k+1} only), and a refresh is a large batch, not the single
 batch of the AccBO-repo baseline (research/official_algorithms.md section 6).
 
@@ -36,22 +36,24 @@ Cost per iteration: inner_steps + 1 corrections of two evaluations each, i.e.
 gradient, upper gradient and cross product, Q - 1 HVPs).
 """
 from dataclasses import dataclass
+from typing import Any
 
 from bilevel import tree
 from bilevel.estimators import Neumann
-from bilevel.lower import LowerState
-from bilevel.recursive import check_integer, check_positive, recursive_update, refresh, sample
+from bilevel.lower import LowerState, step_size
+from bilevel.recursive import recursive_update, refresh, sample
 from bilevel.registry import register_solver
 from bilevel.solver import Solver, State
+from bilevel.validation import check_count, check_positive
 
 
 @register_solver("vrbo", paper="Yang, Ji, Liang. Provably Faster Algorithms for Bilevel Optimization. NeurIPS 2021")
 @dataclass
 class VRBO(Solver):
     """SPIDER estimates of grad_y g and the Neumann-sum hypergradient, refreshed every ``period`` iterations."""
-    upper_lr: float = 0.1
-    lower_lr: float = 0.1
-    neumann_lr: float = 0.1
+    upper_lr: Any = 0.1
+    lower_lr: Any = 0.1
+    neumann_lr: Any = 0.1
     neumann_steps: int = 10
     inner_steps: int = 10
     period: int = 10
@@ -59,29 +61,29 @@ class VRBO(Solver):
     share_lower_batch: bool = False
 
     def __post_init__(self):
-        check_positive("VRBO", upper_lr=self.upper_lr, lower_lr=self.lower_lr, neumann_lr=self.neumann_lr)
-        check_integer("VRBO", 1, neumann_steps=self.neumann_steps, inner_steps=self.inner_steps,
-                      period=self.period, refresh_batches=self.refresh_batches)
+        check_positive(self, "upper_lr", "lower_lr", "neumann_lr")
+        check_count(self, "neumann_steps", "inner_steps", "period", "refresh_batches")
 
-    def estimator(self):
-        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="sum")
+    def estimator(self, iteration):
+        return Neumann(lr=step_size(self.neumann_lr, iteration), steps=self.neumann_steps, variant="sum")
 
     def init(self, problem, x, y, generator):
         return State(x=tree.clone(x), lower=LowerState(y=tree.clone(y)), iteration=0, generator=generator)
 
     def step(self, problem, s):
-        estimator, x, y, d = self.estimator(), s.x, s.y, s.estimator
+        t, x, y, d = s.iteration, s.x, s.y, s.estimator
+        estimator, upper_lr, lower_lr = self.estimator(t), step_size(self.upper_lr, t), step_size(self.lower_lr, t)
 
         def correct(new, old, d):
             return recursive_update(problem, estimator, new, old, d, 1.0,
                                     sample(problem, s.generator, self.share_lower_batch))
 
-        if s.iteration % self.period == 0:
+        if t % self.period == 0:
             d = refresh(problem, estimator, x, y, s.generator, self.refresh_batches, self.share_lower_batch)
-        x_new = tree.axpy(-self.upper_lr, d.upper, x)
+        x_new = tree.axpy(-upper_lr, d.upper, x)
         d = correct((x_new, y), (x, y), d)
         for _ in range(self.inner_steps):
-            y_new = tree.axpy(-self.lower_lr, d.lower, y)
+            y_new = tree.axpy(-lower_lr, d.lower, y)
             d = correct((x_new, y_new), (x_new, y), d)
             y = y_new
-        return s._replace(x=x_new, lower=s.lower._replace(y=y), estimator=d, iteration=s.iteration + 1)
+        return s._replace(x=x_new, lower=s.lower._replace(y=y), estimator=d, iteration=t + 1)

@@ -138,8 +138,9 @@ def test_double_momentum_matches_equations(m, name, variant, counter):
 @pytest.mark.parametrize("counter", [False, True], ids=["batch-None", "counter-batches"])
 def test_vrbo_matches_equations(m, counter):
     """Refresh (mean of refresh_batches samples; one evaluation with batch None) every period
-    iterations; x moves with u, then SPIDER corrections for the x move and each y move."""
-    hp = dict(upper_lr=0.3, lower_lr=0.4, neumann_lr=0.5, neumann_steps=4, inner_steps=2, period=2, refresh_batches=3)
+    iterations; x moves with u, then SPIDER corrections for the x move and each y move.
+    upper_lr is given as a schedule t -> lr_t."""
+    hp = dict(upper_lr=lambda t: 0.3 / (t + 1), lower_lr=0.4, neumann_lr=0.5, neumann_steps=4, inner_steps=2, period=2, refresh_batches=3)
     states = run(make_problem(m, counter), "vrbo", 3, **hp)
     G = HandG(m, counter, "sum", hp["neumann_steps"])
     lr, j = hp["neumann_lr"], 0
@@ -150,7 +151,7 @@ def test_vrbo_matches_equations(m, counter):
             n = hp["refresh_batches"] if counter else 1
             values = [G(x, y, j + i, lr) for i in range(n)]
             d, j = tuple(sum(parts) / n for parts in zip(*values)), j + n
-        x_new = x - hp["upper_lr"] * d[1]
+        x_new = x - hp["upper_lr"](k) * d[1]
         d = tuple(dd + n - o for dd, n, o in zip(d, G(x_new, y, j, lr), G(x, y, j, lr)))
         j += 1
         for _ in range(hp["inner_steps"]):
