@@ -36,15 +36,13 @@ penalized copy (benchopt's inner_var), 4/7 for the lower copy (its inner_approx_
 
 Cost per iteration: 2 inner_steps + 2 lower gradients, inner_steps + 1 upper gradients, no HVP.
 """
-import math
 from dataclasses import dataclass
 
 from bilevel import lower, oracles, tree, upper
 from bilevel.registry import register_solver
 from bilevel.solver import Solver, State
 from bilevel.upper import polynomial_decay
-
-from .borep import check_count, check_positive
+from bilevel.validation import check_count, check_exponent, check_positive
 
 
 @register_solver("f2sa", paper="Kwon, Kwon, Wright, Nowak. A Fully First-Order Method for Stochastic Bilevel Optimization. ICML 2023")
@@ -56,18 +54,15 @@ class F2SA(Solver):
     inner_steps: int = 10
     lambda0: float = 1.0
     delta_lambda: float = 0.1
-    lower_decay: float = 5 / 7
-    penalty_decay: float = 4 / 7
+    lower_decay: float = 4 / 7
+    penalty_decay: float = 5 / 7
     upper_decay: float = 4 / 7
     lambda_decay: float = 1 / 7
 
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr", "lambda0")
         check_count(self, "inner_steps")
-        for name in ("delta_lambda", "lower_decay", "penalty_decay", "upper_decay", "lambda_decay"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_exponent(self, "delta_lambda", "lower_decay", "penalty_decay", "upper_decay", "lambda_decay")
 
     def init(self, problem, x, y, generator):
         return State(x=x, lower=lower.SGD(self.lower_lr).init(y), iteration=0, generator=generator,

@@ -40,8 +40,7 @@ from bilevel import lower, memory, oracles, tree, upper
 from bilevel.memory import Partition
 from bilevel.registry import register_solver
 from bilevel.solver import Solver, State
-
-from .borep import check_choice, check_count, check_positive
+from bilevel.validation import check_choice, check_count, check_positive
 
 MEMORY_INITS = ("zero", "full")
 

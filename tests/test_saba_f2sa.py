@@ -347,3 +347,15 @@ def test_partition_validates():
         Partition(10, 0)
     with pytest.raises(ValueError, match="n"):
         Partition(0, 4)
+
+
+@pytest.mark.parametrize("name", ["saba", "f2sa"])
+def test_state_holds_everything_to_continue(name, tmp_path):
+    """3 steps, torch.save / torch.load of the state, 3 more steps == 6 steps in one run (the SAGA
+    memories, lambda and both lower copies live in the state)."""
+    problem, hp = quad(batch_size=8), (dict(inner_steps=2) if name == "f2sa" else dict(batch_size=16))
+    torch.save(bilevel.solve(problem, name, steps=3, seed=1, **hp).state, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    resumed = bilevel.solve(problem, name, steps=3, state=state, **hp)
+    whole = bilevel.solve(problem, name, steps=6, seed=1, **hp)
+    assert tree.is_close(resumed.x, whole.x, rtol=0, atol=0) and tree.is_close(resumed.y, whole.y, rtol=0, atol=0)
