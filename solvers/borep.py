@@ -33,50 +33,22 @@ gradient, one cross product, and neumann_steps - 1 HVPs ("sum"; q for "randomize
 """
 from dataclasses import dataclass
 
-from bilevel import lower, upper
-from bilevel.estimators import LinearSystemSGD, Neumann
-from bilevel.linear_system import NEUMANN_VARIANTS
+from bilevel import lower
+from bilevel.normalized import NormalizedMomentumSolver
 from bilevel.registry import register_solver
-from bilevel.solver import ComposedSolver
-from bilevel.validation import check_choice, check_count, check_positive, check_unit
-
-HYPERGRADIENTS = ("neumann", "linear_sgd")
+from bilevel.validation import check_count
 
 
 @register_solver("bo-rep", paper="Hao, Gong, Liu. Bilevel Optimization under Unbounded Smoothness: A New Algorithm and Convergence Analysis. ICLR 2024")
 @dataclass
-class BOREP(ComposedSolver):
+class BOREP(NormalizedMomentumSolver):
     """Warm-started, periodically updated lower SGD; normalized momentum on x."""
-    upper_lr: float = 5e-2
-    lower_lr: float = 5e-2
-    beta: float = 0.9
     period: int = 2
     inner_steps: int = 3
-    warm_steps: int = 3
-    hypergradient: str = "neumann"
-    neumann_steps: int = 10
-    neumann_lr: float = 0.1
-    neumann_variant: str = "sum"
-    z_lr: float = 1e-2
-    normalization: str = "global"
-    share_lower_batch: bool = False
 
     def __post_init__(self):
-        check_unit(self, "beta")
-        check_positive(self, "upper_lr", "lower_lr", "neumann_lr", "z_lr")
-        check_count(self, "period", "inner_steps", "neumann_steps")
-        check_count(self, "warm_steps", minimum=0)
-        check_choice(self, "hypergradient", HYPERGRADIENTS)
-        check_choice(self, "neumann_variant", NEUMANN_VARIANTS)
-        check_choice(self, "normalization", upper.NORMALIZATIONS)
+        super().__post_init__()
+        check_count(self, "period", "inner_steps")
 
     def lower_loop(self):
         return lower.Periodic(lower.SGD(self.lower_lr, self.inner_steps), self.period)
-
-    def estimator(self):
-        if self.hypergradient == "linear_sgd":
-            return LinearSystemSGD(lr=self.z_lr, steps=1)
-        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant=self.neumann_variant)
-
-    def upper_update(self):
-        return upper.chain(upper.ema(self.beta), upper.normalize(self.normalization), upper.scale(self.upper_lr))

@@ -29,17 +29,15 @@ Cost per iteration: one lower gradient, one HVP, one cross product, one upper gr
 from dataclasses import dataclass
 from typing import Optional
 
-from bilevel import lower, oracles, tree, upper
-from bilevel.linear_system import project_ball
+from bilevel import upper
 from bilevel.registry import register_solver
-from bilevel.solver import Solver, State
-
+from bilevel.single_loop import SingleLoopSolver
 from bilevel.validation import check_positive, check_unit
 
 
 @register_solver("ma-soba", paper="Chen, Xiao, Balasubramanian. Optimal Algorithms for Stochastic Bilevel Optimization under Relaxed Smoothness Conditions. arXiv 2306.12067, 2023")
 @dataclass
-class MASOBA(Solver):
+class MASOBA(SingleLoopSolver):
     """Single loop: SGD on y and z, moving-average hypergradient step on x."""
     upper_lr: float = 0.1
     lower_lr: float = 0.1
@@ -48,28 +46,10 @@ class MASOBA(Solver):
     z_radius: Optional[float] = None
 
     def __post_init__(self):
-        check_positive(self, "upper_lr", "lower_lr", "z_lr")
+        super().__post_init__()
         check_unit(self, "beta")
         if self.z_radius is not None:
             check_positive(self, "z_radius")
 
     def upper_update(self):
         return upper.chain(upper.ema(self.beta), upper.scale(self.upper_lr))
-
-    def init(self, problem, x, y, generator):
-        return State(x=x, lower=lower.SGD(self.lower_lr).init(y), iteration=0, generator=generator,
-                     estimator=tree.zeros_like(y), upper=self.upper_update().init(x))
-
-    def step(self, problem, s):
-        lower_batch = problem.sample("lower", s.generator)
-        upper_batch = problem.sample("upper", s.generator)
-        y, z = s.lower.y, s.estimator
-        hz, cross_z, grad_y_g = oracles.hvp_and_cross(problem, s.x, y, z, lower_batch)
-        grad_x_f, grad_y_f = oracles.grad_upper(problem, s.x, y, upper_batch)
-        z = tree.axpy(-self.z_lr, tree.sub(hz, grad_y_f), z)
-        if self.z_radius is not None:
-            z = project_ball(z, self.z_radius)
-        direction, upper_state = self.upper_update().update(tree.sub(grad_x_f, cross_z), s.upper)
-        return s._replace(
-            x=upper.apply(s.x, direction), lower=s.lower._replace(y=tree.axpy(-self.lower_lr, grad_y_g, y)),
-            estimator=z, upper=upper_state, iteration=s.iteration + 1)

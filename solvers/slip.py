@@ -26,51 +26,16 @@ neumann_steps - 1 HVPs ("sum") or one HVP ("linear_sgd"). init: warm_steps lower
 """
 from dataclasses import dataclass
 
-from bilevel import lower, upper
-from bilevel.estimators import LinearSystemSGD, Neumann
-from bilevel.linear_system import NEUMANN_VARIANTS
+from bilevel import lower
+from bilevel.normalized import NormalizedMomentumSolver
 from bilevel.registry import register_solver
-from bilevel.solver import ComposedSolver
-
-from bilevel.validation import check_choice, check_count, check_positive, check_unit
-
-from .borep import HYPERGRADIENTS
 
 
 @register_solver("slip", paper="Gong, Hao, Liu. A Nearly Optimal Single Loop Algorithm for Stochastic Bilevel Optimization under Unbounded Smoothness. ICML 2024")
 @dataclass
-class SLIP(ComposedSolver):
+class SLIP(NormalizedMomentumSolver):
     """Warm start, then one lower SGD step and one normalized-momentum step on x per iteration."""
     update_lower_first = False  # h_t at y_t; y_{t+1} from y_t
 
-    upper_lr: float = 5e-2
-    lower_lr: float = 5e-2
-    beta: float = 0.9
-    warm_steps: int = 3
-    hypergradient: str = "neumann"
-    neumann_steps: int = 10
-    neumann_lr: float = 0.1
-    neumann_variant: str = "sum"
-    z_lr: float = 1e-2
-    normalization: str = "global"
-    share_lower_batch: bool = False
-
-    def __post_init__(self):
-        check_unit(self, "beta")
-        check_positive(self, "upper_lr", "lower_lr", "neumann_lr", "z_lr")
-        check_count(self, "neumann_steps")
-        check_count(self, "warm_steps", minimum=0)
-        check_choice(self, "hypergradient", HYPERGRADIENTS)
-        check_choice(self, "neumann_variant", NEUMANN_VARIANTS)
-        check_choice(self, "normalization", upper.NORMALIZATIONS)
-
     def lower_loop(self):
         return lower.SGD(self.lower_lr, steps=1)
-
-    def estimator(self):
-        if self.hypergradient == "linear_sgd":
-            return LinearSystemSGD(lr=self.z_lr, steps=1)
-        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant=self.neumann_variant)
-
-    def upper_update(self):
-        return upper.chain(upper.ema(self.beta), upper.normalize(self.normalization), upper.scale(self.upper_lr))

@@ -1,0 +1,53 @@
+"""The parts BO-REP and SLIP share: a hypergradient by Neumann series or linear-system SGD, and
+the normalized-momentum upper step
+
+    m_t = beta m_{t-1} + (1 - beta) h_t,        x_{t+1} = x_t - upper_lr m_t / ||m_t||
+
+(``normalization``: one norm over all upper tensors, "global", or one per tensor, "per_tensor").
+Subclasses choose the lower loop; see solvers/borep.py and solvers/slip.py for the defaults'
+sources.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import upper
+from .estimators import LinearSystemSGD, Neumann
+from .linear_system import NEUMANN_VARIANTS
+from .solver import ComposedSolver
+from .validation import check_choice, check_count, check_positive, check_unit
+
+HYPERGRADIENTS = ("neumann", "linear_sgd")
+
+
+@dataclass
+class NormalizedMomentumSolver(ComposedSolver):
+    """Neumann (default) or linear-system-SGD hypergradient, normalized momentum on x."""
+    upper_lr: float = 5e-2
+    lower_lr: float = 5e-2
+    beta: float = 0.9
+    warm_steps: int = 3
+    hypergradient: str = "neumann"
+    neumann_steps: int = 10
+    neumann_lr: float = 0.1
+    neumann_variant: str = "sum"
+    z_lr: float = 1e-2
+    normalization: str = "global"
+    share_lower_batch: bool = False
+
+    def __post_init__(self):
+        check_unit(self, "beta")
+        check_positive(self, "upper_lr", "lower_lr", "neumann_lr", "z_lr")
+        check_count(self, "neumann_steps")
+        check_count(self, "warm_steps", minimum=0)
+        check_choice(self, "hypergradient", HYPERGRADIENTS)
+        check_choice(self, "neumann_variant", NEUMANN_VARIANTS)
+        check_choice(self, "normalization", upper.NORMALIZATIONS)
+
+    def estimator(self):
+        if self.hypergradient == "linear_sgd":
+            return LinearSystemSGD(lr=self.z_lr, steps=1)
+        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant=self.neumann_variant)
+
+    def upper_update(self):
+        return upper.chain(upper.ema(self.beta), upper.normalize(self.normalization), upper.scale(self.upper_lr))

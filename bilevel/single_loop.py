@@ -1,0 +1,55 @@
+"""The SOBA family's single loop: with a lower batch i and an upper batch j per iteration, all
+directions at the current (x_t, y_t, z_t),
+
+    D_y = grad_y g(x_t, y_t; i)
+    D_z = d2_yy g(x_t, y_t; i) . z_t - grad_y f(x_t, y_t; j)
+    D_x = grad_x f(x_t, y_t; j) - d2_xy g(x_t, y_t; i) . z_t
+    y_{t+1} = y_t - lower_lr D_y
+    z_{t+1} = Proj_{||z|| <= z_radius}(z_t - z_lr D_z)          (when the solver has a z_radius)
+    x_{t+1} = x_t - upper_update(D_x)
+
+D_y, the HVP and the cross product come from one double-backward pass on batch i (as in the
+benchopt implementation). Subclasses choose ``upper_update``: SGD for SOBA, a moving average for
+MA-SOBA. Cost per iteration: one lower gradient, one HVP, one cross product, one upper gradient.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from . import lower, oracles, tree, upper
+from .linear_system import project_ball
+from .solver import Solver, State
+from .validation import check_positive
+
+
+@dataclass
+class SingleLoopSolver(Solver):
+    upper_lr: float = 0.1
+    lower_lr: float = 0.1
+    z_lr: float = 0.1
+
+    def __post_init__(self):
+        check_positive(self, "upper_lr", "lower_lr", "z_lr")
+
+    @abc.abstractmethod
+    def upper_update(self) -> upper.Transform:
+        """How x moves along D_x."""
+
+    def init(self, problem, x, y, generator):
+        return State(x=x, lower=lower.SGD(self.lower_lr).init(y), iteration=0, generator=generator,
+                     estimator=tree.zeros_like(y), upper=self.upper_update().init(x))
+
+    def step(self, problem, s):
+        lower_batch = problem.sample("lower", s.generator)
+        upper_batch = problem.sample("upper", s.generator)
+        y, z = s.lower.y, s.estimator
+        hz, cross_z, grad_y_g = oracles.hvp_and_cross(problem, s.x, y, z, lower_batch)
+        grad_x_f, grad_y_f = oracles.grad_upper(problem, s.x, y, upper_batch)
+        z = tree.axpy(-self.z_lr, tree.sub(hz, grad_y_f), z)
+        radius = getattr(self, "z_radius", None)
+        if radius is not None:
+            z = project_ball(z, radius)
+        direction, upper_state = self.upper_update().update(tree.sub(grad_x_f, cross_z), s.upper)
+        return s._replace(x=upper.apply(s.x, direction), lower=s.lower._replace(y=tree.axpy(-self.lower_lr, grad_y_g, y)),
+                          estimator=z, upper=upper_state, iteration=s.iteration + 1)
