@@ -24,18 +24,39 @@ PROBLEMS = {
 
 # Step sizes known to work per problem; a solver not listed runs with its defaults.
 SETTINGS = {
-    "quadratic": {
+    "quadratic": {  # lower Hessian spectrum in [0.1, 1]: Neumann and lower steps of 0.1 are safe
         "soba": dict(upper_lr=0.1, lower_lr=0.1, z_lr=0.1),
+        "saba": dict(upper_lr=0.1, lower_lr=0.1, z_lr=0.1),
+        "ma-soba": dict(upper_lr=0.1, lower_lr=0.1, z_lr=0.1),
         "stocbio": dict(upper_lr=0.1, lower_lr=0.1, neumann_lr=0.1),
         "aid-cg": dict(upper_lr=0.1, lower_lr=0.1, cg_steps=3),
         "itd-bio": dict(upper_lr=0.1, lower_lr=0.1),
+        "amigo": dict(upper_lr=0.1, lower_lr=0.1, z_lr=0.1),
+        "bo-rep": dict(upper_lr=0.05, lower_lr=0.1, neumann_lr=0.1),
+        "slip": dict(upper_lr=0.05, lower_lr=0.1, neumann_lr=0.1),
+        "accbo": dict(upper_lr=0.05, lower_lr=0.1, neumann_lr=0.1),
+        "adambo": dict(upper_lr=0.02, lower_lr=0.1, neumann_lr=0.1),
         "lower-only": dict(lower_lr=0.1),
     },
-    "hyperclean-digits": {
+    "hyperclean-digits": {  # x has 1000 coordinates: normalized steps of length ~1
         "soba": dict(upper_lr=50.0, lower_lr=0.5, z_lr=0.5),
+        "saba": dict(upper_lr=50.0, lower_lr=0.5, z_lr=0.5),
+        "ma-soba": dict(upper_lr=50.0, lower_lr=0.5, z_lr=0.5),
         "stocbio": dict(upper_lr=50.0, lower_lr=0.5, inner_steps=5, neumann_lr=0.5),
         "aid-cg": dict(upper_lr=50.0, lower_lr=0.5, inner_steps=5, cg_steps=5),
         "itd-bio": dict(upper_lr=50.0, lower_lr=0.5, inner_steps=5),
+        "amigo": dict(upper_lr=50.0, lower_lr=0.5, z_lr=0.5, inner_steps=5, linear_steps=5),
+        "ttsa": dict(upper_lr=50.0, lower_lr=0.5, neumann_lr=0.5, lower_lr_decay=0.0, upper_lr_decay=0.0),
+        "bsa": dict(upper_lr=50.0, lower_lr=0.5, neumann_lr=0.5, inner_steps=5, lower_lr_decay=0.0,
+                    upper_lr_decay=0.0),
+        "sustain": dict(upper_lr=50.0, lower_lr=0.5, neumann_lr=0.5),
+        "mrbo": dict(upper_lr=50.0, lower_lr=0.5, neumann_lr=0.5),
+        "vrbo": dict(upper_lr=50.0, lower_lr=0.5, neumann_lr=0.5, inner_steps=2),
+        "f2sa": dict(upper_lr=5.0, lower_lr=0.5, inner_steps=5, lower_lr_decay=0.0, penalty_lr_decay=0.0, upper_lr_decay=0.0),
+        "bo-rep": dict(upper_lr=1.0, lower_lr=0.5, neumann_lr=0.5),
+        "slip": dict(upper_lr=1.0, lower_lr=0.5, neumann_lr=0.5),
+        "accbo": dict(upper_lr=1.0, lower_lr=0.5, neumann_lr=0.5),
+        "adambo": dict(upper_lr=0.2, lower_lr=0.5, neumann_lr=0.5),
         "lower-only": dict(lower_lr=0.5),
     },
 }

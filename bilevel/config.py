@@ -3,8 +3,8 @@
     bilevel run [CONFIG.yaml] [key=value ...]
 
 The schema is :class:`RunConfig`. Without a CONFIG file the embedded main job
-(``bilevel/configs/default.yaml``: hyper-cleaning on scikit-learn's digits, three solvers against
-the no-cleaning baseline, step sizes tuned for it) is the base; overriding ``problem`` drops its
+(``bilevel/configs/default.yaml``: hyper-cleaning on scikit-learn's digits, five bilevel solvers
+against the no-cleaning baseline, step sizes tuned for it) is the base; overriding ``problem`` drops its
 problem- and solver-specific options, and overriding ``solvers`` drops the options of solvers no
 longer selected. ``solver=NAME`` is a shorthand for ``solvers=[NAME]``. Problem and solver
 options go under ``problem_options.KEY`` and ``solver_options.SOLVER.KEY``; they are checked

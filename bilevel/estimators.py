@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from . import linear_system, tree
-from .hypergrad import implicit
+from .hypergrad import FreshBatches, implicit
 from .tree import Tree
 
 
@@ -34,24 +34,36 @@ def draw(problem, generator: torch.Generator, share_lower_batch: bool = False) -
     return Draw(upper, hessian, cross, int(torch.randint(2 ** 62, (1,), generator=generator)))
 
 
+def _hessian_batches(problem, sample: Draw, generator: torch.Generator, resample: bool):
+    """The draw's one Hessian batch, or (``resample``) a fresh batch per product drawn from the
+    draw's own generator, so that one draw evaluated at two points sees the same batches."""
+    return FreshBatches(problem, generator) if resample else sample.hessian
+
+
 @dataclass(frozen=True)
 class Neumann:
-    """v from a truncated Neumann series (``variant`` "sum" or "randomized"), no state."""
+    """v from a truncated Neumann series (``variant`` "sum" or "randomized"), no state.
+
+    ``resample=False``: all products on the draw's Hessian batch (StocBiO); ``True``: a fresh
+    lower batch per product (Ghadimi and Wang's HIA, used by BSA and TTSA)."""
     lr: float
     steps: int = 10
     variant: str = "sum"
     hvp_mode: str = "reverse"
+    resample: bool = False
 
     def init(self, x: Tree, y: Tree) -> None:
         return None
 
     def __call__(self, problem, x, y, state, sample: Draw):
         generator = torch.Generator().manual_seed(sample.seed)
+        term = linear_system.draw_neumann_term(self.steps, generator) if self.variant == "randomized" else None
+        hessian = _hessian_batches(problem, sample, generator, self.resample)
 
         def solve(matvec, b):
             return linear_system.neumann_series(matvec, b, steps=self.steps, lr=self.lr,
-                                                variant=self.variant, generator=generator)
-        h, _ = implicit(problem, x, y, sample.upper, sample.hessian, sample.cross, solve, self.hvp_mode)
+                                                variant=self.variant, term=term)
+        h, _ = implicit(problem, x, y, sample.upper, hessian, sample.cross, solve, self.hvp_mode)
         return h, state
 
 
@@ -77,16 +89,20 @@ class ConjugateGradient:
 @dataclass(frozen=True)
 class LinearSystemSGD:
     """z <- z - lr (H z - grad_y f) for ``steps`` steps from the previous z, optional projection
-    onto a ball of ``radius``; the hypergradient uses the updated z."""
+    onto a ball of ``radius``; the hypergradient uses the updated z. ``resample``: a fresh lower
+    batch for each step's product (AmIGO's stochastic linear-system steps)."""
     lr: float
     steps: int = 1
     radius: Optional[float] = None
     hvp_mode: str = "reverse"
+    resample: bool = False
 
     def init(self, x: Tree, y: Tree) -> Tree:
         return tree.zeros_like(y)
 
     def __call__(self, problem, x, y, z, sample: Draw):
+        hessian = _hessian_batches(problem, sample, torch.Generator().manual_seed(sample.seed), self.resample)
+
         def solve(matvec, b):
             return linear_system.linear_sgd(matvec, b, steps=self.steps, lr=self.lr, init=z, radius=self.radius)
-        return implicit(problem, x, y, sample.upper, sample.hessian, sample.cross, solve, self.hvp_mode)
+        return implicit(problem, x, y, sample.upper, hessian, sample.cross, solve, self.hvp_mode)

@@ -32,20 +32,33 @@ from .tree import Tree
 LinearSolver = Callable[..., Tree]
 
 
+class FreshBatches:
+    """A source of lower batches for :func:`implicit`: every Hessian-vector product draws its own
+    (Ghadimi and Wang's estimator, where the q products use q independent samples)."""
+
+    def __init__(self, problem, generator: torch.Generator):
+        self.problem, self.generator = problem, generator
+
+    def next(self) -> Any:
+        return self.problem.sample("lower", self.generator)
+
+
 def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cross_batch: Any,
              solve: Callable[[Callable[[Tree], Tree], Tree], Tree],
              hvp_mode: str = "reverse") -> Tuple[Tree, Tree]:
     """Implicit hypergradient ``grad_x f - d2_xy g . v`` with ``v = solve(matvec, grad_y f)``.
 
     ``solve`` is any linear-system solver closed over its options (see
-    :mod:`bilevel.linear_system`). The Hessian products use ``hessian_batch`` and the cross
-    product ``cross_batch`` (independent draws unless the caller passes the same one).
+    :mod:`bilevel.linear_system`). The Hessian products use ``hessian_batch`` (all of them; or,
+    given a :class:`FreshBatches`, one new batch each) and the cross product ``cross_batch``
+    (independent draws unless the caller passes the same one).
     Returns ``(hypergradient, v)``.
     """
     gx_f, gy_f = grad_upper(problem, x, y, upper_batch)
 
     def matvec(u: Tree) -> Tree:
-        return hvp(problem, x, y, u, hessian_batch, mode=hvp_mode)
+        batch = hessian_batch.next() if isinstance(hessian_batch, FreshBatches) else hessian_batch
+        return hvp(problem, x, y, u, batch, mode=hvp_mode)
 
     v = solve(matvec, gy_f)
     return tree.sub(gx_f, cross(problem, x, y, v, cross_batch, mode=hvp_mode)), v

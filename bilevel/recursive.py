@@ -115,16 +115,16 @@ class DoubleMomentum(Solver):
     eta: float = 0.5
     neumann_lr: Any = 0.1
     neumann_steps: int = 10
-    upper_decay: float = 1 / 3
-    lower_decay: float = 1 / 3
-    neumann_decay: float = 0.0
+    upper_lr_decay: float = 1 / 3
+    lower_lr_decay: float = 1 / 3
+    neumann_lr_decay: float = 0.0
     eta_decay: float = 2 / 3
     share_lower_batch: bool = False
 
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr", "neumann_lr")
         check_count(self, "neumann_steps")
-        check_exponent(self, "upper_decay", "lower_decay", "neumann_decay", "eta_decay")
+        check_exponent(self, "upper_lr_decay", "lower_lr_decay", "neumann_lr_decay", "eta_decay")
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
             raise ValueError(f"eta must lie in (0, 1], got {self.eta!r}")
 
@@ -133,7 +133,7 @@ class DoubleMomentum(Solver):
         """The stateless hypergradient estimator used at ``iteration`` (its Neumann lr may decay)."""
 
     def neumann_lr_at(self, iteration: int) -> float:
-        return schedule(self.neumann_lr, self.neumann_decay)(iteration)
+        return schedule(self.neumann_lr, self.neumann_lr_decay)(iteration)
 
     def init(self, problem, x, y, generator):
         batch = sample(problem, generator, self.share_lower_batch)
@@ -143,8 +143,8 @@ class DoubleMomentum(Solver):
 
     def step(self, problem, s: State) -> State:
         t, d = s.iteration, s.estimator
-        x = tree.axpy(-schedule(self.upper_lr, self.upper_decay)(t), d.upper, s.x)
-        y = tree.axpy(-schedule(self.lower_lr, self.lower_decay)(t), d.lower, s.y)
+        x = tree.axpy(-schedule(self.upper_lr, self.upper_lr_decay)(t), d.upper, s.x)
+        y = tree.axpy(-schedule(self.lower_lr, self.lower_lr_decay)(t), d.lower, s.y)
         weight = 1 - polynomial_decay(self.eta, self.eta_decay)(t + 1)
         batch = sample(problem, s.generator, self.share_lower_batch)
         d = recursive_update(problem, self.estimator(t + 1), (x, y), (s.x, s.y), d, weight, batch)

@@ -10,9 +10,9 @@ Arbel, Mairal. Amortized Implicit Differentiation for Stochastic Bilevel Optimiz
     x_{t+1} = x_t - upper_lr h_t
 
 Both inner problems are warm-started from the previous iteration ("amortized"). One upper batch
-gives grad_y f and grad_x f; the linear_steps Hessian products share one lower batch and the cross
-product uses an independent one (bilevel.estimators.LinearSystemSGD). The paper and benchopt draw
-a fresh lower batch for every z step. Step sizes are constant by default; ``lower_lr_decay`` and
+gives grad_y f and grad_x f; each of the linear_steps z steps draws a fresh lower batch for its
+Hessian product, as in the paper and benchopt, and the cross product uses an independent one
+(bilevel.estimators.LinearSystemSGD with resample=True). Step sizes are constant by default; ``lower_lr_decay`` and
 ``upper_lr_decay`` give lr_t = lr / (t + 1)^decay.
 
 Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, z and x
@@ -53,7 +53,7 @@ class AmIGO(ComposedSolver):
         return lower.SGD(upper.polynomial_decay(self.lower_lr, self.lower_lr_decay), self.inner_steps)
 
     def estimator(self):
-        return LinearSystemSGD(lr=self.z_lr, steps=self.linear_steps)
+        return LinearSystemSGD(lr=self.z_lr, steps=self.linear_steps, resample=True)
 
     def upper_update(self):
         return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))

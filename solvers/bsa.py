@@ -12,8 +12,8 @@ Ghadimi, Wang. Approximation Methods for Bilevel Programming. arXiv 1802.02246, 
 
 The paper's eta is 1/L_g; its inner step decays within each inner loop, here it is the constant
 b_t of the outer iteration (as in benchopt). Upper, Hessian and cross batches are independent;
-the q Hessian products share one batch (bilevel.estimators.Neumann), whereas the paper draws a
-fresh sample per product.
+each of the q Hessian products draws a fresh batch, as in the paper
+(bilevel.estimators.Neumann with resample=True).
 
 Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, for the
 Neumann series and for x (outer_ratio 1), 10 inner steps, n_hia_steps 10, decay exponents 0.5
@@ -54,7 +54,7 @@ class BSA(ComposedSolver):
         return lower.SGD(upper.polynomial_decay(self.lower_lr, self.lower_lr_decay), self.inner_steps)
 
     def estimator(self):
-        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized")
+        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized", resample=True)
 
     def upper_update(self):
         return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))

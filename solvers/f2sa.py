@@ -9,8 +9,8 @@ Penalty reformulation: with L_lambda(x) = min_y [f(x, y) + lambda g(x, y)] - lam
 
 which tends to grad Phi(x) as lambda grows. Two lower copies: z tracks z*(x) = argmin g(x, .) and
 y tracks y_lambda(x) = argmin f(x, .) + lambda g(x, .) (the paper's names). At outer iteration t,
-with gamma_t = lower_lr / (t+1)^lower_decay, alpha_t = lower_lr / (t+1)^penalty_decay and
-xi_t = upper_lr / (t+1)^upper_decay:
+with gamma_t = lower_lr / (t+1)^lower_lr_decay, alpha_t = lower_lr / (t+1)^penalty_lr_decay and
+xi_t = upper_lr / (t+1)^upper_lr_decay:
 
     repeat inner_steps times (fresh batches for every gradient):
         z <- z - gamma_t grad_y g(x_t, z)
@@ -54,15 +54,15 @@ class F2SA(Solver):
     inner_steps: int = 10
     lambda0: float = 1.0
     delta_lambda: float = 0.1
-    lower_decay: float = 4 / 7
-    penalty_decay: float = 5 / 7
-    upper_decay: float = 4 / 7
+    lower_lr_decay: float = 4 / 7
+    penalty_lr_decay: float = 5 / 7
+    upper_lr_decay: float = 4 / 7
     lambda_decay: float = 1 / 7
 
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr", "lambda0")
         check_count(self, "inner_steps")
-        check_exponent(self, "delta_lambda", "lower_decay", "penalty_decay", "upper_decay", "lambda_decay")
+        check_exponent(self, "delta_lambda", "lower_lr_decay", "penalty_lr_decay", "upper_lr_decay", "lambda_decay")
 
     def init(self, problem, x, y, generator):
         return State(x=x, lower=lower.SGD(self.lower_lr).init(y), iteration=0, generator=generator,
@@ -70,9 +70,9 @@ class F2SA(Solver):
 
     def step(self, problem, s):
         t, lam, gen = s.iteration, s.extra, s.generator
-        z_loop = lower.SGD(polynomial_decay(self.lower_lr, self.lower_decay), self.inner_steps)
+        z_loop = lower.SGD(polynomial_decay(self.lower_lr, self.lower_lr_decay), self.inner_steps)
         lower_state = z_loop.update(problem, s.x, s.lower, gen, t)
-        y, alpha = s.estimator, polynomial_decay(self.lower_lr, self.penalty_decay)(t)
+        y, alpha = s.estimator, polynomial_decay(self.lower_lr, self.penalty_lr_decay)(t)
         for _ in range(self.inner_steps):
             _, grad_y_f = oracles.grad_upper(problem, s.x, y, problem.sample("upper", gen))
             grad_y_g = oracles.grad_lower_y(problem, s.x, y, problem.sample("lower", gen))
@@ -87,4 +87,4 @@ class F2SA(Solver):
                           extra=lam + self.delta_lambda / (t + 1) ** self.lambda_decay, iteration=t + 1)
 
     def _upper(self):
-        return upper.sgd(polynomial_decay(self.upper_lr, self.upper_decay))
+        return upper.sgd(polynomial_decay(self.upper_lr, self.upper_lr_decay))

@@ -13,8 +13,8 @@ Complexity Analysis and Application to Actor-Critic. SIAM J. Optim. 33(1), 2023 
 Order: the lower step comes first and h_t is taken at y_{t+1}, as in the paper's Algorithm 1
 (h_f^k estimates the surrogate gradient at (x^k, y^{k+1})) and in benchopt's ttsa.py. The
 paper's projection of x onto a constraint set is omitted (x is unconstrained here). The upper,
-Hessian and cross batches are independent draws; all q Hessian products share one batch
-(bilevel.estimators.Neumann), whereas Ghadimi and Wang draw a fresh sample per product.
+Hessian and cross batches are independent draws, and each of the q Hessian products draws a
+fresh batch, as in Ghadimi and Wang's estimator (bilevel.estimators.Neumann, resample=True).
 
 Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, for the
 Neumann series and for x (outer_ratio 1), n_hia_steps 10, decay exponents 0.4 (y), 0 (Neumann,
@@ -54,7 +54,7 @@ class TTSA(ComposedSolver):
         return lower.SGD(upper.polynomial_decay(self.lower_lr, self.lower_lr_decay), steps=1)
 
     def estimator(self):
-        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized")
+        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized", resample=True)
 
     def upper_update(self):
         return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))

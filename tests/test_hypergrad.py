@@ -388,3 +388,33 @@ def test_method_options(quad):
     assert opts["steps"] == 10 and opts["variant"] == "sum"
     with pytest.raises(ValueError):
         hypergrad.method_options("nope")
+
+
+def test_resampled_hessian_batches_are_fresh_per_product_and_repeatable():
+    """Neumann(resample=True): q products on q distinct batches drawn from the draw's seed, so
+    evaluating one draw twice gives the same estimate (what STORM-type corrections need)."""
+    import torch
+
+    from bilevel.estimators import Draw, Neumann
+    from bilevel.problem import FunctionProblem
+
+    seen = []
+
+    def lower(x, y, b):
+        seen.append(int(b))
+        return 0.5 * (1 + 0.1 * b) * (y["w"] ** 2).sum() + (x["l"] * y["w"]).sum()
+
+    problem = FunctionProblem(lambda x, y, b: ((y["w"] - 1) ** 2).sum(), lower,
+                              {"l": torch.ones(2, dtype=torch.float64)}, {"w": torch.zeros(2, dtype=torch.float64)},
+                              sample=lambda level, g: torch.randint(1000, (), generator=g).double())
+    x, y = problem.init(None)
+    draw = Draw(upper=None, hessian=torch.tensor(7.0), cross=torch.tensor(8.0), seed=123)
+    estimator = Neumann(lr=0.5, steps=5, variant="sum", resample=True)
+    seen.clear()
+    first, _ = estimator(problem, x, y, None, draw)
+    hessian_batches = seen[:-1]  # the last lower-loss call is the cross product's (batch 8)
+    assert len(hessian_batches) == 4 and len(set(hessian_batches)) == 4 and seen[-1] == 8
+    second, _ = estimator(problem, x, y, None, draw)
+    assert torch.equal(first["l"], second["l"])
+    shared, _ = Neumann(lr=0.5, steps=5, variant="sum")(problem, x, y, None, draw)
+    assert not torch.equal(first["l"], shared["l"])

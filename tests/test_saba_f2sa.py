@@ -304,7 +304,7 @@ def test_f2sa_reduces_hypergradient_norm_on_quadratic():
     Constant step on the lower copy; the penalized copy and x keep their decays."""
     problem = Quadratic(n_samples_inner=256, n_samples_outer=256, dim_inner=10, dim_outer=5, batch_size=None)
     result = bilevel.solve(problem, "f2sa", steps=300, seed=0, eval_every=300, upper_lr=0.5, lower_lr=0.5,
-                           inner_steps=5, delta_lambda=0.3, lower_decay=0.0)
+                           inner_steps=5, delta_lambda=0.3, lower_lr_decay=0.0)
     start_, end = result.history[0]["grad_norm_sq"], result.final["grad_norm_sq"]
     assert end < start_ / 100, f"{start_:.3e} -> {end:.3e}"
 
@@ -333,7 +333,7 @@ def test_registered_with_papers_and_typed_options():
     ("f2sa", dict(inner_steps=0), "inner_steps"),
     ("f2sa", dict(lambda0=0.0), "lambda0"),
     ("f2sa", dict(delta_lambda=-0.1), "delta_lambda"),
-    ("f2sa", dict(lower_decay=-0.5), "lower_decay"),
+    ("f2sa", dict(lower_lr_decay=-0.5), "lower_lr_decay"),
     ("f2sa", dict(lambda_decay=math.inf), "lambda_decay"),
     ("f2sa", dict(lower_lr=0.0), "lower_lr"),
 ])

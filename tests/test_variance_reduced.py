@@ -116,17 +116,17 @@ def check(state, x, y, d, tol=1e-12):
 def test_double_momentum_matches_equations(m, name, variant, counter):
     """x_{t+1}, y_{t+1} from d_t at (x_t, y_t); d_{t+1} = G(p_{t+1}; B) + (1 - eta_{t+1})(d_t - G(p_t; B)),
     with decaying upper_lr, lower_lr, neumann_lr and eta (c / (t + 1)^e)."""
-    hp = dict(upper_lr=0.3, lower_lr=0.4, eta=0.6, neumann_lr=0.5, neumann_steps=4, upper_decay=0.5,
-              lower_decay=0.25, neumann_decay=0.5, eta_decay=1.0)
+    hp = dict(upper_lr=0.3, lower_lr=0.4, eta=0.6, neumann_lr=0.5, neumann_steps=4, upper_lr_decay=0.5,
+              lower_lr_decay=0.25, neumann_lr_decay=0.5, eta_decay=1.0)
     states = run(make_problem(m, counter), name, 3, **hp)
     G = HandG(m, counter, variant, hp["neumann_steps"])
     x, y = m["x0"].clone(), m["y0"].clone()
-    d = G(x, y, 0, decay(hp["neumann_lr"], hp["neumann_decay"], 0))
+    d = G(x, y, 0, decay(hp["neumann_lr"], hp["neumann_lr_decay"], 0))
     check(states[0], x, y, d)
     for t, state in enumerate(states[1:]):
-        x_new = x - decay(hp["upper_lr"], hp["upper_decay"], t) * d[1]
-        y_new = y - decay(hp["lower_lr"], hp["lower_decay"], t) * d[0]
-        w, lr = 1 - decay(hp["eta"], hp["eta_decay"], t + 1), decay(hp["neumann_lr"], hp["neumann_decay"], t + 1)
+        x_new = x - decay(hp["upper_lr"], hp["upper_lr_decay"], t) * d[1]
+        y_new = y - decay(hp["lower_lr"], hp["lower_lr_decay"], t) * d[0]
+        w, lr = 1 - decay(hp["eta"], hp["eta_decay"], t + 1), decay(hp["neumann_lr"], hp["neumann_lr_decay"], t + 1)
         at_new, at_old = G(x_new, y_new, t + 1, lr), G(x, y, t + 1, lr)  # the SAME sample t + 1 at both points
         d = tuple(n + w * (dd - o) for n, dd, o in zip(at_new, d, at_old))
         x, y = x_new, y_new
@@ -356,7 +356,7 @@ def test_reduces_hypergradient_norm_on_quadratic(name, batch_size):
     ("mrbo", dict(neumann_lr=math.nan), "neumann_lr"),
     ("sustain", dict(neumann_steps=0), "neumann_steps"),
     ("mrbo", dict(eta_decay=-0.5), "eta_decay"),
-    ("sustain", dict(upper_decay=math.inf), "upper_decay"),
+    ("sustain", dict(upper_lr_decay=math.inf), "upper_lr_decay"),
     ("vrbo", dict(period=0), "period"),
     ("vrbo", dict(inner_steps=0), "inner_steps"),
     ("vrbo", dict(refresh_batches=0), "refresh_batches"),
@@ -372,6 +372,6 @@ def test_defaults_are_benchopts():
     for name in ("sustain", "mrbo"):
         s = bilevel.make_solver(name)
         assert (s.upper_lr, s.lower_lr, s.neumann_lr, s.eta, s.neumann_steps) == (0.1, 0.1, 0.1, 0.5, 10)
-        assert (s.lower_decay, s.neumann_decay, s.eta_decay, s.upper_decay) == (1 / 3, 0.0, 2 / 3, 1 / 3)
+        assert (s.lower_lr_decay, s.neumann_lr_decay, s.eta_decay, s.upper_lr_decay) == (1 / 3, 0.0, 2 / 3, 1 / 3)
     v = bilevel.make_solver("vrbo")
     assert (v.upper_lr, v.lower_lr, v.neumann_lr, v.neumann_steps, v.inner_steps) == (0.1, 0.1, 0.1, 10, 10)
