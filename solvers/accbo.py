@@ -28,18 +28,17 @@ Cost per iteration: inner_steps lower gradients (when t % period == 0) and two h
 (one with lazy_storm, and one at t = 0), each one upper gradient, q HVPs (Q - 1 with "sum") and
 one cross product.
 """
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 from bilevel import lower, upper
 from bilevel.estimators import Neumann, draw
+from bilevel.linear_system import NEUMANN_VARIANTS
 from bilevel.lower import LowerState, warm_start
 from bilevel.registry import register_solver
 from bilevel.solver import ComposedSolver, State
 from bilevel.tree import Tree
-
-NEUMANN_VARIANTS = ("randomized", "sum")
+from bilevel.validation import check_choice, check_count, check_positive, check_unit
 
 
 class Previous(NamedTuple):
@@ -70,20 +69,14 @@ class AccBO(ComposedSolver):
     share_lower_batch: bool = False       # True: one lower batch for the HVPs and the cross product
 
     def __post_init__(self):
-        for name in ("upper_lr", "lower_lr", "neumann_lr"):
-            value = getattr(self, name)
-            if not callable(value) and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name, ok in (("momentum", 0 <= self.momentum < 1), ("averaging", 0 < self.averaging <= 1),
-                         ("beta", 0 <= self.beta < 1), ("neumann_steps", self.neumann_steps >= 1),
-                         ("warm_steps", self.warm_steps >= 0), ("period", self.period >= 1),
-                         ("inner_steps", self.inner_steps >= 1)):
-            if not ok:
-                raise ValueError(f"{name} out of range: {getattr(self, name)}")
-        if self.normalization not in upper.NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {upper.NORMALIZATIONS}, got {self.normalization!r}")
-        if self.neumann_variant not in NEUMANN_VARIANTS:
-            raise ValueError(f"neumann_variant must be one of {NEUMANN_VARIANTS}, got {self.neumann_variant!r}")
+        check_positive(self, "upper_lr", "lower_lr", "neumann_lr")
+        check_unit(self, "momentum", "beta")
+        if not 0 < self.averaging <= 1:
+            raise ValueError(f"averaging must lie in (0, 1], got {self.averaging!r}")
+        check_count(self, "neumann_steps", "period", "inner_steps")
+        check_count(self, "warm_steps", minimum=0)
+        check_choice(self, "normalization", upper.NORMALIZATIONS)
+        check_choice(self, "neumann_variant", NEUMANN_VARIANTS)
 
     def lower_loop(self):
         nesterov = lower.Nesterov(self.lower_lr, self.momentum, self.averaging, self.inner_steps)
