@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Type
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 
 class Entry(NamedTuple):

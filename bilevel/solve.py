@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from . import tree
 from .oracles import OracleCounts, count_calls
 from .problem import BilevelProblem, validate
-from .registry import PROBLEMS, SOLVERS, check_options, make_problem, make_solver
+from .registry import check_options, make_problem, make_solver
 from .solver import Solver, State
 from .tree import Tree
 

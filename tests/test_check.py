@@ -1,5 +1,4 @@
 """`bilevel check`: estimators against exact, exact against finite differences."""
-import pytest
 
 from bilevel import check as check_module
 from bilevel import cli, tree

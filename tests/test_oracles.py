@@ -4,7 +4,6 @@ import warnings
 import pytest
 import torch
 
-from bilevel import oracles
 from bilevel.oracles import count_calls, cross, grad_lower, grad_lower_y, grad_upper, hvp, hvp_and_cross
 from bilevel.problem import BilevelProblem, FunctionProblem
 

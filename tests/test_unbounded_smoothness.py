@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bilevel
-from bilevel import NonFiniteError, hypergradient, tree
+from bilevel import NonFiniteError, hypergradient
 from bilevel.problems.cosh import Cosh
 
 SHARED_UPPER_LR = 0.1
