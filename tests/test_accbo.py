@@ -13,30 +13,21 @@ import torch
 import bilevel
 import bilevel.solvers.accbo  # noqa: F401  (registers "accbo")
 from bilevel import count_calls, linear_system
-from bilevel.problem import FunctionProblem
 from bilevel.problems.quadratic import Quadratic
+from matrix_problem import DIM_Y, make_matrices, make_problem
 
-DIM_Y, DIM_X = 4, 3
 DT = torch.float64
 SEED = 3  # its draws give Neumann terms q = 1, 2, 0 with Q = 3: distinct, so lazy and paper STORM differ
 
 
 @pytest.fixture(scope="module")
 def mats():
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
-    M = r(DIM_Y, DIM_Y)
-    return dict(A=M @ M.T / DIM_Y + torch.eye(DIM_Y, dtype=DT), C=0.5 * r(DIM_X, DIM_Y), a=r(DIM_Y),
-                t=r(DIM_Y), B=torch.diag(torch.tensor([1.0, 0.5, 0.2], dtype=DT)), x0=r(DIM_X), y0=r(DIM_Y))
+    return make_matrices()
 
 
 @pytest.fixture(scope="module")
 def problem(mats):
-    m = mats
-    return FunctionProblem(
-        upper_loss=lambda x, y, b: 0.5 * ((y["y"] - m["t"]) ** 2).sum() + 0.5 * x["x"] @ m["B"] @ x["x"],
-        lower_loss=lambda x, y, b: 0.5 * y["y"] @ m["A"] @ y["y"] + x["x"] @ m["C"] @ y["y"] + m["a"] @ y["y"],
-        x0={"x": m["x0"]}, y0={"y": m["y0"]})
+    return make_problem(mats)
 
 
 def run(problem, n, **hp):

@@ -23,44 +23,20 @@ import bilevel.solvers.ttsa  # noqa: F401
 from bilevel import count_calls
 from bilevel.estimators import draw
 from bilevel.linear_system import draw_neumann_term
-from bilevel.problem import FunctionProblem
 from bilevel.problems.quadratic import Quadratic
+from matrix_problem import DIM_X, DIM_Y, grad_y_g, make_matrices, make_problem, run_steps
 
-DIM_Y, DIM_X = 4, 3
 DT = torch.float64
 
 
 @pytest.fixture(scope="module")
 def mats():
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
-    M = r(DIM_Y, DIM_Y)
-    return dict(A=M @ M.T / DIM_Y + torch.eye(DIM_Y, dtype=DT), C=0.5 * r(DIM_X, DIM_Y), a=r(DIM_Y),
-                t=r(DIM_Y), B=torch.diag(torch.tensor([1.0, 0.5, 0.2], dtype=DT)), x0=r(DIM_X), y0=r(DIM_Y))
+    return make_matrices()
 
 
 @pytest.fixture(scope="module")
 def problem(mats):
-    m = mats
-    return FunctionProblem(
-        upper_loss=lambda x, y, b: 0.5 * ((y["y"] - m["t"]) ** 2).sum() + 0.5 * x["x"] @ m["B"] @ x["x"],
-        lower_loss=lambda x, y, b: 0.5 * y["y"] @ m["A"] @ y["y"] + x["x"] @ m["C"] @ y["y"] + m["a"] @ y["y"],
-        x0={"x": m["x0"]}, y0={"y": m["y0"]})
-
-
-def grad_y_g(m, x, y):
-    return m["A"] @ y + m["C"].T @ x + m["a"]
-
-
-def run_steps(problem, solver, n, seed=0, **hp):
-    solver = bilevel.make_solver(solver, **hp)
-    g = torch.Generator().manual_seed(seed)
-    state = solver.init(problem, *problem.init(g), g)
-    states = [state]
-    for _ in range(n):
-        state = solver.step(problem, state)
-        states.append(state)
-    return states
+    return make_problem(mats)
 
 
 def neumann_terms(n, steps, seed=0):

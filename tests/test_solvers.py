@@ -11,45 +11,17 @@ import torch
 
 import bilevel
 from bilevel import count_calls
-from bilevel.problem import FunctionProblem
 from bilevel.problems.quadratic import Quadratic
-
-DIM_Y, DIM_X = 4, 3
-
+from matrix_problem import DIM_X, DIM_Y, grad_y_g, make_matrices, make_problem, run_steps
 
 @pytest.fixture(scope="module")
 def mats():
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    M = r(DIM_Y, DIM_Y)
-    return dict(A=M @ M.T / DIM_Y + torch.eye(DIM_Y, dtype=torch.float64), C=0.5 * r(DIM_X, DIM_Y), a=r(DIM_Y),
-                t=r(DIM_Y), B=torch.diag(torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)),
-                x0=r(DIM_X), y0=r(DIM_Y))
+    return make_matrices()
 
 
 @pytest.fixture(scope="module")
 def problem(mats):
-    m = mats
-    return FunctionProblem(
-        upper_loss=lambda x, y, b: 0.5 * ((y["y"] - m["t"]) ** 2).sum() + 0.5 * x["x"] @ m["B"] @ x["x"],
-        lower_loss=lambda x, y, b: 0.5 * y["y"] @ m["A"] @ y["y"] + x["x"] @ m["C"] @ y["y"] + m["a"] @ y["y"],
-        x0={"x": m["x0"]}, y0={"y": m["y0"]})
-
-
-def grad_y_g(m, x, y):
-    return m["A"] @ y + m["C"].T @ x + m["a"]
-
-
-def run_steps(problem, solver, n, **hp):
-    solver = bilevel.make_solver(solver, **hp)
-    g = torch.Generator().manual_seed(0)
-    x0, y0 = problem.init(g)
-    state = solver.init(problem, x0, y0, g)
-    states = [state]
-    for _ in range(n):
-        state = solver.step(problem, state)
-        states.append(state)
-    return states
+    return make_problem(mats)
 
 
 def test_stocbio_matches_equations(problem, mats):
