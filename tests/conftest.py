@@ -369,3 +369,16 @@ def wandb_env(tmp_path, monkeypatch):
     wandb.teardown()
     yield dirs
     wandb.teardown()
+
+
+# The hand-computable matrix problem of tests/matrix_problem.py (solver update equations).
+@pytest.fixture(scope="module")
+def mats():
+    from matrix_problem import make_matrices
+    return make_matrices()
+
+
+@pytest.fixture(scope="module")
+def problem(mats):
+    from matrix_problem import make_problem
+    return make_problem(mats)

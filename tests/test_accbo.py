@@ -14,20 +14,10 @@ import bilevel
 import bilevel.solvers.accbo  # noqa: F401  (registers "accbo")
 from bilevel import count_calls, linear_system
 from bilevel.problems.quadratic import Quadratic
-from matrix_problem import DIM_Y, make_matrices, make_problem
+from matrix_problem import DIM_Y
 
 DT = torch.float64
 SEED = 3  # its draws give Neumann terms q = 1, 2, 0 with Q = 3: distinct, so lazy and paper STORM differ
-
-
-@pytest.fixture(scope="module")
-def mats():
-    return make_matrices()
-
-
-@pytest.fixture(scope="module")
-def problem(mats):
-    return make_problem(mats)
 
 
 def run(problem, n, **hp):

@@ -24,19 +24,9 @@ from bilevel import count_calls
 from bilevel.estimators import draw
 from bilevel.linear_system import draw_neumann_term
 from bilevel.problems.quadratic import Quadratic
-from matrix_problem import DIM_X, DIM_Y, grad_y_g, make_matrices, make_problem, run_steps
+from matrix_problem import DIM_X, DIM_Y, grad_y_g, run_steps
 
 DT = torch.float64
-
-
-@pytest.fixture(scope="module")
-def mats():
-    return make_matrices()
-
-
-@pytest.fixture(scope="module")
-def problem(mats):
-    return make_problem(mats)
 
 
 def neumann_terms(n, steps, seed=0):

@@ -12,17 +12,7 @@ import torch
 import bilevel
 from bilevel import count_calls
 from bilevel.problems.quadratic import Quadratic
-from matrix_problem import DIM_X, DIM_Y, grad_y_g, make_matrices, make_problem, run_steps
-
-@pytest.fixture(scope="module")
-def mats():
-    return make_matrices()
-
-
-@pytest.fixture(scope="module")
-def problem(mats):
-    return make_problem(mats)
-
+from matrix_problem import DIM_X, DIM_Y, grad_y_g, run_steps
 
 def test_stocbio_matches_equations(problem, mats):
     m, lr_y, lr_x, K, Q, eta = mats, 0.3, 0.2, 3, 4, 0.5
