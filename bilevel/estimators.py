@@ -57,7 +57,8 @@ class Neumann:
 
     def __call__(self, problem, x, y, state, sample: Draw):
         generator = torch.Generator().manual_seed(sample.seed)
-        term = linear_system.draw_neumann_term(self.steps, generator) if self.variant == "randomized" else None
+        randomized = self.variant in linear_system.RANDOMIZED_NEUMANN
+        term = linear_system.draw_neumann_term(self.steps, generator) if randomized else None
         hessian = _hessian_batches(problem, sample, generator, self.resample)
 
         def solve(matvec, b):

@@ -17,7 +17,8 @@ from . import tree
 from .tree import Tree
 
 Matvec = Callable[[Tree], Tree]
-NEUMANN_VARIANTS = ("sum", "randomized")
+NEUMANN_VARIANTS = ("sum", "randomized", "code_n1", "code_n2", "code_n3", "code_n4")
+RANDOMIZED_NEUMANN = ("randomized", "code_n1")
 
 
 def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Optional[Tree] = None,
@@ -62,30 +63,59 @@ def neumann_series(matvec: Matvec, b: Tree, *, steps: int = 10, lr: float,
                    term: Optional[int] = None) -> Tree:
     """Truncated Neumann series for A^{-1} b = lr * sum_{q>=0} (I - lr A)^q b  (needs lr < 2/L).
 
-    ``variant="sum"`` (StocBiO, Ji et al. 2021): v = lr * sum_{q=0}^{steps-1} (I - lr A)^q b,
-    ``steps - 1`` products.
+    With u_q = (I - lr A)^q b and Q = ``steps``:
 
-    ``variant="randomized"`` (Ghadimi and Wang 2018): q ~ Uniform{0, ..., steps-1},
-    v = steps * lr * (I - lr A)^q b, an unbiased estimate of the truncated sum; q products.
-    ``term`` fixes q (used to evaluate the same draw at two points); else q is drawn from
-    ``generator``.
+    ``variant="sum"`` (StocBiO, Ji et al. 2021): v = lr * sum_{q=0}^{Q-1} u_q, Q - 1 products.
+
+    ``variant="randomized"`` (Ghadimi and Wang 2018): q ~ Uniform{0, ..., Q-1},
+    v = Q * lr * u_q, an unbiased estimate of the truncated sum; q products.
+
+    The official code of BO-REP/SLIP/AccBO/AdamBO combines the u_q in other ways
+    (research/official_algorithms.md section 1.1); they are offered to reproduce its curves, not
+    as estimators of A^{-1} b:
+    ``"code_n1"`` lr * u_q with q ~ U{1..Q} (no Q factor; AccBO, TTSA, SUSTAIN code);
+    ``"code_n2"`` lr * sum_{q=1}^{Q} u_q (no identity term; AccBO repo's StocBiO, VRBO);
+    ``"code_n3"`` lr * u_Q + sum_{q=1}^{Q} u_q (sum not scaled by lr; SLIP repo's StocBiO, TTSA);
+    ``"code_n4"`` lr * (u_Q + sum_{q=1}^{Q} u_q) (AdamBO repo). Each costs Q products (q for n1).
+
+    ``term`` fixes the random q of "randomized" (in 0..Q-1) and "code_n1" (in 0..Q-1, meaning
+    q + 1), so one draw can be evaluated at two points; else q is drawn from ``generator``.
     """
     _check_steps(steps)
     if variant not in NEUMANN_VARIANTS:
         raise ValueError(f"neumann variant must be one of {NEUMANN_VARIANTS}, got {variant!r}")
-    u = tree.clone(b)
-    if variant == "sum":
-        total = tree.clone(u)
-        for _ in range(steps - 1):
+
+    def power(u: Tree, times: int) -> Tree:
+        for _ in range(times):
             u = tree.axpy(-lr, matvec(u), u)
-            total = tree.add(total, u)
-        return tree.scale(total, lr)
-    q = draw_neumann_term(steps, generator) if term is None else int(term)
-    if not 0 <= q < steps:
-        raise ValueError(f"neumann term must lie in [0, {steps}), got {q}")
-    for _ in range(q):
-        u = tree.axpy(-lr, matvec(u), u)
-    return tree.scale(u, steps * lr)
+        return u
+
+    if variant in RANDOMIZED_NEUMANN:
+        q = draw_neumann_term(steps, generator) if term is None else int(term)
+        if not 0 <= q < steps:
+            raise ValueError(f"neumann term must lie in [0, {steps}), got {q}")
+        if variant == "randomized":
+            return tree.scale(power(tree.clone(b), q), steps * lr)
+        return tree.scale(power(tree.clone(b), q + 1), lr)
+    last = steps - 1 if variant == "sum" else steps
+    terms = [tree.clone(b)]
+    for _ in range(last):
+        terms.append(power(terms[-1], 1))
+    if variant == "sum":
+        return tree.scale(_sum(terms), lr)
+    tail = _sum(terms[1:])  # sum_{q=1}^{Q} u_q
+    if variant == "code_n2":
+        return tree.scale(tail, lr)
+    if variant == "code_n3":
+        return tree.axpy(lr, terms[-1], tail)
+    return tree.scale(tree.add(terms[-1], tail), lr)  # code_n4
+
+
+def _sum(trees):
+    total = trees[0]
+    for t in trees[1:]:
+        total = tree.add(total, t)
+    return total
 
 
 def draw_neumann_term(steps: int, generator: Optional[torch.Generator]) -> int:

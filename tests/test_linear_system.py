@@ -282,3 +282,40 @@ def test_cg_invalid_steps(system):
     for steps in (0, -1, 1.5):
         with pytest.raises(ValueError):
             ls.conjugate_gradient(Matvec(A), to_tree(b), steps=steps)
+
+
+def test_official_code_neumann_variants_match_their_formulas():
+    """research/official_algorithms.md section 1.1, with u_q = (I - lr A)^q b and Q = steps:
+    N1 lr u_q (q in 1..Q), N2 lr sum_{1..Q} u_q, N3 lr u_Q + sum_{1..Q} u_q, N4 lr (u_Q + sum_{1..Q} u_q)."""
+    g = torch.Generator().manual_seed(11)
+    m = torch.randn(4, 4, generator=g, dtype=DT)
+    a = m @ m.T / 4 + torch.eye(4, dtype=DT)
+    b = {"v": torch.randn(4, generator=g, dtype=DT)}
+    lr, steps = 0.3, 5
+    step = torch.eye(4, dtype=DT) - lr * a
+    u = [torch.linalg.matrix_power(step, q) @ b["v"] for q in range(steps + 1)]
+    tail = sum(u[1:])
+    expected = {"code_n2": lr * tail, "code_n3": lr * u[steps] + tail, "code_n4": lr * (u[steps] + tail)}
+    matvec = lambda w: {"v": a @ w["v"]}  # noqa: E731
+    for variant, value in expected.items():
+        got = ls.neumann_series(matvec, b, steps=steps, lr=lr, variant=variant)
+        torch.testing.assert_close(got["v"], value, rtol=1e-12, atol=1e-12)
+    for term in range(steps):  # code_n1: term t means q = t + 1
+        got = ls.neumann_series(matvec, b, steps=steps, lr=lr, variant="code_n1", term=term)
+        torch.testing.assert_close(got["v"], lr * u[term + 1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="variant"):
+        ls.neumann_series(matvec, b, steps=steps, lr=lr, variant="code_n5")
+
+
+def test_code_n1_draws_its_term_from_the_estimator_seed():
+    """Through the solvers' estimator, code_n1 is reproducible from the draw's seed, like randomized."""
+    from bilevel.estimators import Draw, Neumann
+    from bilevel.problem import FunctionProblem
+    problem = FunctionProblem(lambda x, y, b: ((y["w"] - 1) ** 2).sum(),
+                              lambda x, y, b: 0.5 * (y["w"] ** 2).sum() * 2 + (x["l"] * y["w"]).sum(),
+                              {"l": torch.ones(2, dtype=DT)}, {"w": torch.zeros(2, dtype=DT)})
+    x, y = problem.init(None)
+    draw = Draw(None, None, None, seed=5)
+    first, _ = Neumann(lr=0.2, steps=4, variant="code_n1")(problem, x, y, None, draw)
+    second, _ = Neumann(lr=0.2, steps=4, variant="code_n1")(problem, x, y, None, draw)
+    assert torch.equal(first["l"], second["l"])
