@@ -49,6 +49,9 @@ class OracleCounts(dict):
     def __sub__(self, other: "OracleCounts") -> "OracleCounts":
         return OracleCounts({k: self[k] - other.get(k, 0) for k in self})
 
+    def __add__(self, other) -> "OracleCounts":
+        return OracleCounts({k: self[k] + (other or {}).get(k, 0) for k in self})
+
 
 _ACTIVE: List[OracleCounts] = []
 

@@ -95,9 +95,12 @@ def _evaluate(problem, solver: Solver, state: State, elapsed: float, counts: Ora
 
 
 def _run_loop(problem, solver, state, steps, eval_every, callbacks, counts, history, elapsed, label):
-    """The loop proper: appends evaluation records to ``history``; returns (state, elapsed)."""
+    """The loop proper: appends evaluation records to ``history``; returns (state, elapsed).
+    Records count from the state's cumulative calls and time (non-zero when resuming)."""
+    earlier_calls = state.calls
+
     def evaluate_and_report():
-        history.append(_evaluate(problem, solver, state, elapsed, counts))
+        history.append(_evaluate(problem, solver, state, elapsed, counts + earlier_calls))
         for cb in callbacks:
             cb.on_eval(history[-1])
 
@@ -133,7 +136,8 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         progress: show a progress bar with the latest metrics.
         state: continue from a previous run's ``Result.state`` instead of initializing (``seed``
             is then unused; the state's generator is copied, so the same state can be resumed
-            twice). Oracle counts and time restart from zero in the resumed run.
+            twice). Iterations, oracle counts and time in the records continue from the state's;
+            ``Result.iterations`` and ``Result.wall_time`` cover this call only.
         **hyperparameters: solver options, e.g. ``upper_lr=0.05``; unknown names raise TypeError.
     """
     if isinstance(problem, str):
@@ -150,7 +154,8 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
 
     generator = torch.Generator().manual_seed(seed)
     history: List[Dict[str, Any]] = []
-    elapsed = 0.0
+    elapsed = state.elapsed if state is not None else 0.0
+    started_at = elapsed
     with count_calls() as counts:
         if state is None:
             x0, y0 = problem.init(generator)
@@ -174,9 +179,10 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
                 cb.on_error(error)
             raise
         final_counts = OracleCounts(counts)
+    state = state._replace(calls=dict(final_counts + state.calls), elapsed=elapsed)
     x, y = solver.point(state)
     result = Result(x=x, y=y, history=history, counts=final_counts, iterations=state.iteration - first,
-                    wall_time=elapsed, state=state, solver=name, problem=problem_name,
+                    wall_time=elapsed - started_at, state=state, solver=name, problem=problem_name,
                     hyperparameters=solver.hyperparameters())
     for cb in callbacks:
         cb.on_end(result)

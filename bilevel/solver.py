@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, NamedTuple, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,9 @@ class State(NamedTuple):
     estimator: Any = None
     upper: Any = None
     extra: Any = None
+    #: cumulative oracle calls and solver time of the runs that produced this state (set by solve)
+    calls: Optional[dict] = None
+    elapsed: float = 0.0
 
     @property
     def y(self) -> Tree:

@@ -349,3 +349,16 @@ def test_problem_validation(kind):
     for fragment in fragments:
         assert fragment in str(info.value)
     assert rec.events == [], "no callback may run for an invalid problem"
+
+
+def test_resumed_records_continue_counts_and_time():
+    problem = make_problem("quadratic", dim_inner=5, dim_outer=3, n_samples_inner=64, n_samples_outer=64)
+    whole = solve(problem, "soba", 20, eval_every=10)
+    first = solve(problem, "soba", 10, eval_every=10)
+    second = solve(problem, "soba", 10, eval_every=10, state=first.state)
+    assert second.history[0]["calls/total"] == first.final["calls/total"]
+    assert second.final["calls/total"] == whole.final["calls/total"]
+    assert second.final["iteration"] == 20
+    assert second.history[0]["time"] == pytest.approx(first.final["time"])
+    assert second.final["time"] > second.history[0]["time"]
+    assert second.counts.total == first.counts.total  # Result.counts: this call only
