@@ -52,11 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bilevel.problem import BilevelProblem, check_level
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
 from .digits import load_digits_arrays, split_indices, standardize
+from .linear_classifier import LinearClassifierProblem, logits, select
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REGULARIZATIONS = ("per-feature", "per-class")
@@ -88,14 +88,6 @@ def load_breast_cancer_arrays() -> Tuple[np.ndarray, np.ndarray]:
 LOADERS = {"breast-cancer": load_breast_cancer_arrays, "digits": load_digits_arrays}
 
 
-def _select(t: Tensor, batch: Optional[Tensor]) -> Tensor:
-    return t if batch is None else t[batch]
-
-
-def _logits(y: Tree, features: Tensor) -> Tensor:
-    return features @ y["W"] + y["b"]
-
-
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -110,7 +102,7 @@ def _fail(option: str, rule: str, value) -> ValueError:
 
 @register_problem("hpo", paper="Pedregosa, Hyperparameter optimization with approximate gradient, ICML 2016; "
                   "Dagreou et al., NeurIPS 2022 (benchopt bilevel benchmark, ijcnn1 and covtype)")
-class HyperparameterOptimization(BilevelProblem):
+class HyperparameterOptimization(LinearClassifierProblem):
     """Learned per-feature or per-class L2 penalties of a logistic regression, tuned on validation.
 
     Attributes: ``train_features``, ``train_labels``, ``val_features``, ``val_labels``,
@@ -200,25 +192,9 @@ class HyperparameterOptimization(BilevelProblem):
 
     def lower_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
         """Mean training CE + P(x, W) + reg_floor (||W||^2 + ||b||^2); batch indexes train."""
-        ce = F.cross_entropy(_logits(y, _select(self.train_features, batch)), _select(self.train_labels, batch))
+        ce = F.cross_entropy(logits(y, select(self.train_features, batch)), select(self.train_labels, batch))
         floor = self.reg_floor * (y["W"].square().sum() + y["b"].square().sum())
         return ce + self.penalty(x, y) + floor
-
-    def upper_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
-        """Mean validation CE; batch indexes val. Independent of x."""
-        return F.cross_entropy(_logits(y, _select(self.val_features, batch)), _select(self.val_labels, batch))
-
-    def sample(self, level: str, generator: torch.Generator) -> Optional[Tensor]:
-        """i.i.d. uniform indices into train ("lower") or val ("upper"); None for a full batch."""
-        check_level(level)
-        size, n = (self.batch_size, self.n_train) if level == "lower" else (self.val_batch_size, self.n_val)
-        return None if size is None else torch.randint(n, (size,), generator=generator)
-
-    def n_samples(self, level: str) -> int:
-        """Size of the finite sum: n_train ("lower") or n_val ("upper"); the losses take any
-        LongTensor of indices into that split as a batch (used by SABA)."""
-        check_level(level)
-        return self.n_train if level == "lower" else self.n_val
 
     def init(self, generator: torch.Generator):
         """x0: every log-penalty equal to the ``x0`` option; y0 = 0 (all logits equal)."""
@@ -232,7 +208,7 @@ class HyperparameterOptimization(BilevelProblem):
         and mean_log_penalty (the mean of x)."""
         with torch.no_grad():
             y = {k: v.detach() for k, v in y.items()}
-            val_logits, test_logits = _logits(y, self.val_features), _logits(y, self.test_features)
+            val_logits, test_logits = logits(y, self.val_features), logits(y, self.test_features)
             return {
                 "val_loss": float(F.cross_entropy(val_logits, self.val_labels)),
                 "val_accuracy": float((val_logits.argmax(dim=1) == self.val_labels).double().mean()),

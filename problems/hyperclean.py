@@ -30,25 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bilevel.problem import BilevelProblem, check_level
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
 from .digits import N_CLASSES, N_SAMPLES, corrupt_labels, load_digits_arrays, split_indices, standardize
+from .linear_classifier import LinearClassifierProblem, accuracy, logits, select
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _select(t: Tensor, batch: Optional[Tensor]) -> Tensor:
-    return t if batch is None else t[batch]
-
-
-def _logits(y: Tree, features: Tensor) -> Tensor:
-    return features @ y["W"] + y["b"]
-
-
-def _accuracy(y: Tree, features: Tensor, labels: Tensor) -> float:
-    return float((_logits(y, features).argmax(dim=1) == labels).double().mean())
 
 
 def _is_int(value) -> bool:
@@ -57,7 +45,7 @@ def _is_int(value) -> bool:
 
 @register_problem("hyperclean-digits", paper="Franceschi et al., Forward and Reverse Gradient-Based "
                   "Hyperparameter Optimization, ICML 2017 (data hyper-cleaning)")
-class HypercleanDigits(BilevelProblem):
+class HypercleanDigits(LinearClassifierProblem):
     """Data hyper-cleaning: per-sample weights of a noisy digits training set, tuned on clean data.
 
     Attributes: ``train_features``, ``train_labels_noisy``, ``train_labels_clean``,
@@ -129,26 +117,10 @@ class HypercleanDigits(BilevelProblem):
 
     def lower_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
         """Weighted training CE on the noisy labels plus reg (||W||^2 + ||b||^2); batch indexes train."""
-        ce = F.cross_entropy(_logits(y, _select(self.train_features, batch)),
-                             _select(self.train_labels_noisy, batch), reduction="none")
-        weights = torch.sigmoid(_select(x["weight_logits"], batch))
+        ce = F.cross_entropy(logits(y, select(self.train_features, batch)),
+                             select(self.train_labels_noisy, batch), reduction="none")
+        weights = torch.sigmoid(select(x["weight_logits"], batch))
         return (weights * ce).mean() + self.reg * (y["W"].square().sum() + y["b"].square().sum())
-
-    def upper_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
-        """Mean CE on the clean validation labels; batch indexes val. Independent of x."""
-        return F.cross_entropy(_logits(y, _select(self.val_features, batch)), _select(self.val_labels, batch))
-
-    def sample(self, level: str, generator: torch.Generator) -> Optional[Tensor]:
-        """i.i.d. uniform indices into train ("lower") or val ("upper"); None for a full batch."""
-        check_level(level)
-        size, n = (self.batch_size, self.n_train) if level == "lower" else (self.val_batch_size, self.n_val)
-        return None if size is None else torch.randint(n, (size,), generator=generator)
-
-    def n_samples(self, level: str) -> int:
-        """Size of the finite sum: n_train ("lower") or n_val ("upper"); the losses take any
-        LongTensor of indices into that split as a batch (used by SABA)."""
-        check_level(level)
-        return self.n_train if level == "lower" else self.n_val
 
     def init(self, generator: torch.Generator):
         """x0 = 0 (every weight 0.5) and y0 = 0."""
@@ -169,9 +141,9 @@ class HypercleanDigits(BilevelProblem):
             tp = int((flagged & corrupted).sum())
             n_flagged, n_corrupted = int(flagged.sum()), int(corrupted.sum())
             return {
-                "test_accuracy": _accuracy(y, self.test_features, self.test_labels),
+                "test_accuracy": accuracy(y, self.test_features, self.test_labels),
                 "val_loss": float(self.upper_loss(x, y, None)),
-                "train_accuracy_clean": _accuracy(y, self.train_features, self.train_labels_clean),
+                "train_accuracy_clean": accuracy(y, self.train_features, self.train_labels_clean),
                 "f1": 2 * tp / (n_flagged + n_corrupted) if n_flagged else 0.0,
                 "precision": tp / n_flagged if n_flagged else 0.0,
                 "recall": tp / n_corrupted if n_corrupted else 0.0,
