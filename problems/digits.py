@@ -9,6 +9,7 @@ same splits and the same corrupted labels on every machine.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -21,17 +22,23 @@ def _rng(seed) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
-def load_digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
-    """Features, float64 of shape (1797, 64), and labels, int64 of shape (1797,)."""
+def load_sklearn_bundled(loader: str, label: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Features (float64) and labels (int64) of a data set bundled inside scikit-learn's wheel,
+    read by ``sklearn.datasets.<loader>`` (no download)."""
     try:
-        from sklearn.datasets import load_digits
+        datasets = importlib.import_module("sklearn.datasets")
     except ImportError as exc:
         raise ImportError(
-            "the digits data set ships with scikit-learn (sklearn.datasets.load_digits, no "
+            f"the {label} data set ships with scikit-learn (sklearn.datasets.{loader}, no "
             "download); install it with `pip install scikit-learn`"
         ) from exc
-    data = load_digits()
+    data = getattr(datasets, loader)()
     return np.asarray(data.data, dtype=np.float64), np.asarray(data.target, dtype=np.int64)
+
+
+def load_digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """Features, float64 of shape (1797, 64), and labels, int64 of shape (1797,)."""
+    return load_sklearn_bundled("load_digits", "digits")
 
 
 def split_indices(n: int, sizes: Sequence[int], seed) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

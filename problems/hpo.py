@@ -55,7 +55,7 @@ from torch import Tensor
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
-from .digits import load_digits_arrays, split_indices, standardize
+from .digits import load_digits_arrays, load_sklearn_bundled, split_indices, standardize
 from .linear_classifier import LinearClassifierProblem, logits, select
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -74,15 +74,7 @@ def load_breast_cancer_arrays() -> Tuple[np.ndarray, np.ndarray]:
 
     scikit-learn's bundled copy of the Wisconsin diagnostic breast cancer data set (no download).
     """
-    try:
-        from sklearn.datasets import load_breast_cancer
-    except ImportError as exc:
-        raise ImportError(
-            "the breast-cancer data set ships with scikit-learn (sklearn.datasets.load_breast_cancer, "
-            "no download); install it with `pip install scikit-learn`"
-        ) from exc
-    data = load_breast_cancer()
-    return np.asarray(data.data, dtype=np.float64), np.asarray(data.target, dtype=np.int64)
+    return load_sklearn_bundled("load_breast_cancer", "breast-cancer")
 
 
 LOADERS = {"breast-cancer": load_breast_cancer_arrays, "digits": load_digits_arrays}
