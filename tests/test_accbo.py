@@ -14,21 +14,14 @@ import bilevel
 import bilevel.solvers.accbo  # noqa: F401  (registers "accbo")
 from bilevel import count_calls, linear_system
 from bilevel.problems.quadratic import Quadratic
-from matrix_problem import DIM_Y
+from matrix_problem import DIM_Y, run_steps
 
 DT = torch.float64
 SEED = 3  # its draws give Neumann terms q = 1, 2, 0 with Q = 3: distinct, so lazy and paper STORM differ
 
 
 def run(problem, n, **hp):
-    solver = bilevel.make_solver("accbo", **hp)
-    g = torch.Generator().manual_seed(SEED)
-    state = solver.init(problem, *problem.init(g), g)
-    states = [state]
-    for _ in range(n):
-        state = solver.step(problem, state)
-        states.append(state)
-    return solver, states
+    return bilevel.make_solver("accbo", **hp), run_steps(problem, "accbo", n, seed=SEED, **hp)
 
 
 def by_hand(m, n, *, upper_lr, lower_lr, momentum, averaging, beta, Q, eta, warm_steps, period=1, inner_steps=1,

@@ -21,6 +21,7 @@ from bilevel.problem import FunctionProblem
 from bilevel.problems.quadratic import Quadratic
 from bilevel.registry import SOLVERS
 from bilevel.upper import polynomial_decay
+from matrix_problem import run_steps
 
 DIM_Y, DIM_X = 4, 3
 F64 = dict(dtype=torch.float64)
@@ -70,14 +71,7 @@ def normalized(m_t, kind):
 
 
 def run(problem, name, steps, **hp):
-    solver = bilevel.make_solver(name, **hp)
-    g = torch.Generator().manual_seed(0)
-    state = solver.init(problem, *problem.init(g), g)
-    states = [state]
-    for _ in range(steps):
-        state = solver.step(problem, state)
-        states.append(state)
-    return states
+    return run_steps(problem, name, steps, **hp)
 
 
 def assert_state(state, x, y, atol=1e-12):
