@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from .config import ConfigError, load, to_yaml
-from .registry import PROBLEMS, SOLVERS
+from .registry import PROBLEMS, SOLVERS, presets_of
 
 
 def _list(args) -> int:
@@ -20,6 +20,8 @@ def _list(args) -> int:
             if args.options:
                 opts = ", ".join(f"{k}={v!r}" for k, v in registry.options(entry.name).items())
                 print(f"  {'':<20s}   options: {opts}")
+                for preset, values in presets_of(entry.cls).items():
+                    print(f"  {'':<20s}   preset={preset}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
         print()
     return 0
 
@@ -49,10 +51,11 @@ def _check(args) -> int:
     from .check import check_hypergradients
     from .config import problem_from_overrides
     given = OmegaConf.to_container(OmegaConf.from_dotlist(args.settings))
-    problem = problem_from_overrides(given.pop("problem", "quadratic"), given.pop("problem_options", {}) or {})
+    problem = problem_from_overrides(given.pop("problem", "quadratic"), given.pop("problem_options", {}) or {},
+                                     preset=given.pop("preset", None))
     options = {k: given.pop(k) for k in list(given) if k in ("lower_lr", "lower_steps", "steps", "lr", "directions", "eps", "seed")}
     if given:
-        raise ConfigError(f"bilevel check: unknown setting(s) {sorted(given)}; valid: problem, problem_options.KEY, "
+        raise ConfigError(f"bilevel check: unknown setting(s) {sorted(given)}; valid: problem, preset, problem_options.KEY, "
                           "lower_lr, lower_steps, steps, lr, directions, eps, seed")
     print(f"hypergradient check on {problem.name} (at the initial x; relative errors)")
     for row in check_hypergradients(problem, **options):

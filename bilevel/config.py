@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .registry import PROBLEMS, SOLVERS, check_options
+from .registry import PROBLEMS, SOLVERS, check_options, preset_options
 
 
 class ConfigError(ValueError):
@@ -43,6 +43,9 @@ class WandbConfig:
 @dataclass
 class RunConfig:
     problem: str = "hyperclean-digits"
+    #: A named option set of the problem ("tiny", "paper", ...; ``bilevel list --options`` shows
+    #: them); ``problem_options`` override its entries.
+    preset: Optional[str] = None
     problem_options: Dict[str, Any] = field(default_factory=dict)
     solvers: List[str] = field(default_factory=lambda: ["lower-only", "soba", "stocbio", "aid-cg"])
     solver_options: Dict[str, Any] = field(default_factory=dict)
@@ -76,7 +79,7 @@ def load(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfi
             raise ConfigError(f"config file not found: {path}")
         base = OmegaConf.load(path if path is not None else DEFAULT_JOB)
         if path is None and "problem" in given and given.problem != base.get("problem"):
-            for key in ("problem_options", "solver_options", "metrics"):  # they belong to its problem
+            for key in ("preset", "problem_options", "solver_options", "metrics"):  # they belong to its problem
                 base.pop(key, None)
         cfg = OmegaConf.merge(_schema(), base, given)
         if "solvers" in given:
@@ -126,11 +129,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.steps < 0 or cfg.eval_every < 1:
         raise ConfigError(f"steps must be >= 0 and eval_every >= 1, got steps={cfg.steps}, eval_every={cfg.eval_every}")
     problem_cls = PROBLEMS.get(cfg.problem).cls
+    options = merged_problem_options(cfg.problem, cfg.preset, cfg.problem_options)
     try:
-        check_options(problem_cls, dict(cfg.problem_options), f"problem {cfg.problem!r} (problem_options)")
+        check_options(problem_cls, options, f"problem {cfg.problem!r} (problem_options)")
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
-    _check_constructor_types(problem_cls, cfg.problem_options, f"problem_options ({cfg.problem})")
+    _check_constructor_types(problem_cls, options, f"problem_options ({cfg.problem})")
     extra = sorted(set(cfg.solver_options) - set(cfg.solvers))
     if extra:
         raise ConfigError(f"solver_options has entries for {extra}, which are not in solvers {list(cfg.solvers)}")
@@ -140,8 +144,24 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"wandb.mode must be online, offline or disabled, got {cfg.wandb.mode!r}")
 
 
-def problem_from_overrides(name: str, options: Dict[str, Any]):
+def merged_problem_options(name: str, preset: Optional[str], options) -> Dict[str, Any]:
+    """The preset's options updated with ``options`` (plain containers); ConfigError for an
+    unknown preset, naming the problem's presets."""
+    if isinstance(options, DictConfig):
+        options = OmegaConf.to_container(options)
+    try:
+        return preset_options(name, preset, dict(options or {}))
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+
+
+def problem_from_overrides(name: str, options: Dict[str, Any], preset: Optional[str] = None):
     """Build a registered problem from untrusted options, with config-style errors."""
+    try:
+        PROBLEMS.get(name)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    options = merged_problem_options(name, preset, options)
     try:
         cls = PROBLEMS.get(name).cls
         check_options(cls, dict(options), f"problem {name!r} (problem_options)")

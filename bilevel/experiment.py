@@ -58,7 +58,8 @@ def load_state(path: Path):
 def run_experiment(cfg: DictConfig, echo=print) -> ExperimentResult:
     """Run every solver of ``cfg`` (validated by :func:`bilevel.config.load`)."""
     try:
-        problem = make_problem(cfg.problem, **OmegaConf.to_container(cfg.problem_options))
+        problem = make_problem(cfg.problem, **config_module.merged_problem_options(
+            cfg.problem, cfg.preset, cfg.problem_options))
     except (TypeError, ValueError) as exc:  # the problem rejected an option's value
         raise config_module.ConfigError(f"problem {cfg.problem!r} (problem_options): {exc}") from None
     solvers = {name: make_solver(name, **config_module.solver_options(cfg, name)) for name in cfg.solvers}

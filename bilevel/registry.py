@@ -108,5 +108,25 @@ def make_solver(name: str, **options):
     return SOLVERS.create(name, **options)
 
 
-def make_problem(name: str, **options):
-    return PROBLEMS.create(name, **options)
+def presets_of(cls: type) -> Dict[str, Dict[str, Any]]:
+    """Named option sets of a problem class (its ``PRESETS`` attribute, e.g. "tiny", "paper")."""
+    return dict(getattr(cls, "PRESETS", {}) or {})
+
+
+def preset_options(name: str, preset: Optional[str], options: Dict[str, Any]) -> Dict[str, Any]:
+    """The options of problem ``name``: its preset ``preset`` (if any) updated with ``options``.
+
+    Raises KeyError naming the problem and its presets when ``preset`` is unknown.
+    """
+    if preset is None:
+        return dict(options)
+    presets = presets_of(PROBLEMS.get(name).cls)
+    if preset not in presets:
+        raise KeyError(f"problem {name!r} has no preset {preset!r}; its presets: "
+                       f"{', '.join(sorted(presets)) or 'none'}")
+    return {**presets[preset], **options}
+
+
+def make_problem(name: str, preset: Optional[str] = None, **options):
+    """Build problem ``name`` from its ``preset`` (optional) and explicit ``options``."""
+    return PROBLEMS.create(name, **preset_options(name, preset, options))

@@ -28,6 +28,9 @@ class Cosh(BilevelProblem):
     name = "cosh"
     headline_metrics = ("grad_norm_sq", "x_norm")
 
+    #: "tiny": the deterministic 1-d case; "paper": the noisy 3-d case of the unbounded-smoothness tests.
+    PRESETS = {"tiny": {"dim": 1, "noise": None}, "paper": {"dim": 3, "noise": 0.1}}
+
     def __init__(self, dim: int = 3, x0: float = 6.0, noise: Optional[float] = 0.1, dtype: str = "float64"):
         """dim: size of x and y; x0: initial value of every x_i and y_i; noise: standard deviation
         of the Gaussian gradient noise of both losses (None or 0: deterministic)."""

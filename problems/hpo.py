@@ -105,6 +105,14 @@ class HyperparameterOptimization(LinearClassifierProblem):
     name = "hpo"
     headline_metrics = ("val_loss", "test_accuracy")
 
+    #: "tiny": seconds, for tests; "paper": benchopt's covtype-style per-class setting on digits
+    #: (benchopt's ijcnn1 / covtype themselves are not available offline).
+    PRESETS = {
+        "tiny": {"dataset": "breast-cancer", "n_train": 100, "n_val": 100, "n_test": 100, "batch_size": 32,
+                 "val_batch_size": 32},
+        "paper": {"dataset": "digits", "regularization": "per-class"},
+    }
+
     def __init__(self, dataset: str = "breast-cancer", regularization: Optional[str] = None,
                  n_train: Optional[int] = None, n_val: Optional[int] = None, n_test: Optional[int] = None,
                  reg_floor: float = 1e-4, x0: float = 0.0, batch_size: Optional[int] = 64,

@@ -57,6 +57,13 @@ class HypercleanDigits(LinearClassifierProblem):
     headline_metrics = ("test_accuracy", "f1")
     n_classes = N_CLASSES
 
+    #: "tiny": seconds, for tests; "paper": the main job's setting (Franceschi et al. use MNIST with
+    #: 5000 train / 5000 val samples; digits has 1797 samples in all).
+    PRESETS = {
+        "tiny": {"n_train": 200, "n_val": 100, "n_test": 200, "batch_size": 32, "val_batch_size": 32},
+        "paper": {"n_train": 1000, "n_val": 300, "n_test": 497, "noise_rate": 0.5},
+    }
+
     def __init__(self, n_train: int = 1000, n_val: int = 300, n_test: int = 497, noise_rate: float = 0.5,
                  reg: float = 1e-3, batch_size: Optional[int] = 128, val_batch_size: Optional[int] = 128,
                  seed: int = 0, dtype: str = "float32", flag_threshold: float = 0.5):

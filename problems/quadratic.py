@@ -150,6 +150,14 @@ class Quadratic(BilevelProblem):
     name = "quadratic"
     headline_metrics = ("grad_norm_sq", "inner_distance")
 
+    #: "tiny": seconds, for tests; "paper": benchopt's quadratic benchmark (d = 100, n = 1024, batch 64).
+    PRESETS = {
+        "tiny": {"n_samples_inner": 64, "n_samples_outer": 64, "dim_inner": 5, "dim_outer": 3, "batch_size": 16,
+                 "seed": 4},
+        "paper": {"n_samples_inner": 1024, "n_samples_outer": 1024, "dim_inner": 100, "dim_outer": 100,
+                  "batch_size": 64},
+    }
+
     def __init__(self, n_samples_inner: int = 1024, n_samples_outer: int = 1024, dim_inner: int = 100,
                  dim_outer: int = 100, L_inner_inner: float = 1.0, L_inner_outer: float = 1.0,
                  L_cross_inner: float = 0.1, L_outer_inner: float = 1.0, L_outer_outer: float = 1.0,

@@ -76,6 +76,7 @@ def test_list_options(capsys):
     assert "upper_lr=0.1" in out and "z_lr=0.1" in out and "cg_steps=10" in out
     assert "n_train=1000" in out and "dim_inner=100" in out
     assert out.count("options:") == len(SOLVERS.names()) + len(PROBLEMS.names())
+    assert "preset=tiny: n_samples_inner=64, n_samples_outer=64, dim_inner=5" in out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -235,3 +235,47 @@ def test_unknown_wandb_key_lists_the_wandb_keys():
     with pytest.raises(ConfigError) as info:
         load(None, ["wandb.projekt=x"])
     assert "wandb.projekt" in str(info.value) and "wandb.project" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problem presets
+
+
+def test_preset_supplies_problem_options_and_explicit_options_win(tmp_path):
+    from bilevel.experiment import run_experiment
+    from bilevel.problems.quadratic import Quadratic
+
+    cfg = load(None, ["problem=quadratic", "preset=tiny", "problem_options.dim_inner=4", "solver=soba", "steps=2",
+                      "eval_every=1", "progress=false", "plot=false", f"output_dir={tmp_path}"])
+    assert cfg.preset == "tiny"
+    outcome = run_experiment(cfg, echo=lambda *a: None)
+    # dim_inner comes from the override, dim_outer from the preset (the problem default is 100).
+    assert Quadratic.PRESETS["tiny"]["dim_outer"] == 3
+    result = outcome.outcomes["soba"]
+    assert [t.shape for t in result.x.values()] == [(3,)]
+    assert [t.shape for t in result.y.values()] == [(4,)]
+
+
+def test_unknown_preset_names_the_problem_and_its_presets():
+    with pytest.raises(ConfigError, match=r"problem 'quadratic' has no preset 'huge'.*paper, tiny"):
+        load(None, ["problem=quadratic", "preset=huge"])
+
+
+def test_preset_options_are_type_checked_like_explicit_ones():
+    with pytest.raises(ConfigError, match="dim_inner"):
+        load(None, ["problem=quadratic", "preset=tiny", "problem_options.dim_inner=abc"])
+
+
+def test_changing_the_problem_drops_the_base_preset(tmp_path):
+    path = write(tmp_path / "job.yaml", "problem: quadratic\npreset: tiny\nsolvers: [soba]\n")
+    assert load(path, []).preset == "tiny"
+    assert load(None, ["problem=cosh"]).preset is None
+
+
+def test_make_problem_with_preset():
+    from bilevel.registry import make_problem
+
+    problem = make_problem("hpo", preset="tiny", n_test=50)
+    assert (problem.n_train, problem.n_val, problem.n_test) == (100, 100, 50)
+    with pytest.raises(KeyError, match="no preset 'nope'"):
+        make_problem("hpo", preset="nope")

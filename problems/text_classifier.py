@@ -1,0 +1,173 @@
+"""Shared by the problems built on a recurrent text classifier (deep AUC maximization, recurrent HPO).
+
+A problem here holds three token splits (train, validation, test) of one text corpus and a
+:class:`~bilevel.problems.models.FunctionalModel` classifier
+
+    logits(w; tokens) = head(encoder(tokens)),     encoder = RecurrentEncoder (RNN / LSTM / GRU),
+    head = Linear(hidden, fc) -> tanh -> Linear(fc, fc) -> tanh -> Linear(fc, n_outputs)
+
+(the official ``RNN`` of BO-REP / AccBO, research notes section 1.3; ``fc = 0`` gives a linear
+head). The vocabulary is fitted on the training split only (:func:`corpora.encode_text`), so
+validation and test words never enter it.
+
+Batches follow the finite-sum protocol of :mod:`bilevel.memory`: a 1-d LongTensor of indices
+into the training split (lower level) or the validation split (upper level), drawn i.i.d.
+uniformly with ``batch_size`` / ``val_batch_size`` (None: the whole split); ``n_samples`` gives
+the split sizes. Token rows are cut to the longest sequence of the batch (padding is at the end
+and never reaches a feature, see :class:`~bilevel.problems.models.RecurrentEncoder`).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bilevel.problem import BilevelProblem
+
+from .corpora import Corpus, encode_text, load_corpus
+from .linear_classifier import LinearClassifierProblem, select
+from .models import CELLS, MLP, PAD_INDEX, Classifier, FunctionalModel, RecurrentEncoder
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Test-time forward passes run on this many sequences at a time.
+EVAL_CHUNK = 512
+
+
+# -- option checks (messages name the problem, the option and what it accepts) ----------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def option_error(problem: str, option: str, rule: str, value) -> ValueError:
+    return ValueError(f"{problem}: option {option} must be {rule}, got {value!r}")
+
+
+def check_int(problem: str, option: str, value, minimum: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < minimum:
+        rule = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise option_error(problem, option, rule, value)
+
+
+def check_real(problem: str, option: str, value, low: float = -math.inf, high: float = math.inf,
+               rule: Optional[str] = None) -> None:
+    """A finite real in the open interval (low, high)."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and low < value < high)
+    if not ok:
+        raise option_error(problem, option, rule or f"a finite number in ({low}, {high})", value)
+
+
+def check_choice(problem: str, option: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise option_error(problem, option, f"one of {list(choices)}", value)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+def load_text(problem: str, dataset: str, allowed: Sequence[str], data_path: Optional[str],
+              text_column: str, label_column: str) -> Corpus:
+    """The corpus ``dataset`` (one of ``allowed``), checked to hold single texts."""
+    check_choice(problem, "dataset", dataset, allowed)
+    corpus = load_corpus(dataset, data_path=data_path, text_column=text_column, label_column=label_column)
+    if corpus.kind != "text":
+        raise ValueError(f"{problem}: dataset {dataset!r} holds {corpus.kind}, not single texts")
+    return corpus
+
+
+@dataclass
+class TextSplits:
+    """Token ids (N, L) and int64 labels (N,) of the three splits, with the train-only vocabulary
+    and the GloVe rows (None without ``glove_path``)."""
+
+    train_tokens: Tensor
+    train_labels: Tensor
+    val_tokens: Tensor
+    val_labels: Tensor
+    test_tokens: Tensor
+    test_labels: Tensor
+    vocab: object
+    embeddings: Optional[Tensor]
+
+
+def encode_splits(corpus: Corpus, splits: Tuple[np.ndarray, np.ndarray, np.ndarray], max_len: int,
+                  min_freq: int, max_vocab: Optional[int], glove_path: Optional[str], seed: int) -> TextSplits:
+    """Tokenize the samples of ``splits = (train, val, test)`` (index arrays into ``corpus``) with a
+    vocabulary fitted on ``train`` alone."""
+    train, val, test = (np.asarray(s, dtype=np.int64) for s in splits)
+    used = np.concatenate([train, val, test])
+    local = {"train": np.arange(len(train))}
+    encoded = encode_text(_subset_texts(corpus, used), local["train"], max_len=max_len, min_freq=min_freq,
+                          max_vocab=max_vocab, glove_path=glove_path, seed=seed)
+    labels = torch.as_tensor(corpus.labels[used])
+    ends = np.cumsum([len(train), len(val), len(test)])
+    parts = [slice(0, ends[0]), slice(ends[0], ends[1]), slice(ends[1], ends[2])]
+    tokens = [encoded.tokens[p] for p in parts]
+    return TextSplits(tokens[0], labels[parts[0]], tokens[1], labels[parts[1]], tokens[2], labels[parts[2]],
+                      encoded.vocab, encoded.embeddings)
+
+
+def _subset_texts(corpus: Corpus, indices: np.ndarray) -> Corpus:
+    return Corpus(corpus.name, corpus.kind, [corpus.inputs[i] for i in indices], corpus.labels[indices],
+                  corpus.n_classes)
+
+
+def batch_tokens(tokens: Tensor, batch: Optional[Tensor]) -> Tensor:
+    """The rows ``batch`` of ``tokens`` (all rows for None), cut after the last non-padding column."""
+    rows = select(tokens, batch)
+    used = (rows != PAD_INDEX).any(dim=0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else 1
+    return rows[:, :width]
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+def build_classifier(vocab_size: int, n_outputs: int, cell: str, layers: int, hidden: int, embed_dim: int,
+                     fc: int, embeddings: Optional[Tensor], dtype: torch.dtype) -> FunctionalModel:
+    """RecurrentEncoder + MLP head (two tanh layers of width ``fc``; none when fc = 0).
+    With GloVe ``embeddings`` the embedding width is theirs and ``embed_dim`` is not used."""
+    if embeddings is not None:
+        embed_dim = int(embeddings.shape[1])
+    encoder = RecurrentEncoder(vocab_size, embed_dim, hidden, cell=cell, layers=layers, embeddings=embeddings)
+    head = MLP(encoder.out_dim, [fc, fc] if fc else [], n_outputs)
+    return FunctionalModel(Classifier(encoder, head), dtype)
+
+
+def check_model_options(problem: str, cell, layers, hidden, embed_dim, fc, max_len, min_freq, max_vocab) -> None:
+    check_choice(problem, "cell", cell, CELLS)
+    check_choice(problem, "layers", layers, (1, 2))
+    for option, value in (("hidden", hidden), ("embed_dim", embed_dim), ("max_len", max_len),
+                          ("min_freq", min_freq)):
+        check_int(problem, option, value)
+    check_int(problem, "fc", fc, minimum=0)
+    check_int(problem, "max_vocab", max_vocab, allow_none=True)
+
+
+def check_common_options(problem: str, batch_size, val_batch_size, seed, dtype) -> None:
+    check_int(problem, "batch_size", batch_size, allow_none=True)
+    check_int(problem, "val_batch_size", val_batch_size, allow_none=True)
+    check_int(problem, "seed", seed, minimum=-2 ** 63)
+    check_choice(problem, "dtype", dtype, sorted(DTYPES))
+
+
+def predict(forward: Callable[[Tensor], Tensor], tokens: Tensor) -> Tensor:
+    """``forward`` on all rows of ``tokens`` in chunks of :data:`EVAL_CHUNK`, without gradients."""
+    with torch.no_grad():
+        outs = [forward(batch_tokens(tokens[i:i + EVAL_CHUNK], None)) for i in range(0, len(tokens), EVAL_CHUNK)]
+    return torch.cat(outs)
+
+
+class TextClassifierProblem(BilevelProblem):
+    """Index-batch sampling and finite-sum sizes over the train (lower) and validation (upper)
+    splits. Subclasses set ``n_train``, ``n_val``, ``batch_size``, ``val_batch_size``."""
+
+    # The very same sampling rules as the linear-classifier problems (one implementation).
+    sample = LinearClassifierProblem.sample
+    n_samples = LinearClassifierProblem.n_samples
