@@ -81,7 +81,9 @@ def run_experiment(cfg: DictConfig, echo=print) -> ExperimentResult:
         try:
             result = solve(problem, solver, cfg.steps, seed=cfg.seed, eval_every=cfg.eval_every,
                            callbacks=callbacks)
-        except (FloatingPointError, ValueError, RuntimeError) as error:
+        except (FloatingPointError, ValueError, RuntimeError, TypeError) as error:
+            # TypeError: the solver cannot handle this problem (e.g. SABA on a problem that is
+            # not a finite sum); the message says what is missing. The other solvers still run.
             echo(f"{name} failed: {type(error).__name__}: {error}")
             outcomes[name] = error
             continue

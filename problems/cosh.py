@@ -3,7 +3,10 @@
     g(x, y; zeta) = 1/2 ||y - x||^2 + <zeta, y>         y*(x) = x (for the mean, zeta = 0)
     f(x, y; xi)   = sum_i cosh(y_i) + <xi, y>           Phi(x) = f(x, y*(x)) = sum_i cosh(x_i)
 
-with zeta, xi ~ N(0, noise^2 I). Phi'' = cosh <= 1 + |sinh| = 1 + |Phi'| coordinate-wise, so Phi is
+with zeta, xi drawn uniformly from fixed tables of ``n_noise`` perturbations per level: Gaussian
+N(0, noise^2 I) draws, centred so that each table averages to exactly zero. The problem is thus a
+finite sum (``n_samples``; SAGA-type solvers apply) whose mean is the noiseless problem, and a batch
+is a LongTensor of table rows (the loss uses their mean perturbation). Phi'' = cosh <= 1 + |sinh| = 1 + |Phi'| coordinate-wise, so Phi is
 (L0, L1)-smooth with L0 = L1 = 1 (Zhang et al., ICLR 2020), but its curvature is unbounded:
 from x0 = 6 (|grad Phi| = sinh 6 ~ 200) an un-normalized step of 0.1 overshoots to |x| ~ 14 and
 the next one overflows. This is the regime that BO-REP, SLIP and AccBO (Hao, Gong, Liu 2024;
@@ -31,36 +34,51 @@ class Cosh(BilevelProblem):
     #: "tiny": the deterministic 1-d case; "paper": the noisy 3-d case of the unbounded-smoothness tests.
     PRESETS = {"tiny": {"dim": 1, "noise": None}, "paper": {"dim": 3, "noise": 0.1}}
 
-    def __init__(self, dim: int = 3, x0: float = 6.0, noise: Optional[float] = 0.1, dtype: str = "float64"):
+    def __init__(self, dim: int = 3, x0: float = 6.0, noise: Optional[float] = 0.1, n_noise: int = 1000,
+                 seed: int = 0, dtype: str = "float64"):
         """dim: size of x and y; x0: initial value of every x_i and y_i; noise: standard deviation
-        of the Gaussian gradient noise of both losses (None or 0: deterministic)."""
+        of the Gaussian gradient noise of both losses (None or 0: deterministic); n_noise: rows of
+        each level's perturbation table; seed: seed of the tables."""
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"cosh: option dim must be a positive integer, got {dim!r}")
         if noise is not None and noise < 0:
             raise ValueError(f"cosh: option noise must be >= 0, got {noise!r}")
+        if isinstance(n_noise, bool) or not isinstance(n_noise, int) or n_noise < 1:
+            raise ValueError(f"cosh: option n_noise must be a positive integer, got {n_noise!r}")
         if dtype not in DTYPES:
             raise ValueError(f"cosh: option dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.dim, self.x0, self.noise, self.dtype = dim, float(x0), noise or 0.0, DTYPES[dtype]
+        self.n_noise = n_noise
+        generator = torch.Generator().manual_seed(seed)
+        self.tables = {}
+        for level in ("upper", "lower"):
+            table = self.noise * torch.randn(n_noise, dim, generator=generator, dtype=self.dtype)
+            self.tables[level] = table - table.mean(dim=0) if n_noise > 1 else torch.zeros_like(table)
 
     def init(self, generator):
         start = torch.full((self.dim,), self.x0, dtype=self.dtype)
         return {"x": start.clone()}, {"y": start.clone()}
 
     def sample(self, level, generator):
+        """One uniformly drawn row of the level's perturbation table; None when noiseless."""
         check_level(level)
         if not self.noise:
             return None
-        return self.noise * torch.randn(self.dim, generator=generator, dtype=self.dtype)
+        return torch.randint(self.n_noise, (1,), generator=generator)
 
-    @staticmethod
-    def _linear(batch, y):
-        return 0.0 if batch is None else batch @ y
+    def n_samples(self, level: str) -> int:
+        check_level(level)
+        return self.n_noise
+
+    def _linear(self, level, batch, y):
+        """<mean perturbation of the batch's rows, y> (0 for the full sum, batch None)."""
+        return 0.0 if batch is None else self.tables[level][batch].mean(dim=0) @ y
 
     def upper_loss(self, x, y, batch):
-        return torch.cosh(y["y"]).sum() + self._linear(batch, y["y"])
+        return torch.cosh(y["y"]).sum() + self._linear("upper", batch, y["y"])
 
     def lower_loss(self, x, y, batch):
-        return 0.5 * ((y["y"] - x["x"]) ** 2).sum() + self._linear(batch, y["y"])
+        return 0.5 * ((y["y"] - x["x"]) ** 2).sum() + self._linear("lower", batch, y["y"])
 
     def evaluate(self, x, y):
         return {"grad_norm_sq": float((torch.sinh(x["x"]) ** 2).sum()),

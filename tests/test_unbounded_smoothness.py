@@ -31,10 +31,20 @@ def test_problem_closed_form():
 
 
 def test_problem_noise_is_seeded_and_validated():
-    problem = Cosh(noise=0.5)
+    problem = Cosh(noise=0.5, n_noise=400)
     a = problem.sample("upper", torch.Generator().manual_seed(3))
     b = problem.sample("upper", torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and a.std() > 0
+    assert torch.equal(a, b) and problem.n_samples("upper") == 400
+    table = problem.tables["upper"]
+    # centred, so the finite sum is the noiseless problem, with the requested spread per entry
+    torch.testing.assert_close(table.mean(dim=0), torch.zeros(3, dtype=table.dtype), atol=1e-12, rtol=0)
+    assert 0.4 < float(table.std()) < 0.6
+    x, y = problem.init(None)
+    noiseless = Cosh(noise=None)
+    full = torch.arange(400)
+    torch.testing.assert_close(problem.upper_loss(x, y, full), noiseless.upper_loss(x, y, None))
+    assert not torch.equal(problem.upper_loss(x, y, a), noiseless.upper_loss(x, y, None))
+    assert not torch.equal(Cosh(noise=0.5, seed=1).tables["upper"], table)
     with pytest.raises(ValueError, match="dim"):
         Cosh(dim=0)
     with pytest.raises(ValueError, match="noise"):
