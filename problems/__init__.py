@@ -1,2 +1,2 @@
 """Shared problem definitions; importing this package registers them."""
-from . import cosh, hpo, hyperclean, quadratic  # noqa: F401
+from . import cosh, hpo, hyperclean, hyperrep, quadratic  # noqa: F401

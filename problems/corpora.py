@@ -85,7 +85,8 @@ def load_corpus(name: str, data_path: Optional[str] = None, max_samples: Optiona
         data = user_files.load_amazon_reviews(data_path)
         corpus = Corpus(name, "text", data.texts, data.labels, 2, list(data.domains))
     else:
-        data = user_files.load_table(data_path, text_column, label_column)
+        data = user_files.load_table(data_path, text_column, label_column,
+                                     cache_dir=str(fetch.cache_dir() / "hf-datasets"))
         labels = np.asarray(data.labels, dtype=np.int64)
         if labels.min() < 0:
             raise ValueError(f"{data_path}: labels in column {label_column!r} must be >= 0, got {labels.min()}")

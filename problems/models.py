@@ -69,8 +69,9 @@ class FunctionalModel:
             for layer in self.module.modules():
                 if layer is not self.module and hasattr(layer, "reset_parameters"):
                     layer.reset_parameters()
-            if hasattr(self.module, "reset_extra"):
-                self.module.reset_extra()
+            for layer in self.module.modules():  # e.g. GloVe rows of a nested RecurrentEncoder
+                if hasattr(layer, "reset_extra"):
+                    layer.reset_extra()
         return {name: p.detach().clone() for name, p in self.module.named_parameters()}
 
     def __call__(self, params: Tree, *inputs: Tensor) -> Tensor:

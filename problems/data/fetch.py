@@ -29,6 +29,7 @@ The cache folder is ``$BILEVEL_DATA_DIR`` if set, else ``~/.cache/bilevel/data``
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple, Union
 
@@ -309,6 +311,20 @@ def _resolve(name: str, path: Optional[PathLike]) -> Path:
     return Path(path) if path is not None else locate(name)
 
 
+@contextlib.contextmanager
+def _compressed(opener, path: Path, what: str):
+    """Open ``path`` with ``opener`` (gzip.open / bz2.open, text mode); a truncated or corrupt
+    archive raises a ValueError naming ``what`` (which names the file) instead of a bare EOFError."""
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as fh:
+            yield fh
+    except (EOFError, OSError, zlib.error) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{what}: truncated or not a valid {opener.__module__} file "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+
 def _read_int_csv(fh, n_cols: int, what: str) -> np.ndarray:
     """Parse a headerless CSV of integers (text handle ``fh``) into int64 of ``n_cols`` columns."""
     try:
@@ -337,7 +353,7 @@ def load_mnist_5k(path: Optional[PathLike] = None) -> Tuple[np.ndarray, np.ndarr
     labels: int64 array (n,), values 0..9.
     """
     p = _resolve("mnist-5k", path)
-    with gzip.open(p, "rt", encoding="ascii") as fh:
+    with _compressed(gzip.open, p, f"MNIST file {p}") as fh:
         arr = _read_int_csv(fh, 785, f"MNIST file {p}")
     pixels, labels = arr[:, :784], arr[:, 784]
     if pixels.min() < 0 or pixels.max() > 255:
@@ -365,7 +381,7 @@ def load_rotten_tomatoes(path: Optional[PathLike] = None) -> Tuple[List[str], np
     p = _resolve("rotten-tomatoes", path)
     texts: List[str] = []
     labels: List[int] = []
-    with bz2.open(p, "rt", encoding="utf-8", newline="") as fh:
+    with _compressed(bz2.open, p, f"Rotten Tomatoes file {p}") as fh:
         reader = csv.DictReader(fh)
         missing = {"category", "text"} - set(reader.fieldnames or ())
         if missing:
@@ -395,7 +411,7 @@ def load_digits(path: Optional[PathLike] = None) -> Tuple[np.ndarray, np.ndarray
     labels: int64 array (n,), values 0..9.
     """
     p = _resolve("digits", path)
-    with gzip.open(p, "rt", encoding="ascii") as fh:
+    with _compressed(gzip.open, p, f"digits file {p}") as fh:
         arr = _read_int_csv(fh, 65, f"digits file {p}")
     return arr[:, :64].astype(np.float64), arr[:, 64].astype(np.int64)
 
