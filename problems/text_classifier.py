@@ -29,7 +29,7 @@ from torch import Tensor
 
 from bilevel.problem import BilevelProblem
 
-from .corpora import Corpus, encode_text, load_corpus
+from .corpora import Corpus, encode_text, load_corpus, subset
 from .linear_classifier import LinearClassifierProblem, select
 from .models import CELLS, MLP, PAD_INDEX, Classifier, FunctionalModel, RecurrentEncoder
 
@@ -103,8 +103,7 @@ def encode_splits(corpus: Corpus, splits: Tuple[np.ndarray, np.ndarray, np.ndarr
     vocabulary fitted on ``train`` alone."""
     train, val, test = (np.asarray(s, dtype=np.int64) for s in splits)
     used = np.concatenate([train, val, test])
-    local = {"train": np.arange(len(train))}
-    encoded = encode_text(_subset_texts(corpus, used), local["train"], max_len=max_len, min_freq=min_freq,
+    encoded = encode_text(subset(corpus, used), np.arange(len(train)), max_len=max_len, min_freq=min_freq,
                           max_vocab=max_vocab, glove_path=glove_path, seed=seed)
     labels = torch.as_tensor(corpus.labels[used])
     ends = np.cumsum([len(train), len(val), len(test)])
@@ -112,11 +111,6 @@ def encode_splits(corpus: Corpus, splits: Tuple[np.ndarray, np.ndarray, np.ndarr
     tokens = [encoded.tokens[p] for p in parts]
     return TextSplits(tokens[0], labels[parts[0]], tokens[1], labels[parts[1]], tokens[2], labels[parts[2]],
                       encoded.vocab, encoded.embeddings)
-
-
-def _subset_texts(corpus: Corpus, indices: np.ndarray) -> Corpus:
-    return Corpus(corpus.name, corpus.kind, [corpus.inputs[i] for i in indices], corpus.labels[indices],
-                  corpus.n_classes)
 
 
 def batch_tokens(tokens: Tensor, batch: Optional[Tensor]) -> Tensor:
@@ -153,7 +147,7 @@ def check_model_options(problem: str, cell, layers, hidden, embed_dim, fc, max_l
 def check_common_options(problem: str, batch_size, val_batch_size, seed, dtype) -> None:
     check_int(problem, "batch_size", batch_size, allow_none=True)
     check_int(problem, "val_batch_size", val_batch_size, allow_none=True)
-    check_int(problem, "seed", seed, minimum=-2 ** 63)
+    check_int(problem, "seed", seed, minimum=0)
     check_choice(problem, "dtype", dtype, sorted(DTYPES))
 
 

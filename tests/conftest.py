@@ -25,6 +25,10 @@ from bilevel.problem import BilevelProblem
 
 DT = torch.float64
 
+# The test problems are tiny: one intra-op thread is faster than two, and far faster when the
+# cores are shared (OpenMP spin-waiting made the recurrent-model tests 25x slower under load).
+torch.set_num_threads(1)
+
 
 # ---------------------------------------------------------------------------------------------
 # Hand-written tree helpers (independent of bilevel.tree).

@@ -27,14 +27,16 @@ PROBLEM_SETTINGS = {
     "hyperclean": ["problem_options.data_path={rt}"],
     "hyperrep": ["problem_options.data_path={mnist}"],
     "auc": ["problem_options.data_path={rt}"],
-    "hpo-rnn": ["problem_options.data_path={rt}"],
+    # At the tiny preset's weak penalty exp(-6) the RNN's lower level is not convex, and aid-cg
+    # rightly stops on the indefinite Hessian ("non-positive curvature"); exp(0) = 1 makes it convex.
+    "hpo-rnn": ["problem_options.data_path={rt}", "problem_options.x0=0.0"],
 }
 
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    return {"rt": str(write_rotten_tomatoes(folder / "rt.csv.bz2", n=300)),
+    return {"rt": str(write_rotten_tomatoes(folder / "rt.csv.bz2", n=900, positive_rate=0.7)),
             "mnist": str(write_mnist_5k(folder / "mnist.csv.gz", n_per_class=20))}
 
 
