@@ -70,11 +70,13 @@ class Neumann:
 
 @dataclass(frozen=True)
 class ConjugateGradient:
-    """v by ``steps`` CG iterations, warm-started from the previous v when ``warm_start``."""
+    """v by ``steps`` CG iterations, warm-started from the previous v when ``warm_start``;
+    ``negative_curvature``: "raise" or "truncate" (see :func:`linear_system.conjugate_gradient`)."""
     steps: int = 10
     warm_start: bool = True
     tol: float = 0.0
     hvp_mode: str = "reverse"
+    negative_curvature: str = "raise"
 
     def init(self, x: Tree, y: Tree) -> Optional[Tree]:
         return None
@@ -83,7 +85,8 @@ class ConjugateGradient:
         init = v_prev if self.warm_start else None
 
         def solve(matvec, b):
-            return linear_system.conjugate_gradient(matvec, b, steps=self.steps, init=init, tol=self.tol)
+            return linear_system.conjugate_gradient(matvec, b, steps=self.steps, init=init, tol=self.tol,
+                                                    negative_curvature=self.negative_curvature)
         return implicit(problem, x, y, sample.upper, sample.hessian, sample.cross, solve, self.hvp_mode)
 
 

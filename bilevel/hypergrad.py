@@ -172,9 +172,9 @@ def fixed_point(problem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any, *
 # ---------------------------------------------------------------------------------------------
 # One-call entry point.
 
-def _cg(problem, x, y, ub, lb, *, steps=10, tol=0.0, init=None, hvp_mode="reverse"):
+def _cg(problem, x, y, ub, lb, *, steps=10, tol=0.0, init=None, hvp_mode="reverse", negative_curvature="raise"):
     return implicit(problem, x, y, ub, lb, lb, lambda mv, b: linear_system.conjugate_gradient(
-        mv, b, steps=steps, init=init, tol=tol), hvp_mode)[0]
+        mv, b, steps=steps, init=init, tol=tol, negative_curvature=negative_curvature), hvp_mode)[0]
 
 
 def _neumann(problem, x, y, ub, lb, *, lr, steps=10, variant="sum", generator=None, hvp_mode="reverse"):

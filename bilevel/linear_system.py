@@ -21,8 +21,11 @@ NEUMANN_VARIANTS = ("sum", "randomized", "code_n1", "code_n2", "code_n3", "code_
 RANDOMIZED_NEUMANN = ("randomized", "code_n1")
 
 
+NEGATIVE_CURVATURE = ("raise", "truncate")
+
+
 def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Optional[Tree] = None,
-                       tol: float = 0.0) -> Tree:
+                       tol: float = 0.0, negative_curvature: str = "raise") -> Tree:
     """Conjugate gradient, at most ``steps`` products, stopping when ||r|| <= max(tol, eps) ||b||
     (eps: the dtype's machine epsilon, below which the recursion only amplifies round-off).
 
@@ -32,8 +35,16 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
         p_{k+1} = r_{k+1} + (<r_{k+1}, r_{k+1}> / <r_k, r_k>) p_k
 
     ``init`` warm-starts v (costs one extra product). Exact after dim(y) steps in exact arithmetic.
+
+    A direction with <p, A p> <= 0 means A is not positive definite (a non-convex lower level,
+    e.g. a neural network far from a strict minimum). ``negative_curvature="raise"`` stops with a
+    ValueError; ``"truncate"`` returns the current iterate v_k, as truncated CG does (Steihaug
+    1983): v_k minimizes the quadratic model over the Krylov directions explored so far, all of
+    which had positive curvature.
     """
     _check_steps(steps)
+    if negative_curvature not in NEGATIVE_CURVATURE:
+        raise ValueError(f"negative_curvature must be one of {NEGATIVE_CURVATURE}, got {negative_curvature!r}")
     v = tree.zeros_like(b) if init is None else tree.clone(init)
     r = tree.clone(b) if init is None else tree.sub(b, matvec(v))
     p = tree.clone(r)
@@ -46,6 +57,8 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
         ap = matvec(p)
         curvature = tree.dot(p, ap)
         if curvature <= 0:
+            if negative_curvature == "truncate":
+                break
             raise ValueError(
                 f"conjugate gradient met non-positive curvature <p, A p> = {float(curvature):.3e}: "
                 "the lower-level Hessian is not positive definite at this point")

@@ -9,6 +9,9 @@ Ji, Yang, Liang. Bilevel Optimization: Convergence Analysis and Enhanced Design.
     x_{t+1} = x_t - upper_lr h_t
 
 With full batches (``batch_size=None`` in the problem) this is the deterministic AID-BiO.
+On a non-convex lower level (neural networks) the batch Hessian can be indefinite; with
+``cg_negative_curvature="truncate"`` (default) CG then returns its current iterate (truncated CG),
+with "raise" the run stops with an error naming the curvature.
 Cost per iteration: inner_steps lower gradients, cg_steps + 1 HVPs (one for the warm-start
 residual), one cross product, one upper gradient.
 """
@@ -17,7 +20,9 @@ from dataclasses import dataclass
 from bilevel import lower, upper
 from bilevel.estimators import ConjugateGradient
 from bilevel.registry import register_solver
+from bilevel.linear_system import NEGATIVE_CURVATURE
 from bilevel.solver import ComposedSolver
+from bilevel.validation import check_choice, check_count, check_positive
 
 
 @register_solver("aid-cg", paper="Ji, Yang, Liang. Bilevel Optimization: Convergence Analysis and Enhanced Design. ICML 2021")
@@ -30,12 +35,19 @@ class AIDCG(ComposedSolver):
     cg_steps: int = 10
     warm_start_v: bool = True
     share_lower_batch: bool = False
+    cg_negative_curvature: str = "truncate"
+
+    def __post_init__(self):
+        check_positive(self, "upper_lr", "lower_lr")
+        check_count(self, "inner_steps", "cg_steps")
+        check_choice(self, "cg_negative_curvature", NEGATIVE_CURVATURE)
 
     def lower_loop(self):
         return lower.SGD(self.lower_lr, self.inner_steps)
 
     def estimator(self):
-        return ConjugateGradient(steps=self.cg_steps, warm_start=self.warm_start_v)
+        return ConjugateGradient(steps=self.cg_steps, warm_start=self.warm_start_v,
+                                 negative_curvature=self.cg_negative_curvature)
 
     def upper_update(self):
         return upper.sgd(self.upper_lr)

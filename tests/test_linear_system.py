@@ -141,6 +141,32 @@ def test_cg_non_positive_curvature_raises(A):
         ls.conjugate_gradient(Matvec(A), to_tree(b), steps=6)
 
 
+def test_cg_truncate_returns_the_iterate_before_negative_curvature():
+    # A = diag(2, 1, -1): b = (1, 1, 1). The first direction p0 = b has <p0, A p0> = 2 > 0, so
+    # v1 = (<b, b> / <b, A b>) b = 1.5 b; the second direction has negative curvature here
+    # (r1 = b - 1.5 A b = (-2, -0.5, 2.5), p1 = r1 + (||r1||^2/||b||^2) p0, <p1, A p1> < 0).
+    A = torch.diag(torch.tensor([2.0, 1.0, -1.0], dtype=DT))
+    b = torch.ones(3, dtype=DT)
+    r1 = b - 1.5 * (A @ b)
+    p1 = r1 + (r1 @ r1) / (b @ b) * b
+    assert p1 @ A @ p1 < 0  # the premise of the test
+    mv = Matvec(A)
+    v = ls.conjugate_gradient(mv, to_tree(b), steps=3, negative_curvature="truncate")
+    torch.testing.assert_close(to_vec(v), 1.5 * b)
+    assert mv.calls == 2
+    with pytest.raises(ValueError, match="curvature"):
+        ls.conjugate_gradient(Matvec(A), to_tree(b), steps=3)
+    with pytest.raises(ValueError, match="negative_curvature must be one of"):
+        ls.conjugate_gradient(Matvec(A), to_tree(b), steps=3, negative_curvature="ignore")
+
+
+def test_cg_truncate_on_positive_definite_systems_changes_nothing(system):
+    A, b, _ = system
+    strict = ls.conjugate_gradient(Matvec(A), to_tree(b), steps=6)
+    lenient = ls.conjugate_gradient(Matvec(A), to_tree(b), steps=6, negative_curvature="truncate")
+    assert torch.equal(to_vec(strict), to_vec(lenient))
+
+
 # ---------------------------------------------------------------------------------------------
 # Neumann series.
 
