@@ -386,3 +386,18 @@ def mats():
 def problem(mats):
     from matrix_problem import make_problem
     return make_problem(mats)
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory):
+    """One learnable fixture file per data format (tests/data_fixtures.py, default sizes), by
+    corpus name: mnist-5k, rotten-tomatoes, sent140, snli (a directory), amazon, table."""
+    from data_fixtures import (write_amazon, write_mnist_5k, write_rotten_tomatoes, write_sent140_leaf,
+                               write_snli, write_table)
+    d = tmp_path_factory.mktemp("data_files")
+    return {"mnist-5k": str(write_mnist_5k(d / "mnist.csv.gz")),
+            "rotten-tomatoes": str(write_rotten_tomatoes(d / "rt.csv.bz2")),
+            "sent140": str(write_sent140_leaf(d / "sent140.json")),
+            "snli": str(write_snli(d / "snli")),
+            "amazon": str(write_amazon(d / "dataset.json")),
+            "table": str(write_table(d / "trec.csv"))}

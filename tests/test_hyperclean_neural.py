@@ -14,32 +14,16 @@ import bilevel
 from bilevel import hypergrad, oracles, tree
 from bilevel.problems.hyperclean_neural import HypercleanNeural, detection_scores
 from bilevel.registry import make_problem
-from data_fixtures import write_mnist_5k, write_rotten_tomatoes, write_sent140_leaf, write_snli, write_table
 from test_hyperclean_problem import solve_lower  # damped Newton to machine precision
 
 F64 = torch.float64
 TEXT_TINY = dict(hidden=8, embed_dim=8, max_len=12, min_freq=1, batch_size=16, val_batch_size=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than two, and far faster when other
-    processes share the two cores (oversubscription). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(data_files, tmp_path_factory):
     d = tmp_path_factory.mktemp("hyperclean_neural")
-    return {"rotten-tomatoes": str(write_rotten_tomatoes(d / "rt.csv.bz2")),
-            "mnist-5k": str(write_mnist_5k(d / "mnist.csv.gz")),
-            "sent140": str(write_sent140_leaf(d / "sent140.json")),
-            "snli": str(write_snli(d / "snli")),
-            "table": str(write_table(d / "trec.csv")),
-            "unique-words": str(_write_unique_words(d / "unique.csv"))}
+    return {**data_files, "unique-words": str(_write_unique_words(d / "unique.csv"))}
 
 
 def _write_unique_words(path, n=120):

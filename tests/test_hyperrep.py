@@ -12,26 +12,11 @@ from bilevel import oracles
 from bilevel.problem import validate
 from bilevel.problems.hyperrep import HyperRepresentation
 from bilevel.registry import PROBLEMS
-from data_fixtures import write_amazon, write_mnist_5k, write_rotten_tomatoes, write_snli, write_table
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread when the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hyperrep")
-    return {"mnist-5k": str(write_mnist_5k(d / "mnist.csv.gz")),
-            "rotten-tomatoes": str(write_rotten_tomatoes(d / "rt.csv.bz2")),
-            "amazon": str(write_amazon(d / "dataset.json")),
-            "snli": str(write_snli(d / "snli")),
-            "table": str(write_table(d / "table.csv"))}
+def files(data_files):
+    return data_files
 
 
 TEXT = dict(n_train_tasks=12, n_test_tasks=4, tasks_per_batch=3, enc_dim=6, embed_dim=5, hidden=8,

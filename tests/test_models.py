@@ -45,16 +45,6 @@ PAIRS[2] = 0
 LABELS = torch.tensor([0, 2, 1, 1, 0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: a second intra-op thread only adds OpenMP waits, which take
-    seconds per test on a loaded 2-core machine. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def recurrent(cell, layers):
     return RecurrentEncoder(VOCAB, EMBED, HIDDEN, cell=cell, layers=layers)
 
