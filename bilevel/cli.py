@@ -58,7 +58,11 @@ def _check(args) -> int:
         raise ConfigError(f"bilevel check: unknown setting(s) {sorted(given)}; valid: problem, preset, problem_options.KEY, "
                           "lower_lr, lower_steps, steps, lr, directions, eps, seed")
     print(f"hypergradient check on {problem.name} (at the initial x; relative errors)")
-    for row in check_hypergradients(problem, **options):
+    try:
+        rows = check_hypergradients(problem, **options)
+    except ValueError as exc:  # e.g. a model too large for the dense exact hypergradient
+        raise ConfigError(f"bilevel check on {problem.name}: {exc}") from None
+    for row in rows:
         print(f"  {row['method']:<12s} vs {row['compared_with']:<32s} {row['relative_error']:.3e}")
     return 0
 

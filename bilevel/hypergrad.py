@@ -64,19 +64,33 @@ def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cr
     return tree.sub(gx_f, cross(problem, x, y, v, cross_batch, mode=hvp_mode)), v
 
 
+#: Largest dense [d2_yy g, d2_yx g] block ``exact`` builds (bytes); larger problems get an error.
+MAX_DENSE_BYTES = 2 * 1024 ** 3
+#: Rows of the dense Jacobians computed per vectorized backward pass (bounds peak memory).
+JACOBIAN_CHUNK = 64
+
+
 def exact(problem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any) -> Tuple[Tree, Tree]:
     """Dense implicit hypergradient: builds d2_yy g and d2_xy g explicitly (reverse-over-reverse
-    Jacobians of the flattened gradient) and solves with ``torch.linalg.solve``.
+    Jacobians of the flattened gradient, ``JACOBIAN_CHUNK`` rows at a time) and solves with
+    ``torch.linalg.solve``.
 
-    Cost grows as dim(y)^2 memory: meant for small problems and as the reference in tests.
+    Memory grows as dim(y) (dim(y) + dim(x)): meant for small problems and as the reference in
+    tests; beyond ``MAX_DENSE_BYTES`` it raises a ValueError naming the sizes (use ``cg``).
     Returns ``(hypergradient, v)``.
     """
     xf, yf = tree.flatten(x).detach(), tree.flatten(y).detach()
+    needed = yf.numel() * (yf.numel() + xf.numel()) * yf.element_size()
+    if needed > MAX_DENSE_BYTES:
+        raise ValueError(f"exact hypergradient: the dense d2_yy g and d2_xy g of dim(y) = {yf.numel()}, "
+                         f"dim(x) = {xf.numel()} need {needed / 1024 ** 3:.1f} GiB (limit "
+                         f"{MAX_DENSE_BYTES / 1024 ** 3:.0f} GiB); use method='cg' or a smaller problem")
 
     def lower_flat(xv, yv):
         return _scalar(problem.lower_loss(tree.unflatten(xv, x), tree.unflatten(yv, y), lower_batch), "lower_loss")
 
-    cross_jac, hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=(0, 1))(xf, yf)
+    cross_jac, hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=(0, 1),
+                                           chunk_size=JACOBIAN_CHUNK)(xf, yf)
     gx_f, gy_f = grad_upper(problem, x, y, upper_batch)
     try:
         v = torch.linalg.solve(hessian, tree.flatten(gy_f))

@@ -15,6 +15,12 @@ def test_check_reports_small_errors_on_a_correct_problem():
     errors = _rows(check_module.check_hypergradients(Quadratic(**SMALL), lower_lr=0.5, lower_steps=800, steps=200, lr=0.5))
     assert errors["cg"] < 1e-10 and errors["neumann"] < 1e-3  # 200 terms at step 0.5: geometric, not exact
     assert errors["exact"] < 1e-6  # the finite-difference row
+    assert errors["lower solve"] < 1e-8  # converged lower level
+
+
+def test_check_reports_an_unconverged_lower_solve():
+    errors = _rows(check_module.check_hypergradients(Quadratic(**SMALL), lower_lr=0.01, lower_steps=3, directions=1))
+    assert errors["lower solve"] > 1e-2
 
 
 def test_check_flags_a_wrong_hypergradient(monkeypatch):
@@ -33,3 +39,13 @@ def test_check_command(capsys):
     assert cli.main(["check", "problem=quadratic", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert cli.main(["check", "problem=quadratic", "problem_options.dim_inner=abc"]) == 2
+
+
+def test_check_command_on_a_model_too_large_for_dense_hessians(capsys, monkeypatch):
+    from bilevel import hypergrad
+
+    monkeypatch.setattr(hypergrad, "MAX_DENSE_BYTES", 100)  # the dense blocks take 6 * 9 * 8 = 432 bytes
+    settings = [f"problem_options.{k}={v}" for k, v in SMALL.items()]
+    assert cli.main(["check", "problem=quadratic", *settings, "lower_steps=3", "directions=1"]) == 2
+    err = capsys.readouterr().err
+    assert "dim(y) = 6" in err and "use method='cg'" in err
