@@ -171,7 +171,7 @@ def problem_from_overrides(name: str, options: Dict[str, Any], preset: Optional[
     typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(_options_schema(cls, options)), options))
     try:
         return cls(**typed)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, FileNotFoundError) as exc:  # a rejected value, a missing data file
         raise ConfigError(f"problem {name!r} (problem_options): {exc}") from None
 
 

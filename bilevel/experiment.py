@@ -60,7 +60,7 @@ def run_experiment(cfg: DictConfig, echo=print) -> ExperimentResult:
     try:
         problem = make_problem(cfg.problem, **config_module.merged_problem_options(
             cfg.problem, cfg.preset, cfg.problem_options))
-    except (TypeError, ValueError) as exc:  # the problem rejected an option's value
+    except (TypeError, ValueError, FileNotFoundError) as exc:  # a rejected option value, a missing data file
         raise config_module.ConfigError(f"problem {cfg.problem!r} (problem_options): {exc}") from None
     solvers = {name: make_solver(name, **config_module.solver_options(cfg, name)) for name in cfg.solvers}
     metrics = list(cfg.metrics) or list(getattr(problem, "headline_metrics", ()))

