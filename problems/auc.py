@@ -54,10 +54,10 @@ from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
 from .digits import split_indices
-from .linear_classifier import select
-from .text_classifier import (DTYPES, TextClassifierProblem, batch_tokens, build_classifier,
-                              check_common_options, check_int, check_model_options, check_real,
-                              encode_splits, load_text, predict)
+from .batches import select
+from .options import check_int, check_real
+from .text_classifier import (TextClassifierProblem, batch_tokens, build_classifier, check_common_options,
+                              check_model_options, encode_splits, load_text, predict)
 
 NAME = "auc"
 DATASETS = ("rotten-tomatoes", "sent140", "table")
@@ -183,7 +183,7 @@ class DeepAUC(TextClassifierProblem):
         if positive_ratio is not None:
             check_real(NAME, "positive_ratio", positive_ratio, 0.0, 1.0, rule="a number in (0, 1) or None")
         check_real(NAME, "margin", margin, 0.0, rule="a positive number")
-        check_common_options(NAME, batch_size, val_batch_size, seed, dtype)
+        dtype = check_common_options(NAME, batch_size, val_batch_size, seed, dtype)
         corpus = load_text(NAME, dataset, DATASETS, data_path, text_column, label_column)
         if corpus.n_classes != 2:
             raise ValueError(f"{NAME}: AUC needs binary labels 0 / 1; dataset {dataset!r} has "
@@ -192,7 +192,7 @@ class DeepAUC(TextClassifierProblem):
         self.dataset, self.margin, self.positive_ratio = dataset, float(margin), positive_ratio
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        self.seed, self.dtype = int(seed), DTYPES[dtype]
+        self.seed, self.dtype = int(seed), dtype
         splits = imbalanced_splits(corpus.labels, self.n_train, self.n_val, self.n_test, positive_ratio, self.seed)
         self.split_indices = splits  # (train, val, test) indices into the corpus
         self.data = encode_splits(corpus, splits, max_len, min_freq, max_vocab, glove_path, self.seed)

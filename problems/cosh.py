@@ -22,13 +22,15 @@ import torch
 from bilevel.problem import BilevelProblem, check_level
 from bilevel.registry import register_problem
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from .options import check_dtype, check_int, check_real
+
+NAME = "cosh"
 
 
-@register_problem("cosh", paper="synthetic (L0, L1)-smooth, not L-smooth, test problem (Zhang et al., ICLR 2020 smoothness class)")
+@register_problem(NAME, paper="synthetic (L0, L1)-smooth, not L-smooth, test problem (Zhang et al., ICLR 2020 smoothness class)")
 class Cosh(BilevelProblem):
     """Synthetic unbounded-smoothness problem: Phi(x) = sum cosh(x_i), y*(x) = x."""
-    name = "cosh"
+    name = NAME
     headline_metrics = ("grad_norm_sq", "x_norm")
 
     #: "tiny": the deterministic 1-d case; "paper": the noisy 3-d case of the unbounded-smoothness tests.
@@ -39,15 +41,10 @@ class Cosh(BilevelProblem):
         """dim: size of x and y; x0: initial value of every x_i and y_i; noise: standard deviation
         of the Gaussian gradient noise of both losses (None or 0: deterministic); n_noise: rows of
         each level's perturbation table; seed: seed of the tables."""
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"cosh: option dim must be a positive integer, got {dim!r}")
-        if noise is not None and noise < 0:
-            raise ValueError(f"cosh: option noise must be >= 0, got {noise!r}")
-        if isinstance(n_noise, bool) or not isinstance(n_noise, int) or n_noise < 1:
-            raise ValueError(f"cosh: option n_noise must be a positive integer, got {n_noise!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"cosh: option dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.dim, self.x0, self.noise, self.dtype = dim, float(x0), noise or 0.0, DTYPES[dtype]
+        check_int(NAME, "dim", dim)
+        check_real(NAME, "noise", noise, 0.0, include_low=True, allow_none=True, rule="a number >= 0 or None")
+        check_int(NAME, "n_noise", n_noise)
+        self.dim, self.x0, self.noise, self.dtype = dim, float(x0), noise or 0.0, check_dtype(NAME, dtype)
         self.n_noise = n_noise
         generator = torch.Generator().manual_seed(seed)
         self.tables = {}

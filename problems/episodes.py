@@ -38,7 +38,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .options import check_int, check_real
+
 SPLIT_MODES = ("groups", "classes", "samples")  #: the accepted ``held_out`` values (and None)
+NAME = "episodes"  #: the prefix of the argument errors
 
 
 @dataclass
@@ -86,11 +89,6 @@ class TaskSplit:
     test_keys: Optional[list] = None
 
 
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _eligible(labels: np.ndarray, pool: np.ndarray, classes: Sequence[int], needed: int, where: str) -> dict:
     """{class: its samples in pool}; ValueError naming the first class with fewer than ``needed``."""
     by_class = {}
@@ -114,7 +112,7 @@ def build_episodes(labels: np.ndarray, n_way: int, k_support: int, k_query: int,
     Raises ValueError when a class (of a group) has fewer than k_support + k_query samples or
     fewer than n_way classes are available."""
     for name, value in (("n_way", n_way), ("k_support", k_support), ("k_query", k_query), ("n_tasks", n_tasks)):
-        _check_positive(name, value)
+        check_int(NAME, name, value)
     labels = np.asarray(labels, dtype=np.int64)
     pool = np.arange(len(labels)) if pool is None else np.asarray(pool, dtype=np.int64)
     wanted = np.unique(labels[pool]) if classes is None else np.asarray(sorted(classes), dtype=np.int64)
@@ -223,8 +221,7 @@ def split_episodes(labels: np.ndarray, n_way: int, k_support: int, k_query: int,
     ``test_groups`` names the held-out groups ("groups" mode only; default: a seeded
     ``test_share`` of them, at least one); ``test_share`` in (0, 1) is also the test share of
     every class in "samples" mode. Tasks of a grouped corpus stay inside one group in every mode."""
-    if not 0.0 < test_share < 1.0:
-        raise ValueError(f"test_share must lie in (0, 1), got {test_share!r}")
+    check_real(NAME, "test_share", test_share, 0.0, 1.0, rule="a number in (0, 1)")
     labels = np.asarray(labels, dtype=np.int64)
     mode = split_mode(held_out, len(np.unique(labels)), n_way, groups is not None)
     if test_groups is not None and mode != "groups":

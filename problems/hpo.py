@@ -43,8 +43,6 @@ variance reduction algorithms", NeurIPS 2022 (benchopt bilevel benchmark, ijcnn1
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -57,8 +55,9 @@ from bilevel.tree import Tree
 
 from .digits import load_digits_arrays, load_sklearn_bundled, split_indices, standardize
 from .linear_classifier import LinearClassifierProblem, logits, select
+from .options import check_choice, check_dtype, check_int, check_real, option_error
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NAME = "hpo"
 REGULARIZATIONS = ("per-feature", "per-class")
 
 #: Per data set: (n_samples, n_features, n_classes, default (n_train, n_val, n_test),
@@ -80,19 +79,7 @@ def load_breast_cancer_arrays() -> Tuple[np.ndarray, np.ndarray]:
 LOADERS = {"breast-cancer": load_breast_cancer_arrays, "digits": load_digits_arrays}
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fail(option: str, rule: str, value) -> ValueError:
-    return ValueError(f"hpo: option {option} must be {rule}, got {value!r}")
-
-
-@register_problem("hpo", paper="Pedregosa, Hyperparameter optimization with approximate gradient, ICML 2016; "
+@register_problem(NAME, paper="Pedregosa, Hyperparameter optimization with approximate gradient, ICML 2016; "
                   "Dagreou et al., NeurIPS 2022 (benchopt bilevel benchmark, ijcnn1 and covtype)")
 class HyperparameterOptimization(LinearClassifierProblem):
     """Learned per-feature or per-class L2 penalties of a logistic regression, tuned on validation.
@@ -102,7 +89,7 @@ class HyperparameterOptimization(LinearClassifierProblem):
     (d or C), ``dataset``, ``regularization``.
     """
 
-    name = "hpo"
+    name = NAME
     headline_metrics = ("val_loss", "test_accuracy")
 
     #: "tiny": seconds, for tests; "paper": benchopt's covtype-style per-class setting on digits
@@ -133,33 +120,26 @@ class HyperparameterOptimization(LinearClassifierProblem):
             seed: seed of the split permutation.
             dtype: "float32" or "float64", for the data and the variables.
         """
-        if dataset not in DATASETS:
-            raise _fail("dataset", f"one of {sorted(DATASETS)}", dataset)
+        check_choice(NAME, "dataset", dataset, sorted(DATASETS))
         n_samples, n_features, n_classes, default_sizes, default_reg = DATASETS[dataset]
         if regularization is None:
             regularization = default_reg
         if regularization not in REGULARIZATIONS:
-            raise _fail("regularization", f"one of {REGULARIZATIONS} or None", regularization)
-        sizes = {}
-        for option, value, default in zip(("n_train", "n_val", "n_test"), (n_train, n_val, n_test), default_sizes):
-            value = default if value is None else value
-            if not _is_int(value) or value < 1:
-                raise _fail(option, "a positive int or None (the data set's default)", value)
-            sizes[option] = int(value)
+            raise option_error(NAME, "regularization", f"one of {REGULARIZATIONS} or None", regularization)
+        sizes = {option: check_int(NAME, option, default if value is None else value,
+                                   rule="a positive int or None (the data set's default)")
+                 for option, value, default in zip(("n_train", "n_val", "n_test"), (n_train, n_val, n_test),
+                                                   default_sizes)}
         if sum(sizes.values()) > n_samples:
-            raise ValueError(f"hpo: options n_train + n_val + n_test = {sizes['n_train']} + {sizes['n_val']} + "
+            raise ValueError(f"{NAME}: options n_train + n_val + n_test = {sizes['n_train']} + {sizes['n_val']} + "
                              f"{sizes['n_test']} exceed the {n_samples} samples of the {dataset} data set")
-        if not _is_real(reg_floor) or not reg_floor > 0:
-            raise _fail("reg_floor", "a positive number (it makes the lower problem strongly convex)", reg_floor)
-        if not _is_real(x0):
-            raise _fail("x0", "a finite number (the initial log-penalty)", x0)
+        check_real(NAME, "reg_floor", reg_floor, 0.0,
+                   rule="a positive number (it makes the lower problem strongly convex)")
+        check_real(NAME, "x0", x0, rule="a finite number (the initial log-penalty)")
         for option, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
-            if value is not None and (not _is_int(value) or value < 1):
-                raise _fail(option, "a positive int or None (full batch)", value)
-        if not _is_int(seed):
-            raise _fail("seed", "an int", seed)
-        if dtype not in DTYPES:
-            raise _fail("dtype", f"one of {sorted(DTYPES)}", dtype)
+            check_int(NAME, option, value, allow_none=True, rule="a positive int or None (full batch)")
+        check_int(NAME, "seed", seed, minimum=None)
+        dtype = check_dtype(NAME, dtype)
 
         self.dataset, self.regularization = dataset, regularization
         self.n_train, self.n_val, self.n_test = sizes["n_train"], sizes["n_val"], sizes["n_test"]
@@ -167,7 +147,7 @@ class HyperparameterOptimization(LinearClassifierProblem):
         self.dim_x = n_features if regularization == "per-feature" else n_classes
         self.reg_floor, self.x0 = float(reg_floor), float(x0)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        self.seed, self.dtype = int(seed), DTYPES[dtype]
+        self.seed, self.dtype = int(seed), dtype
 
         features, labels = LOADERS[dataset]()
         train, val, test = split_indices(n_samples, (self.n_train, self.n_val, self.n_test), self.seed)

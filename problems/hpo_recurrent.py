@@ -37,10 +37,11 @@ from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
 from .digits import split_indices
-from .linear_classifier import select
+from .batches import select
 from .models import squared_norm
-from .text_classifier import (DTYPES, TextClassifierProblem, batch_tokens, build_classifier, check_common_options,
-                              check_int, check_model_options, check_real, encode_splits, load_text, predict)
+from .options import check_int, check_real
+from .text_classifier import (TextClassifierProblem, batch_tokens, build_classifier, check_common_options,
+                              check_model_options, encode_splits, load_text, predict)
 
 NAME = "hpo-rnn"
 DATASETS = ("rotten-tomatoes", "sent140", "amazon", "table")
@@ -99,7 +100,7 @@ class RecurrentHPO(TextClassifierProblem):
         for option, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
             check_int(NAME, option, value)
         check_real(NAME, "x0", x0, rule="a finite number (the initial log_reg)")
-        check_common_options(NAME, batch_size, val_batch_size, seed, dtype)
+        dtype = check_common_options(NAME, batch_size, val_batch_size, seed, dtype)
         corpus = load_text(NAME, dataset, DATASETS, data_path, text_column, label_column)
         if n_train + n_val + n_test > len(corpus):
             raise ValueError(f"{NAME}: n_train + n_val + n_test = {n_train + n_val + n_test} exceed the "
@@ -108,7 +109,7 @@ class RecurrentHPO(TextClassifierProblem):
         self.dataset, self.n_classes, self.x0 = dataset, corpus.n_classes, float(x0)
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        self.seed, self.dtype = int(seed), DTYPES[dtype]
+        self.seed, self.dtype = int(seed), dtype
         splits = split_indices(len(corpus), (self.n_train, self.n_val, self.n_test), self.seed)
         self.split_indices = splits  # (train, val, test) indices into the corpus
         self.data = encode_splits(corpus, splits, max_len, min_freq, max_vocab, glove_path, self.seed)

@@ -35,15 +35,31 @@ from bilevel.tree import Tree
 
 from .digits import N_CLASSES, N_SAMPLES, corrupt_labels, load_digits_arrays, split_indices, standardize
 from .linear_classifier import LinearClassifierProblem, accuracy, logits, select
+from .options import check_dtype, check_int, check_real
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+NAME = "hyperclean-digits"
 
 
-@register_problem("hyperclean-digits", paper="Franceschi et al., Forward and Reverse Gradient-Based "
+def check_cleaning_options(problem: str, noise_rate, reg, flag_threshold) -> None:
+    """The options every hyper-cleaning problem shares: noise_rate in [0, 1), reg > 0 (the squared
+    L2 term of the lower loss) and flag_threshold in (0, 1)."""
+    check_real(problem, "noise_rate", noise_rate, 0.0, 1.0, include_low=True, rule="a number in [0, 1)")
+    check_real(problem, "reg", reg, 0.0, rule="a number > 0 (the squared L2 term makes g strongly convex)")
+    check_real(problem, "flag_threshold", flag_threshold, 0.0, 1.0, rule="a number in (0, 1)")
+
+
+def detection_scores(flagged: Tensor, corrupted: Tensor) -> Dict[str, float]:
+    """F1, precision and recall of the boolean prediction ``flagged`` of the boolean truth
+    ``corrupted``. Precision and F1 are 0 when nothing is flagged, recall is 0 when nothing is
+    corrupted (F1 = 2 tp / (n_flagged + n_corrupted))."""
+    tp = int((flagged & corrupted).sum())
+    n_flagged, n_corrupted = int(flagged.sum()), int(corrupted.sum())
+    return {"f1": 2 * tp / (n_flagged + n_corrupted) if n_flagged else 0.0,
+            "precision": tp / n_flagged if n_flagged else 0.0,
+            "recall": tp / n_corrupted if n_corrupted else 0.0}
+
+
+@register_problem(NAME, paper="Franceschi et al., Forward and Reverse Gradient-Based "
                   "Hyperparameter Optimization, ICML 2017 (data hyper-cleaning)")
 class HypercleanDigits(LinearClassifierProblem):
     """Data hyper-cleaning: per-sample weights of a noisy digits training set, tuned on clean data.
@@ -53,7 +69,7 @@ class HypercleanDigits(LinearClassifierProblem):
     ``test_labels``, ``n_classes``, ``n_features``.
     """
 
-    name = "hyperclean-digits"
+    name = NAME
     headline_metrics = ("test_accuracy", "f1")
     n_classes = N_CLASSES
 
@@ -81,29 +97,19 @@ class HypercleanDigits(LinearClassifierProblem):
             flag_threshold: in (0, 1); sample i is flagged as corrupted when sigmoid(x_i) < flag_threshold.
         """
         for option, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{option} must be a positive int, got {value!r}")
+            check_int(NAME, option, value)
         if n_train + n_val + n_test > N_SAMPLES:
-            raise ValueError(f"n_train + n_val + n_test = {n_train + n_val + n_test} exceeds the "
+            raise ValueError(f"{NAME}: n_train + n_val + n_test = {n_train + n_val + n_test} exceeds the "
                              f"{N_SAMPLES} samples of the digits data set")
-        if not 0.0 <= noise_rate < 1.0:
-            raise ValueError(f"noise_rate must lie in [0, 1), got {noise_rate!r}")
-        if not reg > 0:
-            raise ValueError(f"reg must be > 0 (it makes the lower problem strongly convex), got {reg!r}")
+        check_cleaning_options(NAME, noise_rate, reg, flag_threshold)
         for option, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ValueError(f"{option} must be a positive int or None (full batch), got {value!r}")
-        if not _is_int(seed):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if not 0.0 < flag_threshold < 1.0:
-            raise ValueError(f"flag_threshold must lie in (0, 1), got {flag_threshold!r}")
+            check_int(NAME, option, value, allow_none=True, rule="an int >= 1 or None (full batch)")
+        check_int(NAME, "seed", seed, minimum=None)
 
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
         self.noise_rate, self.reg, self.flag_threshold = float(noise_rate), float(reg), float(flag_threshold)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        self.seed, self.dtype = int(seed), DTYPES[dtype]
+        self.seed, self.dtype = int(seed), check_dtype(NAME, dtype)
 
         features, labels = load_digits_arrays()
         train, val, test = split_indices(N_SAMPLES, (self.n_train, self.n_val, self.n_test), self.seed)
@@ -144,14 +150,9 @@ class HypercleanDigits(LinearClassifierProblem):
         with torch.no_grad():
             y = {k: v.detach() for k, v in y.items()}
             flagged = torch.sigmoid(x["weight_logits"].detach()) < self.flag_threshold
-            corrupted = self.corrupted_mask
-            tp = int((flagged & corrupted).sum())
-            n_flagged, n_corrupted = int(flagged.sum()), int(corrupted.sum())
             return {
                 "test_accuracy": accuracy(y, self.test_features, self.test_labels),
                 "val_loss": float(self.upper_loss(x, y, None)),
                 "train_accuracy_clean": accuracy(y, self.train_features, self.train_labels_clean),
-                "f1": 2 * tp / (n_flagged + n_corrupted) if n_flagged else 0.0,
-                "precision": tp / n_flagged if n_flagged else 0.0,
-                "recall": tp / n_corrupted if n_corrupted else 0.0,
+                **detection_scores(flagged, self.corrupted_mask),
             }

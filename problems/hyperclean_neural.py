@@ -52,21 +52,22 @@ Smoothness" (AccBO), NeurIPS 2024, SNLI.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bilevel.problem import BilevelProblem, check_level
+from bilevel.problem import BilevelProblem
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
+from .batches import IndexBatches, select, trim_padding
 from .corpora import encode_text, load_corpus, subset
 from .digits import corrupt_labels, split_indices, standardize
-from .linear_classifier import select
+from .hyperclean import check_cleaning_options, detection_scores
 from .models import MLP, Classifier, FunctionalModel, PairEncoder, RecurrentEncoder, cross_entropy, squared_norm
+from .options import check_choice, check_dtype, check_int
 
 FEATURE_DATASETS = ("digits", "mnist-5k")
 TEXT_DATASETS = ("rotten-tomatoes", "sent140", "snli", "table")
@@ -74,45 +75,12 @@ DATASETS = FEATURE_DATASETS + TEXT_DATASETS
 FEATURE_MODELS = ("linear", "mlp")
 RECURRENT_MODELS = ("rnn", "lstm", "gru")
 MODELS = FEATURE_MODELS + RECURRENT_MODELS
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NAME = "hyperclean"
 
 
-def detection_scores(flagged: Tensor, corrupted: Tensor) -> Dict[str, float]:
-    """F1, precision and recall of the boolean prediction ``flagged`` of the boolean truth
-    ``corrupted``. Precision and F1 are 0 when nothing is flagged, recall is 0 when nothing is
-    corrupted (F1 = 2 tp / (n_flagged + n_corrupted))."""
-    tp = int((flagged & corrupted).sum())
-    n_flagged, n_corrupted = int(flagged.sum()), int(corrupted.sum())
-    return {"f1": 2 * tp / (n_flagged + n_corrupted) if n_flagged else 0.0,
-            "precision": tp / n_flagged if n_flagged else 0.0,
-            "recall": tp / n_corrupted if n_corrupted else 0.0}
-
-
-def trim_padding(tokens: Tensor) -> Tensor:
-    """Drop the trailing time steps that are padding in every sequence of the batch (at least
-    one step is kept). Padding sits at the end and never reaches a feature, so the model's
-    output is unchanged; only the work shrinks."""
-    used = (tokens != 0).reshape(-1, tokens.shape[-1]).any(dim=0).nonzero()
-    length = int(used.max()) + 1 if used.numel() else 1
-    return tokens[..., :length]
-
-
-def _check_int(option: str, value, low: int = 1, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        accepted = f"an int >= {low}" + (" or None" if optional else "")
-        raise ValueError(f"{option} must be {accepted}, got {value!r}")
-
-
-def _check_choice(option: str, value, accepted) -> None:
-    if value not in accepted:
-        raise ValueError(f"unknown {option} {value!r}; choose one of {list(accepted)}")
-
-
-@register_problem("hyperclean", paper="Franceschi et al., ICML 2017 (data hyper-cleaning); Hao, Gong, Liu, "
+@register_problem(NAME, paper="Franceschi et al., ICML 2017 (data hyper-cleaning); Hao, Gong, Liu, "
                   "BO-REP, ICLR 2024; Gong, Hao, Liu, SLIP, ICML 2024 and AccBO, NeurIPS 2024 (Sent140, SNLI)")
-class HypercleanNeural(BilevelProblem):
+class HypercleanNeural(IndexBatches, BilevelProblem):
     """Data hyper-cleaning: per-sample weights of a noisy training set, neural classifier, clean validation.
 
     Attributes: ``train_inputs`` / ``val_inputs`` / ``test_inputs`` (float features (N, D),
@@ -122,7 +90,7 @@ class HypercleanNeural(BilevelProblem):
     corpus), ``vocab`` (None for features), ``net`` (the FunctionalModel), ``n_classes``.
     """
 
-    name = "hyperclean"
+    name = NAME
     headline_metrics = ("test_accuracy", "f1")
     #: samples per forward pass in ``evaluate`` (bounds its memory)
     eval_chunk = 512
@@ -174,41 +142,36 @@ class HypercleanNeural(BilevelProblem):
             dtype: "float32" or "float64".
             flag_threshold: in (0, 1); sample i is flagged as corrupted when sigmoid(x_i) < it.
         """
-        _check_choice("dataset", dataset, DATASETS)
-        _check_choice("model", model, MODELS)
+        check_choice(NAME, "dataset", dataset, DATASETS)
+        check_choice(NAME, "model", model, MODELS)
         if dataset in FEATURE_DATASETS and model not in FEATURE_MODELS:
-            raise ValueError(f"model {model!r} needs text; dataset {dataset!r} holds feature vectors: "
+            raise ValueError(f"{NAME}: model {model!r} needs text; dataset {dataset!r} holds feature vectors: "
                              f"use model in {list(FEATURE_MODELS)}")
         if dataset in TEXT_DATASETS and model not in RECURRENT_MODELS:
-            raise ValueError(f"model {model!r} needs feature vectors; dataset {dataset!r} holds text: "
+            raise ValueError(f"{NAME}: model {model!r} needs feature vectors; dataset {dataset!r} holds text: "
                              f"use model in {list(RECURRENT_MODELS)}")
         for option, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("hidden", hidden),
                               ("embed_dim", embed_dim), ("max_len", max_len), ("min_freq", min_freq)):
-            _check_int(option, value)
+            check_int(NAME, option, value)
         for option, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size),
                               ("max_vocab", max_vocab)):
-            _check_int(option, value, optional=True)
-        _check_int("seed", seed, low=0)
-        _check_choice("layers", layers, (1, 2))
-        _check_choice("dtype", dtype, tuple(DTYPES))
-        if not 0.0 <= noise_rate < 1.0:
-            raise ValueError(f"noise_rate must lie in [0, 1), got {noise_rate!r}")
-        if not reg > 0:
-            raise ValueError(f"reg must be > 0 (the squared L2 term of the lower loss), got {reg!r}")
-        if not 0.0 < flag_threshold < 1.0:
-            raise ValueError(f"flag_threshold must lie in (0, 1), got {flag_threshold!r}")
+            check_int(NAME, option, value, allow_none=True)
+        check_int(NAME, "seed", seed, minimum=0)
+        check_choice(NAME, "layers", layers, (1, 2))
+        dtype = check_dtype(NAME, dtype)
+        check_cleaning_options(NAME, noise_rate, reg, flag_threshold)
 
         self.dataset, self.model = dataset, model
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
         self.noise_rate, self.reg, self.flag_threshold = float(noise_rate), float(reg), float(flag_threshold)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        self.seed, self.dtype = int(seed), DTYPES[dtype]
+        self.seed, self.dtype = int(seed), dtype
 
         corpus = load_corpus(dataset, data_path, text_column=text_column, label_column=label_column)
         total = self.n_train + self.n_val + self.n_test
         if total > len(corpus):
-            raise ValueError(f"n_train + n_val + n_test = {total} exceeds the {len(corpus)} samples of dataset "
-                             f"{dataset!r}; lower n_train, n_val or n_test")
+            raise ValueError(f"{NAME}: n_train + n_val + n_test = {total} exceeds the {len(corpus)} samples of "
+                             f"dataset {dataset!r}; lower n_train, n_val or n_test")
         self.n_classes = corpus.n_classes
         splits = split_indices(len(corpus), (self.n_train, self.n_val, self.n_test), self.seed)
         self.train_indices, self.val_indices, self.test_indices = splits
@@ -230,8 +193,8 @@ class HypercleanNeural(BilevelProblem):
             encoded = encode_text(used, range(self.n_train), max_len=max_len, min_freq=min_freq,
                                   max_vocab=max_vocab, glove_path=glove_path, seed=self.seed)
             if encoded.embeddings is not None and encoded.embeddings.shape[1] != embed_dim:
-                raise ValueError(f"embed_dim={embed_dim} differs from the {encoded.embeddings.shape[1]}-dimensional "
-                                 f"vectors of glove_path {glove_path!r}; set embed_dim to match")
+                raise ValueError(f"{NAME}: embed_dim={embed_dim} differs from the {encoded.embeddings.shape[1]}-"
+                                 f"dimensional vectors of glove_path {glove_path!r}; set embed_dim to match")
             self.vocab = encoded.vocab
             self.train_inputs, self.val_inputs, self.test_inputs = (encoded.tokens[s] for s in self._positions())
             encoder = RecurrentEncoder(len(encoded.vocab), embed_dim, hidden, model, layers, encoded.embeddings)
@@ -263,17 +226,6 @@ class HypercleanNeural(BilevelProblem):
     def upper_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
         """Mean CE on the clean validation labels; batch indexes val. Independent of x."""
         return cross_entropy(self.logits(y, select(self.val_inputs, batch)), select(self.val_labels, batch))
-
-    def sample(self, level: str, generator: torch.Generator) -> Optional[Tensor]:
-        """i.i.d. uniform indices into train ("lower") or val ("upper"); None for a full batch."""
-        size = self.batch_size if level == "lower" else self.val_batch_size
-        n = self.n_samples(level)
-        return None if size is None else torch.randint(n, (size,), generator=generator)
-
-    def n_samples(self, level: str) -> int:
-        """Size of the finite sum: n_train ("lower") or n_val ("upper")."""
-        check_level(level)
-        return self.n_train if level == "lower" else self.n_val
 
     def init(self, generator: torch.Generator):
         """x0 = 0 (every weight 0.5); y0 = the modules' default initialisation drawn from ``generator``."""

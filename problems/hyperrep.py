@@ -62,11 +62,8 @@ modified.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -74,49 +71,23 @@ from bilevel.problem import BilevelProblem, check_level
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
+from .batches import select, trim_padding
 from .corpora import encode_text, load_corpus
 from .episodes import SPLIT_MODES, Episodes, split_episodes
-from .linear_classifier import select
-from .models import (PAD_INDEX, MLP, ConvEncoder, FunctionalModel, PairEncoder, RecurrentEncoder,
-                     TransformerEncoder, cross_entropy, squared_norm)
+from .models import (MLP, ConvEncoder, FunctionalModel, PairEncoder, RecurrentEncoder, TransformerEncoder,
+                     cross_entropy, squared_norm)
+from .options import check_choice, check_dtype, check_int, check_real, option_error
 
 DATASETS = ("mnist-5k", "rotten-tomatoes", "amazon", "snli", "table")
 IMAGE_ENCODERS = ("mlp", "cnn")
 TEXT_ENCODERS = ("rnn", "lstm", "gru", "transformer")
 LABEL_MODES = ("permuted", "original")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EVAL_TRAIN_TASKS = 64   # train tasks (the first ones, a fixed random subset) behind the train_* metrics
 FEATURE_CHUNK = 512     # samples per encoder call in evaluation
+NAME = "hyperrep"
 
 
-def _fail(option: str, rule: str, value) -> ValueError:
-    return ValueError(f"hyperrep: option {option} must be {rule}, got {value!r}")
-
-
-def _int(option: str, value, minimum: int = 1, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise _fail(option, f"an int >= {minimum}" + (" or None" if allow_none else ""), value)
-    return int(value)
-
-
-def _real(option: str, value, positive: bool) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise _fail(option, "a positive number" if positive else "a number >= 0", value)
-    return float(value)
-
-
-def trim_padding(tokens: Tensor) -> Tensor:
-    """Token ids (B, L) or (B, 2, L) cut after the last column holding a real token (at least one
-    column), so a batch of short sentences costs what they need; outputs are unchanged."""
-    columns = (tokens != PAD_INDEX).reshape(-1, tokens.shape[-1]).any(dim=0)
-    length = int(columns.nonzero().max()) + 1 if bool(columns.any()) else 1
-    return tokens[..., :length]
-
-
-@register_problem("hyperrep", paper="Franceschi et al., Bilevel programming for hyperparameter optimization and "
+@register_problem(NAME, paper="Franceschi et al., Bilevel programming for hyperparameter optimization and "
                   "meta-learning, ICML 2018 (hyper-representation); BO-REP ICLR 2024 (Amazon), SLIP ICML 2024 "
                   "(SNLI), AdamBO TMLR 2025 (TREC)")
 class HyperRepresentation(BilevelProblem):
@@ -128,7 +99,7 @@ class HyperRepresentation(BilevelProblem):
     (:class:`problems.models.FunctionalModel`), ``feature_dim``, ``n_outputs``, ``vocab``.
     """
 
-    name = "hyperrep"
+    name = NAME
     headline_metrics = ("test_accuracy",)
 
     PRESETS: Dict[str, Dict[str, Any]] = {
@@ -204,45 +175,45 @@ class HyperRepresentation(BilevelProblem):
             seed: seed of the tasks, of the task split and of the GloVe rows of unknown words.
             dtype: "float32" or "float64", for the features and the variables.
         """
-        if dataset not in DATASETS:
-            raise _fail("dataset", f"one of {DATASETS}", dataset)
+        check_choice(NAME, "dataset", dataset, DATASETS)
         is_image = dataset == "mnist-5k"
         allowed = IMAGE_ENCODERS if is_image else TEXT_ENCODERS
         encoder = ("mlp" if is_image else "lstm") if encoder is None else encoder
         if encoder not in allowed:
-            raise _fail("encoder", f"one of {allowed} for dataset {dataset!r}", encoder)
+            raise option_error(NAME, "encoder", f"one of {allowed} for dataset {dataset!r}", encoder)
         if labels is not None and labels not in LABEL_MODES:
-            raise _fail("labels", f"one of {LABEL_MODES} or None", labels)
-        if dtype not in DTYPES:
-            raise _fail("dtype", f"one of {sorted(DTYPES)}", dtype)
+            raise option_error(NAME, "labels", f"one of {LABEL_MODES} or None", labels)
+        dtype = check_dtype(NAME, dtype)
         n_way = (5 if is_image else 2) if n_way is None else n_way
-        n_way = _int("n_way", n_way, minimum=2)
-        self.k_support, self.k_query = _int("k_support", k_support), _int("k_query", k_query)
-        self.n_train_tasks, self.n_test_tasks = _int("n_train_tasks", n_train_tasks), _int("n_test_tasks", n_test_tasks)
-        self.tasks_per_batch = _int("tasks_per_batch", tasks_per_batch, allow_none=True)
-        sizes = {name: _int(name, value) for name, value in (("enc_dim", enc_dim), ("hidden", hidden),
+        n_way = check_int(NAME, "n_way", n_way, minimum=2)
+        self.k_support, self.k_query = check_int(NAME, "k_support", k_support), check_int(NAME, "k_query", k_query)
+        self.n_train_tasks = check_int(NAME, "n_train_tasks", n_train_tasks)
+        self.n_test_tasks = check_int(NAME, "n_test_tasks", n_test_tasks)
+        self.tasks_per_batch = check_int(NAME, "tasks_per_batch", tasks_per_batch, allow_none=True)
+        sizes = {name: check_int(NAME, name, value) for name, value in (("enc_dim", enc_dim), ("hidden", hidden),
                  ("embed_dim", embed_dim), ("layers", layers), ("heads", heads), ("max_len", max_len),
                  ("min_freq", min_freq))}
-        head_hidden = _int("head_hidden", head_hidden, minimum=0)
-        _int("max_samples", max_samples, allow_none=True)
-        _int("max_vocab", max_vocab, allow_none=True)
-        self.reg = _real("reg", reg, positive=False)
-        self.adapt_steps = _int("adapt_steps", adapt_steps, minimum=0)
-        self.adapt_lr = _real("adapt_lr", adapt_lr, positive=True)
-        self.seed = _int("seed", seed, minimum=0)
+        head_hidden = check_int(NAME, "head_hidden", head_hidden, minimum=0)
+        check_int(NAME, "max_samples", max_samples, allow_none=True)
+        check_int(NAME, "max_vocab", max_vocab, allow_none=True)
+        self.reg = check_real(NAME, "reg", reg, 0.0, include_low=True, rule="a number >= 0")
+        self.adapt_steps = check_int(NAME, "adapt_steps", adapt_steps, minimum=0)
+        self.adapt_lr = check_real(NAME, "adapt_lr", adapt_lr, 0.0, rule="a positive number")
+        self.seed = check_int(NAME, "seed", seed, minimum=0)
         if glove_path is not None and encoder not in ("rnn", "lstm", "gru"):
-            raise _fail("glove_path", "None unless the encoder is rnn, lstm or gru", glove_path)
+            raise option_error(NAME, "glove_path", "None unless the encoder is rnn, lstm or gru", glove_path)
         self.dataset, self.encoder_name, self.n_way = dataset, encoder, n_way
-        self.dtype = DTYPES[dtype]
+        self.dtype = dtype
 
         self.corpus = load_corpus(dataset, data_path, max_samples, text_column, label_column)
         if held_out is not None and held_out not in SPLIT_MODES:
-            raise _fail("held_out", f"one of {SPLIT_MODES} or None", held_out)
+            raise option_error(NAME, "held_out", f"one of {SPLIT_MODES} or None", held_out)
         if held_out is None:
             held_out = "groups" if self.corpus.groups is not None else "samples"
         groups = [g.strip() for g in test_groups.split(",")] if test_groups else None
         if groups is not None and held_out != "groups":
-            raise _fail("test_groups", f"None unless held_out is 'groups' (held_out={held_out!r})", test_groups)
+            raise option_error(NAME, "test_groups", f"None unless held_out is 'groups' (held_out={held_out!r})",
+                               test_groups)
         self.split = split_episodes(self.corpus.labels, n_way, self.k_support, self.k_query, self.n_train_tasks,
                                     self.n_test_tasks, self.seed, groups=self.corpus.groups, test_groups=groups,
                                     held_out=held_out, test_share=test_share)
@@ -281,12 +252,12 @@ class HyperRepresentation(BilevelProblem):
         vocab_size = len(self.vocab)
         if name == "transformer":
             if d % sizes["heads"]:
-                raise _fail("heads", f"a divisor of enc_dim={d}", sizes["heads"])
+                raise option_error(NAME, "heads", f"a divisor of enc_dim={d}", sizes["heads"])
             module = TransformerEncoder(vocab_size, d, sizes["heads"], sizes["layers"], sizes["hidden"],
                                         sizes["max_len"])
         else:
             if sizes["layers"] > 2:
-                raise _fail("layers", "1 or 2 for a recurrent encoder", sizes["layers"])
+                raise option_error(NAME, "layers", "1 or 2 for a recurrent encoder", sizes["layers"])
             embed_dim = sizes["embed_dim"] if embeddings is None else embeddings.shape[1]
             module = RecurrentEncoder(vocab_size, embed_dim, d, name, sizes["layers"], embeddings)
         if self.corpus.kind == "pairs":

@@ -21,8 +21,6 @@ logspace(mu, L_cross)). Only the factors are stored (n x d); mini-batch losses a
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -32,7 +30,9 @@ from torch import Tensor
 from bilevel.problem import BilevelProblem, check_level
 from bilevel.registry import register_problem
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from .options import check_dtype, check_int, check_real
+
+NAME = "quadratic"
 MAX_TRIES = 20
 
 
@@ -118,14 +118,7 @@ def value_hessian_min_eig(inner: Quad, outer: Quad) -> float:
     return float(torch.linalg.eigvalsh(proxy)[0])
 
 
-def _check_positive(name: str, value, integer: bool) -> None:
-    kind_type = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind_type) or not 0 < value < math.inf:
-        kind = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"quadratic: option {name} must be {kind}, got {value!r}")
-
-
-@register_problem("quadratic", paper="Dagreou et al., A framework for bilevel optimization that enables "
+@register_problem(NAME, paper="Dagreou et al., A framework for bilevel optimization that enables "
                   "stochastic and global variance reduction algorithms, NeurIPS 2022 (benchopt bilevel benchmark)")
 class Quadratic(BilevelProblem):
     """Stochastic quadratic bilevel problem with rank-one per-sample Hessians (benchopt benchmark).
@@ -147,7 +140,7 @@ class Quadratic(BilevelProblem):
         dtype: "float32" or "float64", dtype of the variables and losses.
     """
 
-    name = "quadratic"
+    name = NAME
     headline_metrics = ("grad_norm_sq", "inner_distance")
 
     #: "tiny": seconds, for tests; "paper": benchopt's quadratic benchmark (d = 100, n = 1024, batch 64).
@@ -169,15 +162,13 @@ class Quadratic(BilevelProblem):
                       L_outer_inner=L_outer_inner, L_outer_outer=L_outer_outer, L_cross_outer=L_cross_outer,
                       mu_inner=mu_inner)
         for key, val in sizes.items():
-            _check_positive(key, val, integer=True)
+            check_int(NAME, key, val)
         for key, val in scales.items():
-            _check_positive(key, val, integer=False)
+            check_real(NAME, key, val, 0.0, rule="a positive number")
         if n_samples_inner < dim_inner:
             raise ValueError(f"quadratic: option n_samples_inner ({n_samples_inner}) must be >= dim_inner "
                              f"({dim_inner}), else the mean lower Hessian of rank-one samples is singular")
-        if dtype not in DTYPES:
-            raise ValueError(f"quadratic: option dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.dtype, self.batch_size = DTYPES[dtype], batch_size
+        self.dtype, self.batch_size = check_dtype(NAME, dtype), batch_size
         self.dim_inner, self.dim_outer = dim_inner, dim_outer
 
         rng = np.random.RandomState(seed)

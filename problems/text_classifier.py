@@ -18,8 +18,6 @@ and never reaches a feature, see :class:`~bilevel.problems.models.RecurrentEncod
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -29,45 +27,13 @@ from torch import Tensor
 
 from bilevel.problem import BilevelProblem
 
+from .batches import IndexBatches, select, trim_padding
 from .corpora import Corpus, encode_text, load_corpus, subset
-from .linear_classifier import LinearClassifierProblem, select
-from .models import CELLS, MLP, PAD_INDEX, Classifier, FunctionalModel, RecurrentEncoder
+from .models import CELLS, MLP, Classifier, FunctionalModel, RecurrentEncoder
+from .options import check_choice, check_dtype, check_int
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Test-time forward passes run on this many sequences at a time.
 EVAL_CHUNK = 512
-
-
-# -- option checks (messages name the problem, the option and what it accepts) ----------------
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def option_error(problem: str, option: str, rule: str, value) -> ValueError:
-    return ValueError(f"{problem}: option {option} must be {rule}, got {value!r}")
-
-
-def check_int(problem: str, option: str, value, minimum: int = 1, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not _is_int(value) or value < minimum:
-        rule = f"an int >= {minimum}" + (" or None" if allow_none else "")
-        raise option_error(problem, option, rule, value)
-
-
-def check_real(problem: str, option: str, value, low: float = -math.inf, high: float = math.inf,
-               rule: Optional[str] = None) -> None:
-    """A finite real in the open interval (low, high)."""
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-          and low < value < high)
-    if not ok:
-        raise option_error(problem, option, rule or f"a finite number in ({low}, {high})", value)
-
-
-def check_choice(problem: str, option: str, value, choices: Sequence) -> None:
-    if value not in choices:
-        raise option_error(problem, option, f"one of {list(choices)}", value)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -115,10 +81,7 @@ def encode_splits(corpus: Corpus, splits: Tuple[np.ndarray, np.ndarray, np.ndarr
 
 def batch_tokens(tokens: Tensor, batch: Optional[Tensor]) -> Tensor:
     """The rows ``batch`` of ``tokens`` (all rows for None), cut after the last non-padding column."""
-    rows = select(tokens, batch)
-    used = (rows != PAD_INDEX).any(dim=0).nonzero()
-    width = int(used.max()) + 1 if used.numel() else 1
-    return rows[:, :width]
+    return trim_padding(select(tokens, batch))
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -144,11 +107,12 @@ def check_model_options(problem: str, cell, layers, hidden, embed_dim, fc, max_l
     check_int(problem, "max_vocab", max_vocab, allow_none=True)
 
 
-def check_common_options(problem: str, batch_size, val_batch_size, seed, dtype) -> None:
+def check_common_options(problem: str, batch_size, val_batch_size, seed, dtype) -> torch.dtype:
+    """Checks the batch sizes, the seed and the dtype; returns the torch dtype."""
     check_int(problem, "batch_size", batch_size, allow_none=True)
     check_int(problem, "val_batch_size", val_batch_size, allow_none=True)
     check_int(problem, "seed", seed, minimum=0)
-    check_choice(problem, "dtype", dtype, sorted(DTYPES))
+    return check_dtype(problem, dtype)
 
 
 def predict(forward: Callable[[Tensor], Tensor], tokens: Tensor) -> Tensor:
@@ -158,10 +122,7 @@ def predict(forward: Callable[[Tensor], Tensor], tokens: Tensor) -> Tensor:
     return torch.cat(outs)
 
 
-class TextClassifierProblem(BilevelProblem):
+class TextClassifierProblem(IndexBatches, BilevelProblem):
     """Index-batch sampling and finite-sum sizes over the train (lower) and validation (upper)
-    splits. Subclasses set ``n_train``, ``n_val``, ``batch_size``, ``val_batch_size``."""
-
-    # The very same sampling rules as the linear-classifier problems (one implementation).
-    sample = LinearClassifierProblem.sample
-    n_samples = LinearClassifierProblem.n_samples
+    splits (:class:`~problems.batches.IndexBatches`). Subclasses set ``n_train``, ``n_val``,
+    ``batch_size``, ``val_batch_size``."""

@@ -1,0 +1,52 @@
+"""Index batches over a training split (lower level) and a validation split (upper level).
+
+Problems whose losses are means over samples of two fixed splits,
+
+    g(x, y; B) = 1/|B| sum_{i in B} l_g(x, y; train_i),     f(x, y; B) = 1/|B| sum_{j in B} l_f(x, y; val_j),
+
+use a 1-d LongTensor B of sample indices as the batch (None: the whole split), drawn i.i.d.
+uniformly with ``batch_size`` (lower) or ``val_batch_size`` (upper); ``n_samples`` gives the sizes
+of the two finite sums (the protocol of :mod:`bilevel.memory`, used by SABA-type solvers).
+Token batches are also cut to their longest sequence (:func:`trim_padding`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bilevel.problem import check_level
+
+from .models import PAD_INDEX
+
+
+def select(t: Tensor, batch: Optional[Tensor]) -> Tensor:
+    """The rows of ``t`` in ``batch`` (all of them when batch is None)."""
+    return t if batch is None else t[batch]
+
+
+def trim_padding(tokens: Tensor) -> Tensor:
+    """Token ids (B, L) or (B, 2, L) cut after the last column holding a real token (at least one
+    column). Padding sits at the end and never reaches a feature (see
+    :class:`~problems.models.RecurrentEncoder`), so outputs are unchanged; only the work shrinks."""
+    used = (tokens != PAD_INDEX).reshape(-1, tokens.shape[-1]).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else 1
+    return tokens[..., :length]
+
+
+class IndexBatches:
+    """Mixin giving a :class:`~bilevel.problem.BilevelProblem` the ``sample`` / ``n_samples`` of
+    the module docstring. The problem sets ``n_train``, ``n_val``, ``batch_size`` and
+    ``val_batch_size`` (the latter two: int, or None for full batches)."""
+
+    def sample(self, level: str, generator: torch.Generator) -> Optional[Tensor]:
+        """i.i.d. uniform indices into train ("lower") or val ("upper"); None for a full batch."""
+        n = self.n_samples(level)
+        size = self.batch_size if level == "lower" else self.val_batch_size
+        return None if size is None else torch.randint(n, (size,), generator=generator)
+
+    def n_samples(self, level: str) -> int:
+        """Size of the finite sum: n_train ("lower") or n_val ("upper")."""
+        check_level(level)
+        return self.n_train if level == "lower" else self.n_val
