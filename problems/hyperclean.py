@@ -59,6 +59,17 @@ def detection_scores(flagged: Tensor, corrupted: Tensor) -> Dict[str, float]:
             "recall": tp / n_corrupted if n_corrupted else 0.0}
 
 
+def detection_auc(weight_logits: Tensor, corrupted: Tensor) -> float:
+    """Threshold-free detection score: the probability that a corrupted sample has a smaller
+    weight logit than a clean one (ties count 1/2), i.e. the ROC AUC of the score -x_i for the
+    truth ``corrupted``. 0.5 is chance; 0.5 too when every sample (or none) is corrupted."""
+    n_corrupted = int(corrupted.sum())
+    if n_corrupted in (0, corrupted.numel()):
+        return 0.5
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(corrupted.numpy(), (-weight_logits).double().numpy()))
+
+
 @register_problem(NAME, paper="Franceschi et al., Forward and Reverse Gradient-Based "
                   "Hyperparameter Optimization, ICML 2017 (data hyper-cleaning)")
 class HypercleanDigits(LinearClassifierProblem):
@@ -144,9 +155,9 @@ class HypercleanDigits(LinearClassifierProblem):
 
     def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:
         """Whole-split metrics: test_accuracy, val_loss, train_accuracy_clean (against the clean
-        train labels) and the detection scores f1, precision, recall of flagging the corrupted
-        samples (flagged: sigmoid(x_i) < flag_threshold). Precision and F1 are 0 when nothing is
-        flagged, recall is 0 when nothing is corrupted."""
+        train labels), the detection scores f1, precision, recall of flagging the corrupted
+        samples (flagged: sigmoid(x_i) < flag_threshold; precision and F1 are 0 when nothing is
+        flagged, recall is 0 when nothing is corrupted) and the threshold-free detection_auc."""
         with torch.no_grad():
             y = {k: v.detach() for k, v in y.items()}
             flagged = torch.sigmoid(x["weight_logits"].detach()) < self.flag_threshold
@@ -155,4 +166,5 @@ class HypercleanDigits(LinearClassifierProblem):
                 "val_loss": float(self.upper_loss(x, y, None)),
                 "train_accuracy_clean": accuracy(y, self.train_features, self.train_labels_clean),
                 **detection_scores(flagged, self.corrupted_mask),
+                "detection_auc": detection_auc(x["weight_logits"].detach(), self.corrupted_mask),
             }

@@ -65,7 +65,7 @@ from bilevel.tree import Tree
 from .batches import IndexBatches, select, trim_padding
 from .corpora import encode_text, load_corpus, subset
 from .digits import corrupt_labels, split_indices, standardize
-from .hyperclean import check_cleaning_options, detection_scores
+from .hyperclean import check_cleaning_options, detection_auc, detection_scores
 from .models import MLP, Classifier, FunctionalModel, PairEncoder, RecurrentEncoder, cross_entropy, squared_norm
 from .options import check_choice, check_dtype, check_int
 
@@ -243,8 +243,9 @@ class HypercleanNeural(IndexBatches, BilevelProblem):
 
     def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:
         """Whole-split metrics: test_accuracy (global, not batch-averaged), val_loss,
-        train_accuracy_clean (against the clean train labels) and f1 / precision / recall of
-        flagging the corrupted samples (flagged: sigmoid(x_i) < flag_threshold)."""
+        train_accuracy_clean (against the clean train labels), f1 / precision / recall of
+        flagging the corrupted samples (flagged: sigmoid(x_i) < flag_threshold) and the
+        threshold-free detection_auc (see :func:`~bilevel.problems.hyperclean.detection_auc`)."""
         with torch.no_grad():
             y = {k: v.detach() for k, v in y.items()}
             test_correct, _ = self._predict(y, self.test_inputs, self.test_labels)
@@ -253,4 +254,5 @@ class HypercleanNeural(IndexBatches, BilevelProblem):
             flagged = torch.sigmoid(x["weight_logits"].detach()) < self.flag_threshold
             return {"test_accuracy": test_correct / self.n_test, "val_loss": val_ce / self.n_val,
                     "train_accuracy_clean": train_correct / self.n_train,
-                    **detection_scores(flagged, self.corrupted_mask)}
+                    **detection_scores(flagged, self.corrupted_mask),
+                    "detection_auc": detection_auc(x["weight_logits"].detach(), self.corrupted_mask)}

@@ -238,3 +238,18 @@ def test_registry_create_and_errors():
 def test_invalid_options_name_the_option(option, value):
     with pytest.raises(ValueError, match=option):
         small(**{option: value})
+
+
+def test_detection_auc_is_the_pairwise_ranking_probability():
+    from bilevel.problems.hyperclean import detection_auc
+
+    logits = torch.tensor([-2.0, 0.5, -1.0, 1.0, 0.5, -3.0])
+    corrupted = torch.tensor([True, False, True, False, True, False])
+    # pairs (corrupted i, clean j) with x_i < x_j count 1, ties 1/2: by hand
+    pairs = [(i, j) for i in range(6) if corrupted[i] for j in range(6) if not corrupted[j]]
+    expected = sum(1.0 if logits[i] < logits[j] else 0.5 if logits[i] == logits[j] else 0.0
+                   for i, j in pairs) / len(pairs)
+    assert detection_auc(logits, corrupted) == pytest.approx(expected)
+    assert expected not in (0.0, 0.5, 1.0)  # the example exercises wins, losses and a tie
+    assert detection_auc(logits, torch.zeros(6, dtype=torch.bool)) == 0.5
+    assert detection_auc(-logits, corrupted) == pytest.approx(1 - expected)
