@@ -181,7 +181,7 @@ def truncated(path):
 ])
 def test_a_truncated_compressed_file_raises_an_error_naming_it(name, write, tmp_path):
     path = truncated(write(tmp_path))
-    with pytest.raises(Exception, match=re.escape(path.name)):
+    with pytest.raises(ValueError, match=re.escape(path.name) + ".*truncated or not a valid"):
         load_corpus(name, data_path=str(path))
 
 
