@@ -23,8 +23,8 @@ validation pairs (a'_j, c'_j), and B a multiset of indices (the whole split when
 
 ||y||^2 is the squared L2 norm of all parameters, so g is (2 reg)-strongly convex in y for the
 linear model. For the mlp and recurrent models g is not convex: the regulariser only shifts the
-Hessian's spectrum by 2 reg, and d2_yy g can be indefinite (conjugate-gradient solvers then meet
-negative curvature; Neumann-series and SGD-based solvers run). f does not depend on x:
+Hessian's spectrum by 2 reg, and d2_yy g can be indefinite (aid-cg then truncates its CG at the
+first direction of negative curvature; Neumann-series and SGD-based solvers run as they are). f does not depend on x:
 grad Phi(x) = -d2_xy g . v comes entirely from the implicit term.
 
 Differences from the official code (research/official_algorithms.md sections 1.3-1.6, 11):
