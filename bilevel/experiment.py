@@ -63,6 +63,8 @@ def run_experiment(cfg: DictConfig, echo=print) -> ExperimentResult:
     except (TypeError, ValueError, FileNotFoundError) as exc:  # a rejected option value, a missing data file
         raise config_module.ConfigError(f"problem {cfg.problem!r} (problem_options): {exc}") from None
     solvers = {name: make_solver(name, **config_module.solver_options(cfg, name)) for name in cfg.solvers}
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     metrics = list(cfg.metrics) or list(getattr(problem, "headline_metrics", ()))
     run_dir = new_run_dir(cfg.output_dir, cfg.name, cfg.problem)
     (run_dir / "config.yaml").write_text(config_module.to_yaml(cfg))

@@ -279,3 +279,19 @@ def test_make_problem_with_preset():
     assert (problem.n_train, problem.n_val, problem.n_test) == (100, 100, 50)
     with pytest.raises(KeyError, match="no preset 'nope'"):
         make_problem("hpo", preset="nope")
+
+
+def test_threads_setting(tmp_path, monkeypatch):
+    import torch
+
+    from bilevel.experiment import run_experiment
+
+    with pytest.raises(ConfigError, match="threads must be >= 1"):
+        load(None, ["threads=0"])
+    assert load(None, []).threads is None
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    cfg = load(None, [*SMALL_QUADRATIC, "solver=soba", "steps=1", "threads=1", "progress=false", "plot=false",
+                      f"output_dir={tmp_path}"])
+    run_experiment(cfg, echo=lambda *a: None)
+    assert calls == [1]
