@@ -74,6 +74,19 @@ def test_exact_hypergradient_matches_finite_differences_of_phi():
     assert float((fd - ex).norm() / ex.norm()) < 1e-5, (fd, ex)
 
 
+def test_cg_hypergradient_matches_exact_on_the_convex_linear_model():
+    problem = HypercleanNeural(dataset="digits", model="linear", n_train=50, n_val=30, n_test=30, reg=1e-2,
+                               dtype="float64", batch_size=None, val_batch_size=None)
+    x = random_x(problem)
+    _, y0 = problem.init(torch.Generator().manual_seed(0))
+    y = solve_lower(problem, x, tree.zeros_like(y0))
+    exact = hypergrad.exact(problem, x, y, None, None)[0]
+    cg = bilevel.hypergradient(problem, x, y, None, None, method="cg", steps=200)
+    assert tree.relative_error(cg, exact) < 1e-8
+    few = bilevel.hypergradient(problem, x, y, None, None, method="cg", steps=2)
+    assert tree.relative_error(few, exact) > 1e-4  # the comparison can tell a poor solve apart
+
+
 # -- 2. second-order oracles of the recurrent models -------------------------------------------
 
 def _rel(a, b):
@@ -195,20 +208,25 @@ def test_evaluate_is_pure_and_matches_hand_computation(files):
 # -- 5. a few solver steps learn on every fixture format ---------------------------------------
 
 LEARN = {
-    "rotten-tomatoes": dict(model="lstm", n_train=200, n_val=100, n_test=100, steps=100),
-    "mnist-5k": dict(model="mlp", n_train=150, n_val=60, n_test=90, steps=60),
-    "sent140": dict(model="gru", n_train=100, n_val=50, n_test=50, steps=100),
-    "snli": dict(model="lstm", n_train=120, n_val=60, n_test=60, steps=60),
-    "table": dict(model="gru", n_train=180, n_val=60, n_test=120, label_column="coarse_label", steps=100),
+    "rotten-tomatoes-lstm": dict(dataset="rotten-tomatoes", model="lstm", n_train=200, n_val=100, n_test=100, steps=100),
+    "rotten-tomatoes-rnn": dict(dataset="rotten-tomatoes", model="rnn", n_train=200, n_val=100, n_test=100, steps=200),
+    "rotten-tomatoes-gru-2-layers": dict(dataset="rotten-tomatoes", model="gru", layers=2, n_train=200, n_val=100,
+                                         n_test=100, steps=100),
+    "mnist-5k-mlp": dict(dataset="mnist-5k", model="mlp", n_train=150, n_val=60, n_test=90, steps=60),
+    "mnist-5k-linear": dict(dataset="mnist-5k", model="linear", n_train=150, n_val=60, n_test=90, steps=60),
+    "sent140-gru": dict(dataset="sent140", model="gru", n_train=100, n_val=50, n_test=50, steps=100),
+    "snli-lstm": dict(dataset="snli", model="lstm", n_train=120, n_val=60, n_test=60, steps=60),
+    "table-gru": dict(dataset="table", model="gru", n_train=180, n_val=60, n_test=120, label_column="coarse_label",
+                      steps=100),
 }
 
 
-@pytest.mark.parametrize("dataset", sorted(LEARN))
-def test_soba_raises_test_accuracy_on_fixture_data(files, dataset):
+@pytest.mark.parametrize("case", sorted(LEARN))
+def test_soba_raises_test_accuracy_on_fixture_data(files, case):
     """SOBA with upper_lr 10, lower_lr 2, z_lr 0.1 at noise_rate 0.2 (at 0.4, 200 binary samples
     hold too little signal for a text model learned from scratch in 100 steps)."""
-    options = dict(LEARN[dataset])
-    steps = options.pop("steps")
+    options = dict(LEARN[case])
+    steps, dataset = options.pop("steps"), options.pop("dataset")
     problem = HypercleanNeural(dataset=dataset, data_path=files[dataset], noise_rate=0.2, hidden=16, embed_dim=16,
                                max_len=20, min_freq=1, batch_size=32, val_batch_size=32, **options)
     result = bilevel.solve(problem, "soba", steps=steps, seed=0, eval_every=steps,
