@@ -7,11 +7,12 @@ Problems whose losses are means over samples of two fixed splits,
 use a 1-d LongTensor B of sample indices as the batch (None: the whole split), drawn i.i.d.
 uniformly with ``batch_size`` (lower) or ``val_batch_size`` (upper); ``n_samples`` gives the sizes
 of the two finite sums (the protocol of :mod:`bilevel.memory`, used by SABA-type solvers).
-Token batches are also cut to their longest sequence (:func:`trim_padding`).
+Token batches are also cut to their longest sequence (:func:`trim_padding`), and whole splits
+are evaluated :data:`EVAL_CHUNK` rows at a time (:func:`in_chunks`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -19,6 +20,15 @@ from torch import Tensor
 from bilevel.problem import check_level
 
 from .models import PAD_INDEX
+
+
+#: Rows per forward call when a whole split is evaluated (bounds the activation memory).
+EVAL_CHUNK = 512
+
+
+def in_chunks(fn: Callable[[Tensor], Tensor], rows: Tensor, size: int = EVAL_CHUNK) -> Tensor:
+    """``fn`` applied to consecutive slices of ``size`` rows of ``rows``, concatenated."""
+    return torch.cat([fn(part) for part in rows.split(size)])
 
 
 def select(t: Tensor, batch: Optional[Tensor]) -> Tensor:

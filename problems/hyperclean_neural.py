@@ -62,7 +62,7 @@ from bilevel.problem import BilevelProblem
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
-from .batches import IndexBatches, select, trim_padding
+from .batches import EVAL_CHUNK, IndexBatches, in_chunks, select, trim_padding
 from .corpora import encode_text, load_corpus, subset
 from .digits import corrupt_labels, split_indices, standardize
 from .hyperclean import check_cleaning_options, detection_auc, detection_scores
@@ -93,7 +93,7 @@ class HypercleanNeural(IndexBatches, BilevelProblem):
     name = NAME
     headline_metrics = ("test_accuracy", "f1")
     #: samples per forward pass in ``evaluate`` (bounds its memory)
-    eval_chunk = 512
+    eval_chunk = EVAL_CHUNK
 
     PRESETS: Dict[str, Dict[str, Any]] = {
         # Seconds on 2 CPU cores (tests, smoke runs); 290 samples, so a 300-row fixture file fits.
@@ -233,13 +233,8 @@ class HypercleanNeural(IndexBatches, BilevelProblem):
 
     def _predict(self, y: Tree, inputs: Tensor, labels: Tensor):
         """(number of correct argmax predictions, summed CE) over a whole split, in chunks."""
-        correct, total_ce = 0, 0.0
-        for start in range(0, len(labels), self.eval_chunk):
-            chunk = slice(start, start + self.eval_chunk)
-            out = self.logits(y, inputs[chunk])
-            correct += int((out.argmax(dim=1) == labels[chunk]).sum())
-            total_ce += float(cross_entropy(out, labels[chunk])) * len(labels[chunk])
-        return correct, total_ce
+        out = in_chunks(lambda part: self.logits(y, part), inputs, self.eval_chunk)
+        return int((out.argmax(dim=1) == labels).sum()), float(cross_entropy(out, labels)) * len(labels)
 
     def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:
         """Whole-split metrics: test_accuracy (global, not batch-averaged), val_loss,

@@ -71,7 +71,7 @@ from bilevel.problem import BilevelProblem, check_level
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
-from .batches import select, trim_padding
+from .batches import in_chunks, select, trim_padding
 from .corpora import encode_text, load_corpus
 from .episodes import SPLIT_MODES, Episodes, split_episodes
 from .models import (MLP, ConvEncoder, FunctionalModel, PairEncoder, RecurrentEncoder, TransformerEncoder,
@@ -83,7 +83,6 @@ IMAGE_ENCODERS = ("mlp", "cnn")
 TEXT_ENCODERS = ("rnn", "lstm", "gru", "transformer")
 LABEL_MODES = ("permuted", "original")
 EVAL_TRAIN_TASKS = 64   # train tasks (the first ones, a fixed random subset) behind the train_* metrics
-FEATURE_CHUNK = 512     # samples per encoder call in evaluation
 NAME = "hyperrep"
 
 
@@ -320,7 +319,7 @@ class HyperRepresentation(BilevelProblem):
         with torch.no_grad():
             x = {k: v.detach() for k, v in x.items()}
             unique = torch.as_tensor(tasks.sample_indices())
-            feats = torch.cat([self.features(x, chunk) for chunk in unique.split(FEATURE_CHUNK)])
+            feats = in_chunks(lambda part: self.features(x, part), unique)
             return {which: feats[torch.searchsorted(unique, getattr(tasks, which))] for which in ("support", "query")}
 
     def adapt(self, y: Tree, support_features: Tensor, support_labels: Tensor) -> Tree:

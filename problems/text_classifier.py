@@ -27,13 +27,10 @@ from torch import Tensor
 
 from bilevel.problem import BilevelProblem
 
-from .batches import IndexBatches, select, trim_padding
+from .batches import IndexBatches, in_chunks, select, trim_padding
 from .corpora import Corpus, encode_text, load_corpus, subset
 from .models import CELLS, MLP, Classifier, FunctionalModel, RecurrentEncoder
 from .options import check_choice, check_dtype, check_int
-
-#: Test-time forward passes run on this many sequences at a time.
-EVAL_CHUNK = 512
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -116,10 +113,9 @@ def check_common_options(problem: str, batch_size, val_batch_size, seed, dtype) 
 
 
 def predict(forward: Callable[[Tensor], Tensor], tokens: Tensor) -> Tensor:
-    """``forward`` on all rows of ``tokens`` in chunks of :data:`EVAL_CHUNK`, without gradients."""
+    """``forward`` on all rows of ``tokens`` (padding trimmed per chunk), without gradients."""
     with torch.no_grad():
-        outs = [forward(batch_tokens(tokens[i:i + EVAL_CHUNK], None)) for i in range(0, len(tokens), EVAL_CHUNK)]
-    return torch.cat(outs)
+        return in_chunks(lambda part: forward(trim_padding(part)), tokens)
 
 
 class TextClassifierProblem(IndexBatches, BilevelProblem):
