@@ -14,7 +14,7 @@ import torch
 
 from bilevel import oracles, tree
 from bilevel.problem import FunctionProblem
-from bilevel.problems.hyperclean import HypercleanDigits
+from bilevel.problems.hyperclean_digits import HypercleanDigits
 from bilevel.problems.quadratic import Quadratic
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bilevel.problems.data.text import (PAD, PAD_INDEX, UNK, UNK_INDEX, Vocabulary, load_glove,
-                                        pad_batch, split_indices, tokenize)
+                                        pad_batch, tokenize)
 
 
 # -- tokenize ----------------------------------------------------------------------------------
@@ -196,41 +196,3 @@ def test_load_glove_missing_file_and_no_overlap(tmp_path, vocab):
         load_glove(empty, vocab)
 
 
-# -- split_indices -----------------------------------------------------------------------------
-
-def test_split_indices_deterministic_and_disjoint():
-    a = split_indices(100, (60, 20, 10), seed=5)
-    b = split_indices(100, (60, 20, 10), seed=5)
-    c = split_indices(100, (60, 20, 10), seed=6)
-    assert [len(s) for s in a] == [60, 20, 10]
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not np.array_equal(a[0], c[0])
-    joined = np.concatenate(a)
-    assert len(np.unique(joined)) == 90 and joined.min() >= 0 and joined.max() < 100
-    assert np.array_equal(joined, np.random.Generator(np.random.PCG64(5)).permutation(100)[:90])
-
-
-def test_split_indices_fractions_cover_everything():
-    parts = split_indices(11, (0.8, 0.1, 0.1), seed=0)
-    assert sum(len(p) for p in parts) == 11
-    assert [len(p) for p in parts] == [8, 1, 2]  # ends floor(cumsum * n) = 8, 9, 11
-    assert sorted(np.concatenate(parts).tolist()) == list(range(11))
-    two = split_indices(10, (0.5, 0.25), seed=1)
-    assert [len(p) for p in two] == [5, 2] and not set(two[0]) & set(two[1])
-
-
-def test_split_indices_matches_digits_helper():
-    from bilevel.problems.digits import split_indices as digits_split
-    for x, y in zip(split_indices(50, (30, 10, 10), seed=2), digits_split(50, (30, 10, 10), seed=2)):
-        assert np.array_equal(x, y)
-
-
-def test_split_indices_errors():
-    with pytest.raises(ValueError, match="sum to 11, more than the 10"):
-        split_indices(10, (5, 5, 1), seed=0)
-    with pytest.raises(ValueError, match="more than 1"):
-        split_indices(10, (0.8, 0.3), seed=0)
-    with pytest.raises(ValueError):
-        split_indices(10, (5, -1), seed=0)
-    with pytest.raises(ValueError):
-        split_indices(-1, (0, 0), seed=0)

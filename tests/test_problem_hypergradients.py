@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bilevel import hypergradient, tree
-from bilevel.problems.hyperclean import HypercleanDigits
+from bilevel.problems.hyperclean_digits import HypercleanDigits
 from bilevel.problems.quadratic import Quadratic
 
 

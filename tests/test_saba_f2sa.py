@@ -223,7 +223,7 @@ def test_saba_converges_linearly_where_soba_stalls():
 
 
 def test_saba_runs_on_hyper_cleaning():
-    from bilevel.problems.hyperclean import HypercleanDigits
+    from bilevel.problems.hyperclean_digits import HypercleanDigits
     problem = HypercleanDigits(n_train=100, n_val=50, n_test=50, batch_size=None, val_batch_size=None)
     assert problem.n_samples("lower") == 100 and problem.n_samples("upper") == 50
     result = bilevel.solve(problem, "saba", steps=5, eval_every=5, batch_size=32, memory_init="full")

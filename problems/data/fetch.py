@@ -42,7 +42,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, List, Optional, Tuple, Union
+from typing import BinaryIO, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -397,74 +397,3 @@ def load_rotten_tomatoes(path: Optional[PathLike] = None) -> Tuple[List[str], np
             texts.append(row["text"])
             labels.append(_RT_LABELS[cat])
     return texts, np.asarray(labels, dtype=np.int64)
-
-
-def load_digits(path: Optional[PathLike] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled optical digits (8x8 images).
-
-    The file is a gzipped CSV without header: per row 64 grey levels 0..16 then the label 0..9.
-
-    Returns
-    -------
-    features: float64 array (n, 64), the raw grey levels 0..16 (as in
-        ``sklearn.datasets.load_digits``).
-    labels: int64 array (n,), values 0..9.
-    """
-    p = _resolve("digits", path)
-    with _compressed(gzip.open, p, f"digits file {p}") as fh:
-        arr = _read_int_csv(fh, 65, f"digits file {p}")
-    return arr[:, :64].astype(np.float64), arr[:, 64].astype(np.int64)
-
-
-def load_breast_cancer(path: Optional[PathLike] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled Wisconsin diagnostic breast cancer data.
-
-    The file is a plain CSV whose first row is ``n_samples,n_features,<class 0 name>,<class 1
-    name>`` (``569,30,malignant,benign``), followed by ``n_samples`` rows of ``n_features`` reals
-    and an integer label. The counts in the header are checked.
-
-    Returns
-    -------
-    features: float64 array (n_samples, n_features).
-    labels: int64 array (n_samples,), 0 = malignant, 1 = benign (as in scikit-learn).
-    """
-    p = _resolve("breast-cancer", path)
-    with open(p, "r", encoding="ascii", newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-            n_samples, n_features = int(header[0]), int(header[1])
-        except (StopIteration, IndexError, ValueError) as exc:
-            raise ValueError(f"breast cancer file {p}: first row must be "
-                             f"'n_samples,n_features,...' ({exc})") from exc
-        rows = [r for r in reader if r]
-    if len(rows) != n_samples:
-        raise ValueError(f"breast cancer file {p}: header says {n_samples} rows, found {len(rows)}")
-    if any(len(r) != n_features + 1 for r in rows):
-        raise ValueError(f"breast cancer file {p}: every row must have {n_features} features and "
-                         f"a label")
-    data = np.array(rows, dtype=np.float64)
-    labels = data[:, -1]
-    if not np.all(np.isin(labels, (0.0, 1.0))):
-        raise ValueError(f"breast cancer file {p}: labels must be 0 or 1")
-    return data[:, :-1], labels.astype(np.int64)
-
-
-#: Loader of each registered source, by name.
-LOADERS: Dict[str, Callable[..., Tuple[object, np.ndarray]]] = {
-    "mnist-5k": load_mnist_5k,
-    "rotten-tomatoes": load_rotten_tomatoes,
-    "digits": load_digits,
-    "breast-cancer": load_breast_cancer,
-}
-
-
-def load(name: str, path: Optional[PathLike] = None):
-    """Load source ``name`` with its loader (from ``path`` if given, else :func:`locate`)."""
-    get_source(name)
-    try:
-        loader = LOADERS[name]
-    except KeyError:
-        raise KeyError(f"data source {name!r} has no loader; sources with loaders: "
-                       f"{', '.join(sorted(LOADERS))}") from None
-    return loader(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 
 @dataclass(frozen=True)
@@ -117,22 +117,3 @@ def get_source(name: str) -> Source:
 def list_sources() -> List[Source]:
     """All registered sources, sorted by name."""
     return [SOURCES[k] for k in sorted(SOURCES)]
-
-
-def describe(name: Optional[str] = None) -> str:
-    """A human-readable description of one source (``name``) or of all of them.
-
-    Each entry gives the name, the pinned ``package==version``, the member path inside the wheel,
-    its sha256, the license and the one-line description.
-    """
-    chosen = [get_source(name)] if name is not None else list_sources()
-    blocks = []
-    for s in chosen:
-        blocks.append("\n".join([
-            f"{s.name}: {s.description}",
-            f"  wheel:   {s.requirement}",
-            f"  member:  {s.member}",
-            f"  sha256:  {s.sha256}",
-            f"  license: {s.license}",
-        ]))
-    return "\n".join(blocks)

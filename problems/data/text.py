@@ -1,4 +1,4 @@
-"""The text pipeline: tokenizer, vocabulary, padding, GloVe vectors and seeded index splits.
+"""The text pipeline: tokenizer, vocabulary, padding and GloVe vectors.
 
 Nothing here touches the network. GloVe vectors are read from a file the user supplies (for
 example ``glove.840B.300d.txt`` or ``glove.6B.100d.txt``).
@@ -9,10 +9,9 @@ Typical use::
     vocab = Vocabulary(tokens, min_freq=2, max_size=20000)
     ids, lengths = pad_batch([vocab.encode(t) for t in tokens], max_len=64)
     emb = load_glove("glove.6B.100d.txt", vocab, generator=torch.Generator().manual_seed(0))
-    train, val, test = split_indices(len(texts), (0.8, 0.1, 0.1), seed=0)
 
-Every random choice is seeded: unknown-word vectors come from a ``torch.Generator`` and the index
-splits from a numpy ``Generator(PCG64(seed))``.
+Every random choice is seeded: unknown-word vectors come from a ``torch.Generator`` (seeded index
+splits are :func:`bilevel.problems.digits.split_indices`).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ import torch
 
 __all__ = [
     "PAD", "UNK", "PAD_INDEX", "UNK_INDEX",
-    "tokenize", "Vocabulary", "pad_batch", "load_glove", "split_indices",
+    "tokenize", "Vocabulary", "pad_batch", "load_glove",
 ]
 
 PAD, UNK = "<pad>", "<unk>"
@@ -328,45 +327,3 @@ def load_glove(path: Union[str, os.PathLike], vocab: Vocabulary, dim: Optional[i
                          f"appears in the GloVe file ({n_lines} lines); check the file and the casing "
                          "(lowercase=True matches a cased file against a lower-cased vocabulary)")
     return (emb, found) if return_found else emb
-
-
-# -- splits ------------------------------------------------------------------------------------
-
-def split_indices(n: int, splits: Sequence[Union[int, float]], seed) -> Tuple[np.ndarray, ...]:
-    """Disjoint index arrays drawn from range(n), one per entry of ``splits``.
-
-    ``splits`` holds either sizes (all ints, e.g. ``(800, 100, 100)``) or fractions (any float,
-    e.g. ``(0.8, 0.1, 0.1)``, summing to at most 1). The arrays are consecutive slices of one
-    permutation drawn from ``numpy.random.Generator(PCG64(seed))``, so the same ``n``,
-    ``splits`` and ``seed`` always give the same indices (for three int sizes they match
-    :func:`bilevel.problems.digits.split_indices`). Fractions become slice ends
-    ``floor(cumsum(fractions) * n)``, so fractions summing to 1 use every index. Indices not
-    covered by the splits are unused.
-
-    Raises ``ValueError`` for negative entries, sizes summing to more than n, or fractions
-    summing to more than 1.
-    """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
-    n = int(n)
-    splits = list(splits)
-    if not splits:
-        raise ValueError("splits must hold at least one size or fraction")
-    for s in splits:
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)) or s < 0:
-            raise ValueError(f"split sizes/fractions must be finite non-negative numbers, got {splits}")
-    if all(isinstance(s, numbers.Integral) for s in splits):
-        sizes = [int(s) for s in splits]
-        if sum(sizes) > n:
-            raise ValueError(f"split sizes {sizes} sum to {sum(sizes)}, more than the {n} samples available")
-        ends = np.cumsum(sizes)
-    else:
-        fractions = [float(s) for s in splits]
-        total = math.fsum(fractions)
-        if total > 1.0 + 1e-9:
-            raise ValueError(f"split fractions {fractions} sum to {total}, more than 1")
-        cum = np.minimum(np.cumsum(fractions), 1.0)
-        ends = np.floor(cum * n + 1e-9).astype(np.int64)
-    permutation = np.random.Generator(np.random.PCG64(seed)).permutation(n)
-    starts = np.concatenate([[0], ends[:-1]])
-    return tuple(permutation[int(a):int(b)] for a, b in zip(starts, ends))

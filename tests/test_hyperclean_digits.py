@@ -10,7 +10,7 @@ from bilevel import hypergrad, tree
 from bilevel.oracles import grad_upper
 from bilevel.problem import validate
 from bilevel.problems.digits import N_SAMPLES, corrupt_labels, split_indices, standardize
-from bilevel.problems.hyperclean import HypercleanDigits
+from bilevel.problems.hyperclean_digits import HypercleanDigits
 from bilevel.registry import PROBLEMS
 
 
@@ -241,7 +241,7 @@ def test_invalid_options_name_the_option(option, value):
 
 
 def test_detection_auc_is_the_pairwise_ranking_probability():
-    from bilevel.problems.hyperclean import detection_auc
+    from bilevel.problems.cleaning import detection_auc
 
     logits = torch.tensor([-2.0, 0.5, -1.0, 1.0, 0.5, -3.0])
     corrupted = torch.tensor([True, False, True, False, True, False])

@@ -1,4 +1,4 @@
-"""Tests of the neural data hyper-cleaning problem (problems/hyperclean_neural.py).
+"""Tests of the neural data hyper-cleaning problem (problems/hyperclean.py).
 
 Fixture files come from tests/data_fixtures.py (and one hand-written csv whose every row has a
 word of its own, to check that the vocabulary sees the training split only).
@@ -12,9 +12,9 @@ import torch
 
 import bilevel
 from bilevel import hypergrad, oracles, tree
-from bilevel.problems.hyperclean_neural import HypercleanNeural, detection_scores
+from bilevel.problems.hyperclean import Hyperclean, detection_scores
 from bilevel.registry import make_problem
-from test_hyperclean_problem import solve_lower  # damped Newton to machine precision
+from test_hyperclean_digits import solve_lower  # damped Newton to machine precision
 
 F64 = torch.float64
 TEXT_TINY = dict(hidden=8, embed_dim=8, max_len=12, min_freq=1, batch_size=16, val_batch_size=16)
@@ -22,7 +22,7 @@ TEXT_TINY = dict(hidden=8, embed_dim=8, max_len=12, min_freq=1, batch_size=16, v
 
 @pytest.fixture(scope="module")
 def files(data_files, tmp_path_factory):
-    d = tmp_path_factory.mktemp("hyperclean_neural")
+    d = tmp_path_factory.mktemp("hyperclean")
     return {**data_files, "unique-words": str(_write_unique_words(d / "unique.csv"))}
 
 
@@ -40,7 +40,7 @@ def rt_problem(files, **options):
     settings = dict(dataset="rotten-tomatoes", model="lstm", data_path=files["rotten-tomatoes"],
                     n_train=60, n_val=30, n_test=40, dtype="float64", **TEXT_TINY)
     settings.update(options)
-    return HypercleanNeural(**settings)
+    return Hyperclean(**settings)
 
 
 def random_x(problem, seed=1):
@@ -51,7 +51,7 @@ def random_x(problem, seed=1):
 # -- 1. exact hypergradient against finite differences of Phi (linear model, digits) -----------
 
 def test_exact_hypergradient_matches_finite_differences_of_phi():
-    problem = HypercleanNeural(dataset="digits", model="linear", n_train=50, n_val=30, n_test=30, reg=1e-2,
+    problem = Hyperclean(dataset="digits", model="linear", n_train=50, n_val=30, n_test=30, reg=1e-2,
                                dtype="float64", batch_size=None, val_batch_size=None)
     assert torch.allclose(problem.train_inputs.mean(0), torch.zeros(64, dtype=F64), atol=1e-10)  # train stats
     x = random_x(problem)
@@ -75,7 +75,7 @@ def test_exact_hypergradient_matches_finite_differences_of_phi():
 
 
 def test_cg_hypergradient_matches_exact_on_the_convex_linear_model():
-    problem = HypercleanNeural(dataset="digits", model="linear", n_train=50, n_val=30, n_test=30, reg=1e-2,
+    problem = Hyperclean(dataset="digits", model="linear", n_train=50, n_val=30, n_test=30, reg=1e-2,
                                dtype="float64", batch_size=None, val_batch_size=None)
     x = random_x(problem)
     _, y0 = problem.init(torch.Generator().manual_seed(0))
@@ -126,7 +126,7 @@ def test_hvp_and_cross_reverse_forward_and_finite_differences_agree(files, cell)
 
 
 def test_snli_pair_model_has_a_three_way_head(files):
-    problem = HypercleanNeural(dataset="snli", model="gru", data_path=files["snli"], n_train=40, n_val=20,
+    problem = Hyperclean(dataset="snli", model="gru", data_path=files["snli"], n_train=40, n_val=20,
                                n_test=20, **TEXT_TINY)
     assert problem.train_inputs.dim() == 3 and problem.train_inputs.shape[1] == 2
     x, y = problem.init(torch.Generator().manual_seed(0))
@@ -142,7 +142,7 @@ def unique_problem(files, seed=0, **options):
     settings = dict(dataset="table", model="gru", data_path=files["unique-words"], n_train=70, n_val=20, n_test=25,
                     noise_rate=0.3, seed=seed, **TEXT_TINY)
     settings.update(options)
-    return HypercleanNeural(**settings)
+    return Hyperclean(**settings)
 
 
 def test_seeded_splits_corruption_and_init(files):
@@ -227,7 +227,7 @@ def test_soba_raises_test_accuracy_on_fixture_data(files, case):
     hold too little signal for a text model learned from scratch in 100 steps)."""
     options = dict(LEARN[case])
     steps, dataset = options.pop("steps"), options.pop("dataset")
-    problem = HypercleanNeural(dataset=dataset, data_path=files[dataset], noise_rate=0.2, hidden=16, embed_dim=16,
+    problem = Hyperclean(dataset=dataset, data_path=files[dataset], noise_rate=0.2, hidden=16, embed_dim=16,
                                max_len=20, min_freq=1, batch_size=32, val_batch_size=32, **options)
     result = bilevel.solve(problem, "soba", steps=steps, seed=0, eval_every=steps,
                            upper_lr=10.0, lower_lr=2.0, z_lr=0.1)
@@ -238,11 +238,11 @@ def test_soba_raises_test_accuracy_on_fixture_data(files, case):
 
 def test_tiny_preset_builds_through_the_registry(files):
     problem = make_problem("hyperclean", preset="tiny", data_path=files["rotten-tomatoes"])
-    assert isinstance(problem, HypercleanNeural) and problem.n_train == 150 and problem.model == "lstm"
+    assert isinstance(problem, Hyperclean) and problem.n_train == 150 and problem.model == "lstm"
     assert problem.n_samples("lower") == 150 and problem.n_samples("upper") == 70
     batch = problem.sample("lower", torch.Generator().manual_seed(0))
     assert batch.dtype == torch.long and batch.shape == (32,) and int(batch.max()) < 150
-    assert set(HypercleanNeural.PRESETS) >= {"tiny", "paper"}
+    assert set(Hyperclean.PRESETS) >= {"tiny", "paper"}
 
 
 # -- 6. errors ---------------------------------------------------------------------------------
@@ -268,4 +268,4 @@ def test_invalid_options_raise_naming_the_problem(files, options, pattern):
                     n_val=20, n_test=20)
     settings.update(options)
     with pytest.raises(ValueError, match=pattern):
-        HypercleanNeural(**settings)
+        Hyperclean(**settings)
