@@ -1,8 +1,8 @@
 """Deep AUC maximization of a recurrent text classifier on imbalanced data (AccBO's experiment).
 
 The AUC-margin (AUC-M) min-max loss of Yuan, Yan, Sonka, Yang (ICCV 2021; LibAUC), as written
-in AccBO's code (Gong, Hao, Liu, NeurIPS 2024, ``auc_maximization/aucloss.py``; research notes
-section 4.2). With the score h = sigmoid(s(w; text)) of a recurrent classifier with one output
+in AccBO's code (Gong, Hao, Liu, NeurIPS 2024, ``auc_maximization/aucloss.py`` in
+github.com/MingruiLiu-ML-Lab/Accelerated-Bilevel-Optimization-Unbounded-Smoothness). With the score h = sigmoid(s(w; text)) of a recurrent classifier with one output
 s, labels c in {0, 1}, the positive rate p and the margin m, over a batch B:
 
     L(w, a, b, alpha; B) = (1-p) mean_B((h - a)^2 1[c=1]) + p mean_B((h - b)^2 1[c=0])
@@ -142,7 +142,7 @@ class DeepAUC(TextClassifierProblem):
                      max_len=24, max_vocab=2000, batch_size=32, val_batch_size=32),
         # AccBO: Sent140, 1000 negatives + 4000 positives split 50/50 (2500 / 2500, ratio 0.8),
         # 2-layer 4096-unit Elman RNN on frozen-vocabulary GloVe 300d, fc 1024, batch 32, full
-        # Sent140 test split. Here (research notes section 10): rotten-tomatoes offline (pass
+        # Sent140 test split. Here (reduced to one CPU): rotten-tomatoes offline (pass
         # dataset="sent140" and data_path for the real data), the same split sizes and ratio,
         # 1-layer 256-unit RNN, fc 128, learned 100-d embeddings (glove_path for GloVe), a
         # 2000-sample natural-ratio test split of the same corpus.

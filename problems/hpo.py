@@ -3,8 +3,8 @@
 The upper level tunes one log-penalty per feature (or per class) so that the logistic regression
 trained with those penalties does well on a validation split. This is the benchopt bilevel
 benchmark's ``ijcnn1`` problem (binary, one weight per feature) and ``covtype`` problem
-(multiclass, one weight per class), both with the ``exp`` parametrization (research/peers.md
-section 3.2), on offline stand-ins bundled with scikit-learn (section 3.9): ``breast-cancer``
+(multiclass, one weight per class), both with the ``exp`` parametrization
+(github.com/benchopt/benchmark_bilevel), on offline stand-ins bundled with scikit-learn: ``breast-cancer``
 (569 x 30, 2 classes) and ``digits`` (1797 x 64, 10 classes).
 
 Variables, with d features and C classes:

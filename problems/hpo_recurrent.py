@@ -1,7 +1,7 @@
 """Hyperparameter optimization of a recurrent text classifier: one learned L2 weight (BO-REP).
 
-BO-REP's third experiment (Hao, Gong, Liu, ICLR 2024, ``hyperparam_opt``; research notes
-section 2.2(c)) tunes the regularization weight of a whole recurrent classifier on validation
+BO-REP's third experiment (Hao, Gong, Liu, ICLR 2024, ``hyperparam_opt`` folder of
+github.com/MingruiLiu-ML-Lab/Bilevel-Optimization-under-Unbounded-Smoothness) tunes the regularization weight of a whole recurrent classifier on validation
 data. With w the parameters of the classifier (embeddings, RNN / LSTM / GRU, MLP head; see
 :mod:`bilevel.problems.text_classifier`), CE the mean softmax cross-entropy, and B a batch of
 indices into a split:
@@ -65,7 +65,7 @@ class RecurrentHPO(TextClassifierProblem):
                      max_len=24, max_vocab=2000, batch_size=32, val_batch_size=32),
         # BO-REP: Amazon reviews, 200 training tasks of 50 support + 50 query reviews (20000
         # reviews seen), 2-layer 2048-unit RNN, fc 512, GloVe 300d, x0 = 0 with an unsquared norm.
-        # Here (research notes section 10): rotten-tomatoes offline (pass dataset="amazon" and
+        # Here (reduced to one CPU): rotten-tomatoes offline (pass dataset="amazon" and
         # data_path for the reviews), one split of 5000 train / 2500 val / 2500 test, a 1-layer
         # 256-unit RNN, fc 128, learned 100-d embeddings, exp(x0) = e^-6 on the squared norm.
         "paper": dict(dataset="rotten-tomatoes", n_train=5000, n_val=2500, n_test=2500, cell="rnn", layers=1,

@@ -27,7 +27,8 @@ Hessian's spectrum by 2 reg, and d2_yy g can be indefinite (aid-cg then truncate
 first direction of negative curvature; Neumann-series and SGD-based solvers run as they are). f does not depend on x:
 grad Phi(x) = -d2_xy g . v comes entirely from the implicit term.
 
-Differences from the official code (research/official_algorithms.md sections 1.3-1.6, 11):
+Differences from the official code (BO-REP's ``data_cleaning``, SLIP's ``data-hyper-cleaning``
+and AccBO's ``data_cleaning`` folders of the MingruiLiu-ML-Lab repositories on GitHub):
 
 * the official regulariser is 1e-4 ||y|| (the norm, not its square: not strongly convex);
 * BO-REP and SLIP evaluate f on the current *noisy training* batch (no validation split) and
@@ -100,8 +101,8 @@ class Hyperclean(IndexBatches, BilevelProblem):
         "tiny": dict(dataset="rotten-tomatoes", model="lstm", hidden=16, embed_dim=16, max_len=20,
                      n_train=150, n_val=70, n_test=70, batch_size=32, val_batch_size=32, min_freq=1,
                      max_vocab=2000),
-        # The Sent140 / SNLI experiments of BO-REP, SLIP and AccBO scaled down as research notes
-        # section 10 suggests. Differences from the papers: Rotten Tomatoes (offline) instead of
+        # The Sent140 / SNLI experiments of BO-REP, SLIP and AccBO scaled down to one CPU.
+        # Differences from the papers: Rotten Tomatoes (offline) instead of
         # Sent140 / SNLI (pass dataset="sent140" or "snli" with data_path for those); an Elman
         # RNN of width 256 with a 256-wide head instead of 2 x 4096 layers and fc 1024; 8000
         # training samples instead of the full LEAF split (SNLI: 10k lines); embeddings of

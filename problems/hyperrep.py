@@ -6,7 +6,8 @@ the lower variable a classifier trained on the support set of a task; the repres
 judged by the query loss of that classifier. As in the official codes of BO-REP (Hao, Gong, Liu,
 ICLR 2024; Amazon reviews, RNN encoder), SLIP (Gong, Hao, Liu, ICML 2024; SNLI, NLI pair encoder)
 and AdamBO (Gong, Hao, Liu, TMLR 2025; TREC, transformer encoder), the lower variable is one head
-*shared* by all tasks (research/official_algorithms.md sections 2.2(b), 3.3, 5.2 and 11).
+*shared* by all tasks (the ``meta_learning`` / ``hyper-representation`` folders of the
+MingruiLiu-ML-Lab repositories on GitHub and jhao6/d3x645 for AdamBO).
 
 Variables and losses, with tasks t = (S_t, Q_t) from :mod:`problems.episodes` (S_t the support,
 Q_t the query samples with their task labels) and B a batch of train-task indices:

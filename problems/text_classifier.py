@@ -6,7 +6,7 @@ A problem here holds three token splits (train, validation, test) of one text co
     logits(w; tokens) = head(encoder(tokens)),     encoder = RecurrentEncoder (RNN / LSTM / GRU),
     head = Linear(hidden, fc) -> tanh -> Linear(fc, fc) -> tanh -> Linear(fc, n_outputs)
 
-(the official ``RNN`` of BO-REP / AccBO, research notes section 1.3; ``fc = 0`` gives a linear
+(the official ``RNN`` of BO-REP / AccBO, ``RNN_net.py`` in their repositories; ``fc = 0`` gives a linear
 head). The vocabulary is fitted on the training split only (:func:`corpora.encode_text`), so
 validation and test words never enter it.
 
