@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from bilevel import lower, upper
 from bilevel.estimators import LinearSystemSGD
 from bilevel.registry import register_solver
+from bilevel.schedules import decayed
 from bilevel.solver import ComposedSolver
 
 from bilevel.validation import check_count, check_exponent, check_positive
@@ -50,10 +51,10 @@ class AmIGO(ComposedSolver):
         check_exponent(self, "lower_lr_decay", "upper_lr_decay")
 
     def lower_loop(self):
-        return lower.SGD(upper.polynomial_decay(self.lower_lr, self.lower_lr_decay), self.inner_steps)
+        return lower.SGD(decayed(self.lower_lr, self.lower_lr_decay), self.inner_steps)
 
     def estimator(self):
         return LinearSystemSGD(lr=self.z_lr, steps=self.linear_steps, resample=True)
 
     def upper_update(self):
-        return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))
+        return upper.sgd(decayed(self.upper_lr, self.upper_lr_decay))

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from bilevel import lower, oracles, tree, upper
 from bilevel.registry import register_solver
 from bilevel.solver import Solver, State
-from bilevel.upper import polynomial_decay
+from bilevel.schedules import at, decayed
 from bilevel.validation import check_count, check_exponent, check_positive
 
 
@@ -70,9 +70,9 @@ class F2SA(Solver):
 
     def step(self, problem, s):
         t, lam, gen = s.iteration, s.extra, s.generator
-        z_loop = lower.SGD(polynomial_decay(self.lower_lr, self.lower_lr_decay), self.inner_steps)
+        z_loop = lower.SGD(decayed(self.lower_lr, self.lower_lr_decay), self.inner_steps)
         lower_state = z_loop.update(problem, s.x, s.lower, gen, t)
-        y, alpha = s.estimator, polynomial_decay(self.lower_lr, self.penalty_lr_decay)(t)
+        y, alpha = s.estimator, at(decayed(self.lower_lr, self.penalty_lr_decay), t)
         for _ in range(self.inner_steps):
             _, grad_y_f = oracles.grad_upper(problem, s.x, y, problem.sample("upper", gen))
             grad_y_g = oracles.grad_lower_y(problem, s.x, y, problem.sample("lower", gen))
@@ -87,4 +87,4 @@ class F2SA(Solver):
                           extra=lam + self.delta_lambda / (t + 1) ** self.lambda_decay, iteration=t + 1)
 
     def _upper(self):
-        return upper.sgd(polynomial_decay(self.upper_lr, self.upper_lr_decay))
+        return upper.sgd(decayed(self.upper_lr, self.upper_lr_decay))

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from bilevel import lower, memory, oracles, tree, upper
 from bilevel.memory import Partition
 from bilevel.registry import register_solver
+from bilevel.schedules import StepSize, at
 from bilevel.solver import Solver, State
 from bilevel.validation import check_choice, check_count, check_positive
 
@@ -49,9 +50,9 @@ MEMORY_INITS = ("zero", "full")
 @dataclass
 class SABA(Solver):
     """SOBA with a SAGA memory per mini-batch on all five directions (finite-sum problems)."""
-    upper_lr: float = 0.1
-    lower_lr: float = 0.1
-    z_lr: float = 0.1
+    upper_lr: StepSize = 0.1
+    lower_lr: StepSize = 0.1
+    z_lr: StepSize = 0.1
     batch_size: int = 64
     memory_init: str = "zero"
 
@@ -87,8 +88,8 @@ class SABA(Solver):
         direction, upper_state = upper.sgd(self.upper_lr).update(tree.sub(up["grad_x"], low["cross"]), s.upper)
         return s._replace(
             x=upper.apply(s.x, direction),
-            lower=s.lower._replace(y=tree.axpy(-self.lower_lr, low["grad_y"], y)),
-            estimator=tree.axpy(-self.z_lr, tree.sub(low["hvp"], up["grad_y"]), z),
+            lower=s.lower._replace(y=tree.axpy(-at(self.lower_lr, s.iteration), low["grad_y"], y)),
+            estimator=tree.axpy(-at(self.z_lr, s.iteration), tree.sub(low["hvp"], up["grad_y"]), z),
             upper=upper_state, extra={"lower": lower_memory, "upper": upper_memory}, iteration=s.iteration + 1)
 
     @staticmethod

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from bilevel import lower, upper
 from bilevel.estimators import Neumann
 from bilevel.registry import register_solver
+from bilevel.schedules import decayed
 from bilevel.solver import ComposedSolver
 
 from bilevel.validation import check_count, check_exponent, check_positive
@@ -51,10 +52,10 @@ class TTSA(ComposedSolver):
         check_exponent(self, "lower_lr_decay", "upper_lr_decay")
 
     def lower_loop(self):
-        return lower.SGD(upper.polynomial_decay(self.lower_lr, self.lower_lr_decay), steps=1)
+        return lower.SGD(decayed(self.lower_lr, self.lower_lr_decay), steps=1)
 
     def estimator(self):
         return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized", resample=True)
 
     def upper_update(self):
-        return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))
+        return upper.sgd(decayed(self.upper_lr, self.upper_lr_decay))
