@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Mapping
 
 #: Solver dataclass fields whose name ends with this suffix are step sizes.
 STEP_SIZE_SUFFIX = "_lr"
@@ -57,7 +57,10 @@ class PolyDecay:
         return self.value / (t + 1) ** self.exponent
 
 
-StepSize = Union[float, PolyDecay, Callable[[int], float]]
+#: The annotation of step-size fields: a float, a :class:`PolyDecay` or a callable t -> lr_t.
+#: Spelled ``Any`` because OmegaConf (solver dataclasses are its structured configs) rejects a
+#: Union with callables; configs go through :func:`parse`.
+StepSize = Any
 
 
 def is_schedule(step: Any) -> bool:
