@@ -13,7 +13,8 @@ Both inner problems are warm-started from the previous iteration ("amortized"). 
 gives grad_y f and grad_x f; each of the linear_steps z steps draws a fresh lower batch for its
 Hessian product, as in the paper and benchopt, and the cross product uses an independent one
 (bilevel.estimators.LinearSystemSGD with resample=True). Step sizes are constant by default; ``lower_lr_decay`` and
-``upper_lr_decay`` give lr_t = lr / (t + 1)^decay.
+``upper_lr_decay`` give lr_t = lr / (t + 1)^decay; any step size may instead be a schedule
+(bilevel.schedules; used as given, its ``*_decay`` then ignored), z_lr resolved at iteration t.
 
 Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, z and x
 (outer_ratio 1), 10 inner steps and 10 z steps (benchopt uses n_inner_steps for both), constant.

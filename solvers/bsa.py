@@ -17,7 +17,9 @@ each of the q Hessian products draws a fresh batch, as in the paper
 
 Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, for the
 Neumann series and for x (outer_ratio 1), 10 inner steps, n_hia_steps 10, decay exponents 0.5
-(y), 0 (Neumann, constant) and 0.5 (x).
+(y), 0 (Neumann, constant) and 0.5 (x). Any step size may instead be a schedule
+(bilevel.schedules; used as given, its ``*_decay`` then ignored); neumann_lr is resolved at
+iteration t.
 
 Cost per iteration: inner_steps lower gradients, q HVPs (random, (Q - 1)/2 on average), one
 cross product, one upper gradient.

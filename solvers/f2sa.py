@@ -32,7 +32,8 @@ lambda_t. Both copies start at y_0.
 Defaults (benchopt bilevel benchmark f2sa.py, research/peers.md section 3.3): step 0.01, ratio 1
 (upper_lr = lower_lr = 0.01), lambda0 1, delta_lambda 0.1, inner_steps 10; decays 5/7 for the
 penalized copy (benchopt's inner_var), 4/7 for the lower copy (its inner_approx_star), 4/7 outer,
-1/7 for the lambda increments.
+1/7 for the lambda increments. A step size may instead be a schedule (bilevel.schedules), used
+as given: a schedule for lower_lr then sets both gamma_t and alpha_t (the decays are ignored).
 
 Cost per iteration: 2 inner_steps + 2 lower gradients, inner_steps + 1 upper gradients, no HVP.
 """

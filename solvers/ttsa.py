@@ -19,6 +19,8 @@ fresh batch, as in Ghadimi and Wang's estimator (bilevel.estimators.Neumann, res
 Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, for the
 Neumann series and for x (outer_ratio 1), n_hia_steps 10, decay exponents 0.4 (y), 0 (Neumann,
 constant) and 0.6 (x) -- the two timescales b ~ t^{-2/5}, a ~ t^{-3/5} of the paper's analysis.
+Any step size may instead be a schedule (bilevel.schedules; used as given, its ``*_decay`` then
+ignored); neumann_lr is resolved at iteration t.
 
 Cost per iteration: one lower gradient, q HVPs (random, (Q - 1)/2 on average), one cross
 product, one upper gradient.
