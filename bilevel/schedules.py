@@ -56,6 +56,10 @@ class PolyDecay:
     def __call__(self, t: int) -> float:
         return self.value / (t + 1) ** self.exponent
 
+    def to_config(self) -> dict:
+        """The configuration syntax {value: c, decay: e} (what :func:`parse` reads back)."""
+        return {"value": self.value, "decay": self.exponent}
+
 
 #: The annotation of step-size fields: a float, a :class:`PolyDecay` or a callable t -> lr_t.
 #: Spelled ``Any`` because OmegaConf (solver dataclasses are its structured configs) rejects a

@@ -35,6 +35,7 @@ def test_poly_decay_values_and_pickle():
     assert [s(t) for t in range(3)] == [0.3 / 1 ** 0.5, 0.3 / 2 ** 0.5, 0.3 / 3 ** 0.5]
     assert PolyDecay(0.3)(7) == 0.3 and PolyDecay(0.3, 0.0)(10) == 0.3
     assert pickle.loads(pickle.dumps(s)) == s  # checkpoints torch.save solvers' fields
+    assert schedules.parse(s.to_config(), "f") == s  # logged as the config syntax, read back
     assert schedules.at(s, 1) == s(1) and schedules.at(0.2, 5) == 0.2 and schedules.at("auto", 3) == "auto"
     assert schedules.decayed(0.2, 0.0) == 0.2 and schedules.decayed(0.2, 0.5) == PolyDecay(0.2, 0.5)
     assert schedules.decayed(s, 0.9) is s  # a schedule is used as given
