@@ -115,8 +115,8 @@ def _options(name, field):
     if name in LINEAR_SGD and field == "z_lr":
         hp["hypergradient"] = "linear_sgd"
     default = SOLVERS.options(name)[field]
-    value = default.value if isinstance(default, PolyDecay) else float(default)
-    return hp, min(value, 0.1)
+    value = default.value if isinstance(default, PolyDecay) else default
+    return hp, min(value, 0.1) if isinstance(value, (int, float)) else 0.1  # e.g. neumann_lr="auto"
 
 
 @pytest.fixture(scope="module")
