@@ -105,8 +105,8 @@ class DoubleMomentum(Solver):
     with G = (grad_y g, hypergradient from :meth:`estimator`) and the schedules
     c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta (a step size given as a
     schedule, bilevel.schedules.PolyDecay or t -> c_t, is used as is; its ``*_decay`` is ignored).
-    The STORM weight on the past is beta_{t+1} = 1 - eta_{t+1}. Defaults are the benchopt bilevel benchmark's SUSTAIN and
-    MRBO (identical): step 0.1 for both levels and the Neumann series, eta 0.5, decays (lower 1/3,
+    The STORM weight on the past is beta_{t+1} = 1 - eta_{t+1}. Defaults are the benchopt bilevel
+    benchmark's SUSTAIN and MRBO (identical): step 0.1 for both levels and the Neumann series, eta 0.5, decays (lower 1/3,
     neumann 0, eta 2/3, upper 1/3), 10 Neumann terms. The lower batch of grad_y g and the upper,
     Hessian and cross batches are independent (``share_lower_batch=True``: one batch for the
     Hessian and cross products).

@@ -104,7 +104,8 @@ def resolved(solver: Any, t: int) -> Any:
 def parse(value: Any, field: str) -> Any:
     """A step size from a configuration: a number is returned as a float; a mapping
     ``{value: c, decay: e}`` (``decay`` optional, default 0) becomes ``PolyDecay(c, e)``; a keyword
-    of :data:`KEYWORDS` is passed through for the solver to check; anything else (a string, a list, a mapping with other keys) raises ``ValueError`` naming ``field``."""
+    of :data:`KEYWORDS` is passed through for the solver to check; anything else (a string, a
+    list, a mapping with other keys) raises ``ValueError`` naming ``field``."""
     if _is_number(value):
         return float(value)
     if isinstance(value, PolyDecay) or (isinstance(value, str) and value in KEYWORDS):

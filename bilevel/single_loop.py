@@ -55,5 +55,6 @@ class SingleLoopSolver(Solver):
         if radius is not None:
             z = project_ball(z, radius)
         direction, upper_state = self.upper_update().update(tree.sub(grad_x_f, cross_z), s.upper)
-        return s._replace(x=upper.apply(s.x, direction), lower=s.lower._replace(y=tree.axpy(-at(self.lower_lr, t), grad_y_g, y)),
+        y = tree.axpy(-at(self.lower_lr, t), grad_y_g, y)
+        return s._replace(x=upper.apply(s.x, direction), lower=s.lower._replace(y=y),
                           estimator=z, upper=upper_state, iteration=t + 1)

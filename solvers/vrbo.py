@@ -26,7 +26,7 @@ Defaults: the benchopt bilevel benchmark's VRBO (research/peers.md section 3.3):
 (n_shia_steps). benchopt refreshes on the full batch every period_frac (n_inner + n_outer) /
 batch_size iterations (period_frac 128, i.e. every 128 epochs of batches); here ``period`` counts
 outer iterations directly (period = period_frac (n_inner + n_outer) / batch_size), default 10, and
-refresh_batches 10 are our choices. Step sizes may be schedules t -> lr_t (bilevel.schedules; constant by default). Unlike benchopt, the x move is corrected for too (benchopt
+refresh_batches 10 are our choices. Step sizes may be schedules t -> lr_t (constant by default). Unlike benchopt, the x move is corrected for too (benchopt
 compares y_{k,i} with y_{k,i-1} at x_{k+1} only), and a refresh is a large batch, not the single
 batch of the AccBO-repo baseline (research/official_algorithms.md section 6).
 
