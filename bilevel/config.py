@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import schedules
 from .registry import PROBLEMS, SOLVERS, check_options, preset_options
 
 
@@ -181,7 +182,7 @@ def problem_from_overrides(name: str, options: Dict[str, Any], preset: Optional[
 
 
 def _options_schema(cls: type, given):
-    hints = typing.get_type_hints(cls.__init__)
+    hints = typing.get_type_hints(cls if dataclasses.is_dataclass(cls) else cls.__init__)
     return dataclasses.make_dataclass(f"{cls.__name__}Options", [(k, hints.get(k, Any)) for k in given])
 
 
@@ -199,14 +200,26 @@ def solver_options(cfg: DictConfig, name: str) -> Dict[str, Any]:
     if not isinstance(given, (dict, DictConfig)):
         raise ConfigError(f"solver_options.{name} must be a mapping of option: value, got {given!r}")
     cls = SOLVERS.get(name).cls
+    steps = set(schedules.step_size_fields(cls)) & set(given)
     try:
         check_options(cls, dict(given), f"solver {name!r} (solver_options.{name})")
-        typed = OmegaConf.merge(OmegaConf.structured(cls), given)
+        others = {k: v for k, v in given.items() if k not in steps}
+        typed = OmegaConf.merge(OmegaConf.structured(_options_schema(cls, others)), others)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"solver_options.{name}: {_explain(exc)}") from None
-    return {k: typed[k] for k in given}
+    return {k: _step_size(given[k], f"solver_options.{name}.{k}") if k in steps else typed[k] for k in given}
+
+
+def _step_size(value, key: str):
+    """A step size from the config: a number or {value: c, decay: e} (bilevel.schedules.parse)."""
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value)
+    try:
+        return schedules.parse(value, key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

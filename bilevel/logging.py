@@ -67,6 +67,8 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if hasattr(value, "to_config"):  # a step-size schedule (bilevel.schedules.PolyDecay)
+        return _jsonable(value.to_config())
     return repr(value)
 
 

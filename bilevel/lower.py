@@ -4,7 +4,7 @@ Each loop is a small object with ``init(y) -> LowerState``, ``update(problem, x,
 generator, iteration) -> LowerState`` (one call per outer iteration) and ``point(state)``, the
 iterate at which hypergradients are evaluated. Every SGD step draws a fresh lower batch. Step
 sizes ``lr`` are numbers or schedules ``t -> lr_t`` of the outer iteration t (see
-:func:`bilevel.upper.polynomial_decay`).
+:mod:`bilevel.schedules`).
 
 * :class:`SGD`       k steps  y <- y - lr grad_y g(x, y; fresh batch).
 * :class:`Nesterov`  stochastic Nesterov accelerated gradient with averaging (AccBO):
@@ -22,6 +22,7 @@ import torch
 
 from . import tree
 from .oracles import grad_lower_y
+from .schedules import at
 from .tree import Tree
 
 
@@ -44,9 +45,9 @@ def sgd_steps(problem, x: Tree, y: Tree, *, lr: float, steps: int, generator: to
     return y
 
 
-def step_size(lr, iteration: int) -> float:
-    """``lr`` at outer iteration ``iteration``: a constant, or a schedule called with it."""
-    return lr(iteration) if callable(lr) else lr
+#: ``lr`` at outer iteration ``iteration`` (a number, or a schedule called with it): the one
+#: resolver of step sizes, :func:`bilevel.schedules.at`, under its former name.
+step_size = at
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,15 @@ Variance-reduced bilevel methods carry running estimates of
 
 and carry them from an old point to a new one with the SAME samples B at both points:
 
-    d_new = G(new; B) + w (d_old - G(old; B)),         G = (grad_y g, hypergradient estimate)
+    d_new = G(new; B) + beta (d_old - G(old; B)),      G = (grad_y g, hypergradient estimate)
 
-* w = 1 - eta: STORM, recursive momentum (Cutkosky and Orabona 2019), as in SUSTAIN and MRBO;
-* w = 1:       SPIDER / SARAH (Fang et al. 2018; Nguyen et al. 2017), as in VRBO between its
-               periodic large-batch refreshes.
+the STORM correction :func:`bilevel.upper.storm_correction` (one formula, one weight ``beta`` on
+the past, also AccBO's upper update), applied to both levels:
+
+* beta = 1 - eta: STORM, recursive momentum (Cutkosky and Orabona 2019), as in SUSTAIN and MRBO
+                  (eta is benchopt's name for the weight of the new estimate);
+* beta = 1:       SPIDER / SARAH (Fang et al. 2018; Nguyen et al. 2017), as in VRBO between its
+                  periodic large-batch refreshes.
 
 One sample B is a lower batch for grad_y g plus one :class:`~bilevel.estimators.Draw` for the
 hypergradient (upper, Hessian and cross batches and the seed of the randomized Neumann term), so
@@ -32,9 +36,10 @@ from . import tree
 from .estimators import Draw, draw
 from .lower import LowerState
 from .oracles import grad_lower_y
+from .schedules import at, decayed
 from .solver import Solver, State
 from .tree import Tree
-from .upper import polynomial_decay
+from .upper import storm_correction
 from .validation import check_count, check_exponent, check_positive
 
 Point = Tuple[Tree, Tree]
@@ -64,13 +69,13 @@ def evaluate(problem, estimator, x: Tree, y: Tree, batch: Sample) -> Estimates:
     return Estimates(grad_lower_y(problem, x, y, batch.lower), h)
 
 
-def recursive_update(problem, estimator, new: Point, old: Point, estimates: Estimates, weight: float,
+def recursive_update(problem, estimator, new: Point, old: Point, estimates: Estimates, beta: float,
                      batch: Sample) -> Estimates:
-    """d_new = G(new; B) + weight (d_old - G(old; B)), both levels, ONE sample B at both points."""
+    """d_new = G(new; B) + beta (d_old - G(old; B)) (:func:`bilevel.upper.storm_correction`), both
+    levels, ONE sample B at both points."""
     at_new = evaluate(problem, estimator, *new, batch)
     at_old = evaluate(problem, estimator, *old, batch)
-    return Estimates(*(tree.map(lambda n, d, o: n + weight * (d - o), *parts)
-                       for parts in zip(at_new, estimates, at_old)))
+    return Estimates(*(storm_correction(n, d, o, beta) for n, d, o in zip(at_new, estimates, at_old)))
 
 
 def refresh(problem, estimator, x: Tree, y: Tree, generator: torch.Generator, batches: int,
@@ -88,11 +93,6 @@ def refresh(problem, estimator, x: Tree, y: Tree, generator: torch.Generator, ba
     return Estimates(*(tree.scale(t, 1.0 / count) for t in total))
 
 
-def schedule(value, exponent: float):
-    """t -> value / (t + 1)^exponent, or ``value`` itself when it already is a schedule t -> value_t."""
-    return value if callable(value) else polynomial_decay(value, exponent)
-
-
 @dataclass
 class DoubleMomentum(Solver):
     """STORM on both levels; single loop, x and y moved together from estimates at (x_t, y_t):
@@ -104,8 +104,9 @@ class DoubleMomentum(Solver):
 
     with G = (grad_y g, hypergradient from :meth:`estimator`) and the schedules
     c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta (a step size given as a
-    schedule t -> c_t is used as is). Defaults are the benchopt bilevel benchmark's SUSTAIN and
-    MRBO (identical): step 0.1 for both levels and the Neumann series, eta 0.5, decays (lower 1/3,
+    schedule, bilevel.schedules.PolyDecay or t -> c_t, is used as is; its ``*_decay`` is ignored).
+    The STORM weight on the past is beta_{t+1} = 1 - eta_{t+1}. Defaults are the benchopt bilevel
+    benchmark's SUSTAIN and MRBO (identical): step 0.1 for both levels and the Neumann series, eta 0.5, decays (lower 1/3,
     neumann 0, eta 2/3, upper 1/3), 10 Neumann terms. The lower batch of grad_y g and the upper,
     Hessian and cross batches are independent (``share_lower_batch=True``: one batch for the
     Hessian and cross products).
@@ -133,7 +134,7 @@ class DoubleMomentum(Solver):
         """The stateless hypergradient estimator used at ``iteration`` (its Neumann lr may decay)."""
 
     def neumann_lr_at(self, iteration: int) -> float:
-        return schedule(self.neumann_lr, self.neumann_lr_decay)(iteration)
+        return at(decayed(self.neumann_lr, self.neumann_lr_decay), iteration)
 
     def init(self, problem, x, y, generator):
         batch = sample(problem, generator, self.share_lower_batch)
@@ -143,9 +144,9 @@ class DoubleMomentum(Solver):
 
     def step(self, problem, s: State) -> State:
         t, d = s.iteration, s.estimator
-        x = tree.axpy(-schedule(self.upper_lr, self.upper_lr_decay)(t), d.upper, s.x)
-        y = tree.axpy(-schedule(self.lower_lr, self.lower_lr_decay)(t), d.lower, s.y)
-        weight = 1 - polynomial_decay(self.eta, self.eta_decay)(t + 1)
+        x = tree.axpy(-at(decayed(self.upper_lr, self.upper_lr_decay), t), d.upper, s.x)
+        y = tree.axpy(-at(decayed(self.lower_lr, self.lower_lr_decay), t), d.lower, s.y)
+        beta = 1 - self.eta / (t + 2) ** self.eta_decay  # 1 - eta_{t+1}
         batch = sample(problem, s.generator, self.share_lower_batch)
-        d = recursive_update(problem, self.estimator(t + 1), (x, y), (s.x, s.y), d, weight, batch)
+        d = recursive_update(problem, self.estimator(t + 1), (x, y), (s.x, s.y), d, beta, batch)
         return s._replace(x=x, lower=s.lower._replace(y=y), estimator=d, iteration=t + 1)

@@ -4,9 +4,11 @@ directions at the current (x_t, y_t, z_t),
     D_y = grad_y g(x_t, y_t; i)
     D_z = d2_yy g(x_t, y_t; i) . z_t - grad_y f(x_t, y_t; j)
     D_x = grad_x f(x_t, y_t; j) - d2_xy g(x_t, y_t; i) . z_t
-    y_{t+1} = y_t - lower_lr D_y
-    z_{t+1} = Proj_{||z|| <= z_radius}(z_t - z_lr D_z)          (when the solver has a z_radius)
-    x_{t+1} = x_t - upper_update(D_x)
+    y_{t+1} = y_t - lower_lr_t D_y
+    z_{t+1} = Proj_{||z|| <= z_radius}(z_t - z_lr_t D_z)        (when the solver has a z_radius)
+    x_{t+1} = x_t - upper_update(D_x)                          (upper_lr_t)
+
+with each step size a number or a schedule of t (bilevel.schedules).
 
 D_y, the HVP and the cross product come from one double-backward pass on batch i (as in the
 benchopt implementation). Subclasses choose ``upper_update``: SGD for SOBA, a moving average for
@@ -19,15 +21,16 @@ from dataclasses import dataclass
 
 from . import lower, oracles, tree, upper
 from .linear_system import project_ball
+from .schedules import StepSize, at
 from .solver import Solver, State
 from .validation import check_positive
 
 
 @dataclass
 class SingleLoopSolver(Solver):
-    upper_lr: float = 0.1
-    lower_lr: float = 0.1
-    z_lr: float = 0.1
+    upper_lr: StepSize = 0.1
+    lower_lr: StepSize = 0.1
+    z_lr: StepSize = 0.1
 
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr", "z_lr")
@@ -46,10 +49,12 @@ class SingleLoopSolver(Solver):
         y, z = s.lower.y, s.estimator
         hz, cross_z, grad_y_g = oracles.hvp_and_cross(problem, s.x, y, z, lower_batch)
         grad_x_f, grad_y_f = oracles.grad_upper(problem, s.x, y, upper_batch)
-        z = tree.axpy(-self.z_lr, tree.sub(hz, grad_y_f), z)
+        t = s.iteration
+        z = tree.axpy(-at(self.z_lr, t), tree.sub(hz, grad_y_f), z)
         radius = getattr(self, "z_radius", None)
         if radius is not None:
             z = project_ball(z, radius)
         direction, upper_state = self.upper_update().update(tree.sub(grad_x_f, cross_z), s.upper)
-        return s._replace(x=upper.apply(s.x, direction), lower=s.lower._replace(y=tree.axpy(-self.lower_lr, grad_y_g, y)),
-                          estimator=z, upper=upper_state, iteration=s.iteration + 1)
+        y = tree.axpy(-at(self.lower_lr, t), grad_y_g, y)
+        return s._replace(x=upper.apply(s.x, direction), lower=s.lower._replace(y=y),
+                          estimator=z, upper=upper_state, iteration=t + 1)

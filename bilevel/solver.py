@@ -22,6 +22,7 @@ import torch
 from . import upper
 from .estimators import draw
 from .lower import LowerState, warm_start
+from .schedules import resolved
 from .tree import Tree
 
 
@@ -88,6 +89,11 @@ class ComposedSolver(Solver):
     def upper_update(self):
         """A transform from :mod:`bilevel.upper`."""
 
+    def estimator_at(self, iteration: int):
+        """:meth:`estimator` built with every step size resolved at ``iteration``
+        (:func:`bilevel.schedules.resolved`): estimators take float steps."""
+        return resolved(self, iteration).estimator()
+
     def init(self, problem, x, y, generator):
         loop = self.lower_loop()
         lower_state = loop.init(y)
@@ -95,7 +101,7 @@ class ComposedSolver(Solver):
         if warm_steps:
             lower_state = warm_start(loop, problem, x, lower_state, warm_steps, generator)
         return State(x=x, lower=lower_state, iteration=0, generator=generator,
-                     estimator=self.estimator().init(x, y), upper=self.upper_update().init(x))
+                     estimator=self.estimator_at(0).init(x, y), upper=self.upper_update().init(x))
 
     def step(self, problem, s: State) -> State:
         loop = self.lower_loop()
@@ -103,7 +109,7 @@ class ComposedSolver(Solver):
         if self.update_lower_first:
             lower_state = loop.update(problem, s.x, lower_state, s.generator, s.iteration)
         sample = draw(problem, s.generator, getattr(self, "share_lower_batch", False))
-        h, estimator_state = self.estimator()(problem, s.x, loop.point(lower_state), s.estimator, sample)
+        h, estimator_state = self.estimator_at(s.iteration)(problem, s.x, loop.point(lower_state), s.estimator, sample)
         if not self.update_lower_first:
             lower_state = loop.update(problem, s.x, lower_state, s.generator, s.iteration)
         direction, upper_state = self.upper_update().update(h, s.upper)

@@ -7,20 +7,20 @@ normalized momentum (BO-REP, SLIP)
 
     m_t = beta m_{t-1} + (1 - beta) h_t,        x_{t+1} = x_t - lr m_t / ||m_t||
 
-is ``chain(ema(beta), normalize(), scale(lr))``. Step sizes may be schedules ``t -> lr_t``.
+is ``chain(ema(beta), normalize(), scale(lr))``. Step sizes are numbers or schedules t -> lr_t
+(:mod:`bilevel.schedules`), t counting the updates (the outer iteration in the solvers).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import tree
+from .schedules import PolyDecay, StepSize, at
 from .tree import Tree
 
-Schedule = Callable[[int], float]
-StepSize = Union[float, Schedule]
 NORMALIZATIONS = ("global", "per_tensor")
 
 
@@ -35,19 +35,24 @@ def apply(x: Tree, direction: Tree) -> Tree:
 
 
 # ---------------------------------------------------------------------------------------------
-# Step-size schedules.
+# Step sizes: numbers or schedules, from bilevel.schedules (the one place for them).
 
-def constant(value: float) -> Schedule:
-    return lambda t: value
-
-
-def polynomial_decay(value: float, exponent: float) -> Schedule:
-    """lr_t = value / (t + 1)^exponent (benchopt's bilevel schedules; exponent 0 is constant)."""
-    return lambda t: value / (t + 1) ** exponent
+#: Kept for the existing API: ``polynomial_decay(c, e)`` is ``PolyDecay(c, e)``, t -> c / (t + 1)^e.
+polynomial_decay = PolyDecay
 
 
-def as_schedule(step_size: StepSize) -> Schedule:
-    return step_size if callable(step_size) else constant(float(step_size))
+# ---------------------------------------------------------------------------------------------
+# The STORM correction, shared with bilevel.recursive.
+
+def storm_correction(h: Tree, m: Tree, previous: Tree, beta: float) -> Tree:
+    """Recursive momentum (STORM, Cutkosky and Orabona 2019) with weight ``beta`` on the past:
+
+        m_t = h_t + beta (m_{t-1} - h'_{t-1})
+
+    where h'_{t-1} is the estimate at the previous point on the current sample. beta = 1 is
+    SPIDER/SARAH; ``m_t = beta m_{t-1} + (1 - beta) h_t + beta (h_t - h'_{t-1})`` is the same.
+    """
+    return tree.map(lambda hv, mv, pv: hv + beta * (mv - pv), h, m, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,10 +60,9 @@ def as_schedule(step_size: StepSize) -> Schedule:
 
 def scale(step_size: StepSize) -> Transform:
     """u <- lr_t u, with lr_t a constant or a schedule of the iteration t = 0, 1, ..."""
-    schedule = as_schedule(step_size)
 
     def update(u, count, **extra):
-        return tree.scale(u, schedule(count)), count + 1
+        return tree.scale(u, at(step_size, count)), count + 1
     return Transform(lambda x: 0, update)
 
 
@@ -89,9 +93,10 @@ def heavy_ball(beta: float) -> Transform:
 
 
 def storm(beta: float) -> Transform:
-    """Recursive momentum (STORM, Cutkosky and Orabona 2019; AccBO's upper update):
+    """Recursive momentum (STORM, Cutkosky and Orabona 2019; AccBO's upper update), by
+    :func:`storm_correction`:
 
-        m_t = beta m_{t-1} + (1 - beta) h_t + beta (h_t - h_{t-1}'),     m_0 = h_0
+        m_t = h_t + beta (m_{t-1} - h_{t-1}'),     m_0 = h_0
 
     where h_{t-1}' is the estimate at the *previous* point on the *current* sample, passed as
     ``update(h_t, state, previous=h_{t-1}')``. It must be given from the second call on.
@@ -104,7 +109,7 @@ def storm(beta: float) -> Transform:
             return h, (h, True)
         if previous is None:
             raise ValueError("storm needs previous=<estimate at the previous point on the current sample>")
-        m = tree.map(lambda mv, hv, pv: beta * mv + (1 - beta) * hv + beta * (hv - pv), m, h, previous)
+        m = storm_correction(h, m, previous, beta)
         return m, (m, True)
     return Transform(lambda x: (tree.zeros_like(x), False), update)
 

@@ -8,14 +8,21 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from . import schedules
+
 
 def check_positive(solver: Any, *names: str) -> None:
-    """Step sizes and scales: positive numbers (a schedule t -> lr_t is accepted as is)."""
+    """Step sizes and scales: positive numbers. A step-size field (named ``*_lr``, see
+    :mod:`bilevel.schedules`) may also be a schedule: a :class:`~bilevel.schedules.PolyDecay`
+    (validated when built) or a callable t -> lr_t; any other field must be a number."""
     for name in names:
         value = getattr(solver, name)
-        if callable(value):
+        if callable(value) and name.endswith(schedules.STEP_SIZE_SUFFIX):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            if name.endswith(schedules.STEP_SIZE_SUFFIX):
+                raise ValueError(f"{name} must be a positive number or a schedule "
+                                 f"(bilevel.schedules.PolyDecay(value, exponent)), got {value!r}")
             raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 

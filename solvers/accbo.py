@@ -95,7 +95,7 @@ class AccBO(ComposedSolver):
                      upper=self.upper_update().init(x))
 
     def step(self, problem, s: State) -> State:
-        loop, estimate = self.lower_loop(), self.estimator()
+        loop, estimate = self.lower_loop(), self.estimator_at(s.iteration)
         lower_state = loop.update(problem, s.x, s.lower, s.generator, s.iteration)
         y_avg = loop.point(lower_state)
         sample = draw(problem, s.generator, self.share_lower_batch)

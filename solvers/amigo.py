@@ -13,7 +13,8 @@ Both inner problems are warm-started from the previous iteration ("amortized"). 
 gives grad_y f and grad_x f; each of the linear_steps z steps draws a fresh lower batch for its
 Hessian product, as in the paper and benchopt, and the cross product uses an independent one
 (bilevel.estimators.LinearSystemSGD with resample=True). Step sizes are constant by default; ``lower_lr_decay`` and
-``upper_lr_decay`` give lr_t = lr / (t + 1)^decay.
+``upper_lr_decay`` give lr_t = lr / (t + 1)^decay; any step size may instead be a schedule
+(bilevel.schedules; used as given, its ``*_decay`` then ignored), z_lr resolved at iteration t.
 
 Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, z and x
 (outer_ratio 1), 10 inner steps and 10 z steps (benchopt uses n_inner_steps for both), constant.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from bilevel import lower, upper
 from bilevel.estimators import LinearSystemSGD
 from bilevel.registry import register_solver
+from bilevel.schedules import decayed
 from bilevel.solver import ComposedSolver
 
 from bilevel.validation import check_count, check_exponent, check_positive
@@ -50,10 +52,10 @@ class AmIGO(ComposedSolver):
         check_exponent(self, "lower_lr_decay", "upper_lr_decay")
 
     def lower_loop(self):
-        return lower.SGD(upper.polynomial_decay(self.lower_lr, self.lower_lr_decay), self.inner_steps)
+        return lower.SGD(decayed(self.lower_lr, self.lower_lr_decay), self.inner_steps)
 
     def estimator(self):
         return LinearSystemSGD(lr=self.z_lr, steps=self.linear_steps, resample=True)
 
     def upper_update(self):
-        return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))
+        return upper.sgd(decayed(self.upper_lr, self.upper_lr_decay))

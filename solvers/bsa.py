@@ -17,7 +17,9 @@ each of the q Hessian products draws a fresh batch, as in the paper
 
 Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, for the
 Neumann series and for x (outer_ratio 1), 10 inner steps, n_hia_steps 10, decay exponents 0.5
-(y), 0 (Neumann, constant) and 0.5 (x).
+(y), 0 (Neumann, constant) and 0.5 (x). Any step size may instead be a schedule
+(bilevel.schedules; used as given, its ``*_decay`` then ignored); neumann_lr is resolved at
+iteration t.
 
 Cost per iteration: inner_steps lower gradients, q HVPs (random, (Q - 1)/2 on average), one
 cross product, one upper gradient.
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from bilevel import lower, upper
 from bilevel.estimators import Neumann
 from bilevel.registry import register_solver
+from bilevel.schedules import decayed
 from bilevel.solver import ComposedSolver
 
 from bilevel.validation import check_count, check_exponent, check_positive
@@ -51,10 +54,10 @@ class BSA(ComposedSolver):
         check_exponent(self, "lower_lr_decay", "upper_lr_decay")
 
     def lower_loop(self):
-        return lower.SGD(upper.polynomial_decay(self.lower_lr, self.lower_lr_decay), self.inner_steps)
+        return lower.SGD(decayed(self.lower_lr, self.lower_lr_decay), self.inner_steps)
 
     def estimator(self):
         return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized", resample=True)
 
     def upper_update(self):
-        return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))
+        return upper.sgd(decayed(self.upper_lr, self.upper_lr_decay))

@@ -32,7 +32,8 @@ lambda_t. Both copies start at y_0.
 Defaults (benchopt bilevel benchmark f2sa.py, research/peers.md section 3.3): step 0.01, ratio 1
 (upper_lr = lower_lr = 0.01), lambda0 1, delta_lambda 0.1, inner_steps 10; decays 5/7 for the
 penalized copy (benchopt's inner_var), 4/7 for the lower copy (its inner_approx_star), 4/7 outer,
-1/7 for the lambda increments.
+1/7 for the lambda increments. A step size may instead be a schedule (bilevel.schedules), used
+as given: a schedule for lower_lr then sets both gamma_t and alpha_t (the decays are ignored).
 
 Cost per iteration: 2 inner_steps + 2 lower gradients, inner_steps + 1 upper gradients, no HVP.
 """
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from bilevel import lower, oracles, tree, upper
 from bilevel.registry import register_solver
 from bilevel.solver import Solver, State
-from bilevel.upper import polynomial_decay
+from bilevel.schedules import at, decayed
 from bilevel.validation import check_count, check_exponent, check_positive
 
 
@@ -70,9 +71,9 @@ class F2SA(Solver):
 
     def step(self, problem, s):
         t, lam, gen = s.iteration, s.extra, s.generator
-        z_loop = lower.SGD(polynomial_decay(self.lower_lr, self.lower_lr_decay), self.inner_steps)
+        z_loop = lower.SGD(decayed(self.lower_lr, self.lower_lr_decay), self.inner_steps)
         lower_state = z_loop.update(problem, s.x, s.lower, gen, t)
-        y, alpha = s.estimator, polynomial_decay(self.lower_lr, self.penalty_lr_decay)(t)
+        y, alpha = s.estimator, at(decayed(self.lower_lr, self.penalty_lr_decay), t)
         for _ in range(self.inner_steps):
             _, grad_y_f = oracles.grad_upper(problem, s.x, y, problem.sample("upper", gen))
             grad_y_g = oracles.grad_lower_y(problem, s.x, y, problem.sample("lower", gen))
@@ -87,4 +88,4 @@ class F2SA(Solver):
                           extra=lam + self.delta_lambda / (t + 1) ** self.lambda_decay, iteration=t + 1)
 
     def _upper(self):
-        return upper.sgd(polynomial_decay(self.upper_lr, self.upper_lr_decay))
+        return upper.sgd(decayed(self.upper_lr, self.upper_lr_decay))

@@ -24,4 +24,4 @@ class LowerOnly(Solver):
 
     def step(self, problem, s):
         loop = lower.SGD(self.lower_lr, self.inner_steps)
-        return s._replace(lower=loop.update(problem, s.x, s.lower, s.generator), iteration=s.iteration + 1)
+        return s._replace(lower=loop.update(problem, s.x, s.lower, s.generator, s.iteration), iteration=s.iteration + 1)

@@ -9,10 +9,10 @@ current (x_t, y_t, z_t), as in SOBA:
     D_y = grad_y g(x_t, y_t; i)
     D_z = d2_yy g(x_t, y_t; i) . z_t - grad_y f(x_t, y_t; j)
     D_x = grad_x f(x_t, y_t; j) - d2_xy g(x_t, y_t; i) . z_t
-    y_{t+1} = y_t - lower_lr D_y
-    z_{t+1} = Proj_{||z|| <= z_radius}(z_t - z_lr D_z)            (no projection if z_radius is None)
+    y_{t+1} = y_t - lower_lr_t D_y
+    z_{t+1} = Proj_{||z|| <= z_radius}(z_t - z_lr_t D_z)          (no projection if z_radius is None)
     m_t     = beta m_{t-1} + (1 - beta) D_x                        (m_{-1} = 0; the paper's theta = 1 - beta)
-    x_{t+1} = x_t - upper_lr m_t
+    x_{t+1} = x_t - upper_lr_t m_t
 
 Here x moves with the average that already includes D_x of step t; the paper's Algorithm 1 may
 instead step x with the previous average (x_{t+1} = x_t - alpha_t h_t, then h_{t+1} =
@@ -21,8 +21,11 @@ the paper's analysis; the official code of the unbounded-smoothness papers
 (research/official_algorithms.md sections 1.1, 3.4, 6) has none, hence off by default.
 D_y, the HVP and the cross product come from one double-backward pass on batch i.
 
-Defaults: upper_lr, lower_lr, z_lr 0.1 (benchopt's SOBA step, constant as in solvers/soba.py;
-the paper's analysis uses constant steps); beta 0.9 (the official code's MA-SOBA momentum).
+Defaults: upper_lr, lower_lr, z_lr 0.1, constant. benchopt has no MA-SOBA: the value 0.1 is
+benchopt's SOBA step_size, but not its decay (benchopt's SOBA uses 0.1 / sqrt(t + 1)); the
+constant steps are the paper's (its analysis takes constant alpha, beta, gamma, theta). beta 0.9
+is the official code's MA-SOBA momentum. Each step size may be a schedule (bilevel.schedules),
+e.g. upper_lr = lower_lr = z_lr = PolyDecay(0.1, 0.5) for benchopt's SOBA schedule.
 
 Cost per iteration: one lower gradient, one HVP, one cross product, one upper gradient.
 """
@@ -31,6 +34,7 @@ from typing import Optional
 
 from bilevel import upper
 from bilevel.registry import register_solver
+from bilevel.schedules import StepSize
 from bilevel.single_loop import SingleLoopSolver
 from bilevel.validation import check_positive, check_unit
 
@@ -39,9 +43,9 @@ from bilevel.validation import check_positive, check_unit
 @dataclass
 class MASOBA(SingleLoopSolver):
     """Single loop: SGD on y and z, moving-average hypergradient step on x."""
-    upper_lr: float = 0.1
-    lower_lr: float = 0.1
-    z_lr: float = 0.1
+    upper_lr: StepSize = 0.1
+    lower_lr: StepSize = 0.1
+    z_lr: StepSize = 0.1
     beta: float = 0.9
     z_radius: Optional[float] = None
 

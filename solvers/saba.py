@@ -19,16 +19,18 @@ entry per mini-batch of its level:
 and SOBA's directions and simultaneous updates are taken with the estimates:
 
     D_y = grad_y g_hat,   D_z = (H z)_hat - grad_y f_hat,   D_x = grad_x f_hat - (J z)_hat
-    y_{t+1} = y_t - lower_lr D_y,   z_{t+1} = z_t - z_lr D_z,   x_{t+1} = x_t - upper_lr D_x
+    y_{t+1} = y_t - lower_lr_t D_y,   z_{t+1} = z_t - z_lr_t D_z,   x_{t+1} = x_t - upper_lr_t D_x
 
 (z is -v of the paper). The estimate is unbiased for the full-batch direction; K w_i = 1 when all
 mini-batches have the same size. The problem must be a finite sum: ``n_samples(level)`` and losses
 taking LongTensor index batches (TypeError otherwise); its own ``sample`` and batch size are not
 used. State: x, y (lower), z (estimator), and extra = {"lower": Memory, "upper": Memory}.
 
-Defaults (benchopt bilevel benchmark, research/peers.md section 3.3): step 0.1 and outer ratio 1,
-so upper_lr = lower_lr = z_lr = 0.1, constant; batch_size 64; memory_init "zero" (benchopt's
-mode_init_memory); "full" fills the memories by a full pass at (x_0, y_0, z_0 = 0).
+Defaults are benchopt's (benchmark_bilevel solvers/saba.py: step_size 0.1, outer_ratio 1, zero
+decay exponents, "SABA works with constant stepsizes"): upper_lr = lower_lr = z_lr = 0.1,
+constant, as in the paper's analysis of SABA (constant steps, linear convergence under PL);
+batch_size 64; memory_init "zero" (benchopt's mode_init_memory); "full" fills the memories by a
+full pass at (x_0, y_0, z_0 = 0). Each step size may be a schedule (bilevel.schedules).
 
 Cost per iteration: one lower gradient, one HVP, one cross product (shared pass,
 bilevel.oracles.hvp_and_cross), one upper gradient. init with memory_init="full": that per
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from bilevel import lower, memory, oracles, tree, upper
 from bilevel.memory import Partition
 from bilevel.registry import register_solver
+from bilevel.schedules import StepSize, at
 from bilevel.solver import Solver, State
 from bilevel.validation import check_choice, check_count, check_positive
 
@@ -49,9 +52,9 @@ MEMORY_INITS = ("zero", "full")
 @dataclass
 class SABA(Solver):
     """SOBA with a SAGA memory per mini-batch on all five directions (finite-sum problems)."""
-    upper_lr: float = 0.1
-    lower_lr: float = 0.1
-    z_lr: float = 0.1
+    upper_lr: StepSize = 0.1
+    lower_lr: StepSize = 0.1
+    z_lr: StepSize = 0.1
     batch_size: int = 64
     memory_init: str = "zero"
 
@@ -87,8 +90,8 @@ class SABA(Solver):
         direction, upper_state = upper.sgd(self.upper_lr).update(tree.sub(up["grad_x"], low["cross"]), s.upper)
         return s._replace(
             x=upper.apply(s.x, direction),
-            lower=s.lower._replace(y=tree.axpy(-self.lower_lr, low["grad_y"], y)),
-            estimator=tree.axpy(-self.z_lr, tree.sub(low["hvp"], up["grad_y"]), z),
+            lower=s.lower._replace(y=tree.axpy(-at(self.lower_lr, s.iteration), low["grad_y"], y)),
+            estimator=tree.axpy(-at(self.z_lr, s.iteration), tree.sub(low["hvp"], up["grad_y"]), z),
             upper=upper_state, extra={"lower": lower_memory, "upper": upper_memory}, iteration=s.iteration + 1)
 
     @staticmethod

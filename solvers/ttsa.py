@@ -19,6 +19,8 @@ fresh batch, as in Ghadimi and Wang's estimator (bilevel.estimators.Neumann, res
 Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, for the
 Neumann series and for x (outer_ratio 1), n_hia_steps 10, decay exponents 0.4 (y), 0 (Neumann,
 constant) and 0.6 (x) -- the two timescales b ~ t^{-2/5}, a ~ t^{-3/5} of the paper's analysis.
+Any step size may instead be a schedule (bilevel.schedules; used as given, its ``*_decay`` then
+ignored); neumann_lr is resolved at iteration t.
 
 Cost per iteration: one lower gradient, q HVPs (random, (Q - 1)/2 on average), one cross
 product, one upper gradient.
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from bilevel import lower, upper
 from bilevel.estimators import Neumann
 from bilevel.registry import register_solver
+from bilevel.schedules import decayed
 from bilevel.solver import ComposedSolver
 
 from bilevel.validation import check_count, check_exponent, check_positive
@@ -51,10 +54,10 @@ class TTSA(ComposedSolver):
         check_exponent(self, "lower_lr_decay", "upper_lr_decay")
 
     def lower_loop(self):
-        return lower.SGD(upper.polynomial_decay(self.lower_lr, self.lower_lr_decay), steps=1)
+        return lower.SGD(decayed(self.lower_lr, self.lower_lr_decay), steps=1)
 
     def estimator(self):
         return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized", resample=True)
 
     def upper_update(self):
-        return upper.sgd(upper.polynomial_decay(self.upper_lr, self.upper_lr_decay))
+        return upper.sgd(decayed(self.upper_lr, self.upper_lr_decay))

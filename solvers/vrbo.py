@@ -40,9 +40,10 @@ from typing import Any
 
 from bilevel import tree
 from bilevel.estimators import Neumann
-from bilevel.lower import LowerState, step_size
+from bilevel.lower import LowerState
 from bilevel.recursive import recursive_update, refresh, sample
 from bilevel.registry import register_solver
+from bilevel.schedules import at as step_size
 from bilevel.solver import Solver, State
 from bilevel.validation import check_count, check_positive
 

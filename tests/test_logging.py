@@ -78,7 +78,8 @@ def test_jsonl_logger_writes_start_evals_end(squad, tmp_path):
     start, end = lines[0], lines[-1]
     assert start["solver"] == "soba" and start["problem"] == "quadratic"
     assert start["steps"] == 20 and start["seed"] == 1
-    assert start["hyperparameters"] == {"upper_lr": 0.05, "lower_lr": 0.1, "z_lr": 0.1}
+    benchopt = {"value": 0.1, "decay": 0.5}  # SOBA's default step 0.1 / sqrt(t + 1), as a config writes it
+    assert start["hyperparameters"] == {"upper_lr": 0.05, "lower_lr": benchopt, "z_lr": benchopt}
     assert end["iterations"] == 20 and end["wall_time"] == result.wall_time
     assert end["counts"] == dict(result.counts)
     records = read_jsonl(path)

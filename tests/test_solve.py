@@ -14,6 +14,7 @@ from bilevel import Callback, FunctionProblem, NonFiniteError, Result, make_prob
 from bilevel.experiment import load_state, save_state
 from bilevel.problem import BilevelProblem, ProblemError
 from bilevel.registry import SOLVERS
+from bilevel.schedules import PolyDecay
 
 DT = torch.float64
 A = torch.tensor([1.0, 2.0, 3.0], dtype=DT)      # lower curvature
@@ -106,7 +107,8 @@ def test_solve_by_name_result_fields():
     assert result.wall_time > 0
     assert result.solver == "soba"
     assert result.problem == "tiny-quadratic"
-    assert result.hyperparameters == {"upper_lr": 0.05, "lower_lr": 0.1, "z_lr": 0.1}
+    benchopt = PolyDecay(0.1, 0.5)  # SOBA's default lower and z steps, 0.1 / sqrt(t + 1)
+    assert result.hyperparameters == {"upper_lr": 0.05, "lower_lr": benchopt, "z_lr": benchopt}
     # SOBA: one upper gradient, one lower gradient, one HVP and one cross product per iteration
     assert dict(result.counts) == {k: 20 for k in ORACLE_KINDS}
     last = result.history[-1]
@@ -133,7 +135,7 @@ def test_solve_by_name_result_fields():
     assert rec.records == result.history
     assert rec.results == [result]
     assert rec.infos == [{"problem": "tiny-quadratic", "solver": "soba", "steps": 20, "seed": 0,
-                          "hyperparameters": {"upper_lr": 0.05, "lower_lr": 0.1, "z_lr": 0.1}}]
+                          "hyperparameters": {"upper_lr": 0.05, "lower_lr": benchopt, "z_lr": benchopt}}]
 
 
 def test_solve_with_instance_and_overrides():
@@ -141,7 +143,7 @@ def test_solve_with_instance_and_overrides():
     instance = solver_cls(upper_lr=0.05, z_lr=0.2)
     result = solve(tiny_problem(), instance, steps=12, eval_every=4, lower_lr=0.3)
     assert result.hyperparameters == {"upper_lr": 0.05, "lower_lr": 0.3, "z_lr": 0.2}
-    assert instance.lower_lr == 0.1, "the caller's solver instance must not be modified"
+    assert instance.lower_lr == PolyDecay(0.1, 0.5), "the caller's solver instance must not be modified"
     assert result.solver == "soba"
     assert [r["iteration"] for r in result.history] == [0, 4, 8, 12]
     # same hyperparameters by name give the same run
