@@ -8,9 +8,10 @@ use a 1-d LongTensor B of sample indices as the batch (None: the whole split) of
 (lower) or ``val_batch_size`` (upper) samples; ``n_samples`` gives the sizes of the two finite
 sums (the protocol of :mod:`bilevel.memory`, used by SABA-type solvers). With the problem's
 ``sampling`` attribute "blocks" (the default) B is the next fixed block of consecutive indices
-in an order drawn afresh every epoch (:mod:`bilevel.sampling`, the benchopt benchmark's sampler;
-the splits are slices of seeded permutations, so consecutive samples are in random order); with
-"replacement" B holds i.i.d. uniform indices.
+in an order drawn afresh every epoch (:mod:`bilevel.sampling`, the benchopt benchmark's sampler);
+with "replacement" B holds i.i.d. uniform indices. Blocks are only as mixed as the split's row
+order: a problem must store its splits in random order (the problems here take them from seeded
+permutations), never sorted by class or length.
 Token batches are also cut to their longest sequence (:func:`trim_padding`), and whole splits
 are evaluated :data:`EVAL_CHUNK` rows at a time (:func:`in_chunks`).
 """
@@ -22,13 +23,19 @@ import torch
 from torch import Tensor
 
 from bilevel.problem import check_level
-from bilevel.sampling import draw_indices, mode
+from bilevel.sampling import SAMPLINGS, draw_indices, mode
 
 from .models import PAD_INDEX
+from .options import check_choice
 
 
 #: Rows per forward call when a whole split is evaluated (bounds the activation memory).
 EVAL_CHUNK = 512
+
+
+def sampling_option(problem: str, value: str) -> str:
+    """The ``sampling`` option of a finite-sum problem: "blocks" or "replacement"."""
+    return check_choice(problem, "sampling", value, SAMPLINGS)
 
 
 def in_chunks(fn: Callable[[Tensor], Tensor], rows: Tensor, size: int = EVAL_CHUNK) -> Tensor:

@@ -114,6 +114,19 @@ def test_registered_finite_sum_problems_default_to_blocks():
     assert [c.sampling for c in classes] + [tiny().sampling] == ["blocks"] * 5
 
 
+def test_auc_splits_are_stored_in_mixed_order(tmp_path):
+    """Blocks are consecutive rows: DeepAUC's train and val splits must not be sorted by class
+    (they were: the class-by-class picks of imbalanced_splits, sorted, left val's classes in two
+    runs, so its blocks were single-class)."""
+    from bilevel.problems.auc import DeepAUC
+    from data_fixtures import write_rotten_tomatoes
+    path = str(write_rotten_tomatoes(tmp_path / "rt.csv.bz2", n=600, seed=0))
+    pb = DeepAUC(data_path=path, **{**DeepAUC.PRESETS["tiny"], "n_train": 150, "n_val": 150, "n_test": 100})
+    for labels in (pb.data.train_labels, pb.data.val_labels):
+        blocks = Blocks(len(labels), 32)
+        assert all(0 < float(labels[blocks.batch(k)].float().mean()) < 1 for k in range(blocks.n_batches)), labels
+
+
 class Recording(BilevelProblem):
     """Delegates to ``inner`` and records (level, batch) of every loss evaluation."""
 
