@@ -133,8 +133,10 @@ def _grad_one(loss_fn, which: str, x: Tree, y: Tree, batch: Any, wrt: str) -> Tr
     detached, so autograd never computes the unused gradient."""
     xl = _leaves(x) if wrt == "x" else {k: v.detach() for k, v in x.items()}
     yl = _leaves(y) if wrt == "y" else {k: v.detach() for k, v in y.items()}
-    loss = _scalar(loss_fn(xl, yl, batch), which)
-    return {k: v.detach() for k, v in _grad(loss, xl if wrt == "x" else yl).items()}
+    loss, inputs = _scalar(loss_fn(xl, yl, batch), which), xl if wrt == "x" else yl
+    if not loss.requires_grad:  # the loss does not depend on that variable (e.g. f free of y)
+        return {k: torch.zeros_like(v) for k, v in inputs.items()}
+    return {k: v.detach() for k, v in _grad(loss, inputs).items()}
 
 
 def grad_upper_x(problem, x: Tree, y: Tree, batch: Any) -> Tree:

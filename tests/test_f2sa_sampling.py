@@ -117,3 +117,15 @@ def test_multiplier_schedule(decay):
         state = solver.step(problem, state)
         assert math.isclose(state.extra, 1.5 + 0.3 * sum(s ** -decay for s in range(1, t + 1)), rel_tol=1e-14)
     assert solver.lambda_decay == decay and bilevel.make_solver("f2sa").lambda_decay == 1 / 7
+
+
+def test_one_variable_gradients_are_zero_where_the_loss_ignores_that_variable():
+    """grad_upper_y of an f free of y (cosh's upper level is): zeros, not an autograd error."""
+    from bilevel import oracles
+    from bilevel.problem import FunctionProblem
+    problem = FunctionProblem(lambda x, y, b: (x["x"] ** 2).sum(), lambda x, y, b: ((y["y"] - x["x"]) ** 2).sum(),
+                              {"x": torch.ones(2)}, {"y": torch.zeros(2)})
+    x, y = problem.init(None)
+    assert torch.equal(oracles.grad_upper_y(problem, x, y, None)["y"], torch.zeros(2))
+    assert torch.equal(oracles.grad_upper_x(problem, x, y, None)["x"], 2 * torch.ones(2))
+    assert torch.equal(oracles.grad_lower_x(problem, x, y, None)["x"], 2 * torch.ones(2))
