@@ -1,21 +1,24 @@
 """SAGA memories over a fixed partition of a finite sum (SABA; reusable by other VR solvers).
 
-Finite-sum problems. SAGA needs a fixed set of summands, while problems here draw i.i.d. index
-batches. A problem is a *finite sum* at a level when it exposes ``n_samples(level) -> int`` and
+Finite-sum problems. SAGA needs a fixed set of summands. A problem is a *finite sum* at a level when it exposes ``n_samples(level) -> int`` and
 its losses accept a 1-d LongTensor of sample indices as the batch, the loss on it being the mean
 of the per-sample losses (the quadratic and hyper-cleaning problems do). :func:`finite_sum_size`
 checks this and raises a TypeError naming what is missing.
 
 Partition. The n indices of a level are cut into K = ceil(n / batch_size) fixed consecutive
-mini-batches B_k = [k b, min(n, (k + 1) b)) (the last one may be smaller). With d_k the direction
-on B_k (a gradient of the mean loss over B_k, or a product with its Hessian), the full-batch
-direction is the batch-size-weighted mean
+mini-batches B_k = [k b, min(n, (k + 1) b)) (the last one may be smaller): the blocks of
+:mod:`bilevel.sampling`, and the index j of the next one comes from the same epoch-shuffled
+stream the problem's own ``sample`` uses (benchopt's SABA indexes its memory by the block its
+sampler serves), or uniformly with the problem's ``sampling="replacement"``
+(:func:`partition_of`). With d_k the direction on B_k (a gradient of the mean loss over B_k, or
+a product with its Hessian), the full-batch direction is the batch-size-weighted mean
 
     d = sum_k w_k d_k,        w_k = |B_k| / n.
 
 SAGA estimate. A memory holds one entry M[k] per mini-batch (a tree, or a dict of trees for
 several quantities sharing a batch, e.g. {"grad_y": ..., "hvp": ..., "cross": ...}) and their
-weighted mean Mbar = sum_k w_k M[k]. With j drawn uniformly from {0..K-1}:
+weighted mean Mbar = sum_k w_k M[k]. With j uniform on {0..K-1} (a uniform draw, or the next
+block of an epoch-shuffled order: each position of a random permutation is uniform):
 
     d_hat = K w_j (d_j - M[j]) + Mbar          then      M[j] <- d_j,  Mbar <- Mbar + w_j (d_j - M[j]_old)
 
@@ -31,12 +34,12 @@ directions on every mini-batch at one point (a full pass).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, NamedTuple, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from .sampling import Blocks, mode as sampling_mode
 
 #: A tensor, or a dict whose values are Nested (a tree, or a dict of trees).
 Nested = Union[Tensor, Dict[str, Any]]
@@ -68,36 +71,14 @@ def finite_sum_size(problem, level: str, who: str = "this solver") -> int:
     return n
 
 
-@dataclass(frozen=True)
-class Partition:
-    """Fixed consecutive mini-batches of ``batch_size`` indices out of ``n`` (the last may be smaller)."""
-    n: int
-    batch_size: int
+#: The fixed mini-batches (the blocks of :mod:`bilevel.sampling`, drawn epoch by epoch or uniformly).
+Partition = Blocks
 
-    def __post_init__(self):
-        for name in ("n", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
-    @property
-    def n_batches(self) -> int:
-        return math.ceil(self.n / self.batch_size)
-
-    def size(self, k: int) -> int:
-        return min(self.n, (k + 1) * self.batch_size) - k * self.batch_size
-
-    def batch(self, k: int) -> Tensor:
-        """The indices of mini-batch k, a LongTensor."""
-        return torch.arange(k * self.batch_size, k * self.batch_size + self.size(k))
-
-    def weight(self, k: int) -> float:
-        """w_k = |B_k| / n: the full-batch direction is sum_k w_k d_k."""
-        return self.size(k) / self.n
-
-    def draw(self, generator: torch.Generator) -> int:
-        """j ~ U{0..K-1}: one ``torch.randint(K, (1,))`` from the run generator."""
-        return int(torch.randint(self.n_batches, (1,), generator=generator))
+def partition_of(problem, level: str, batch_size: int, who: str = "this solver") -> Partition:
+    """The fixed mini-batches of ``level`` of a finite-sum problem, drawn with the problem's own
+    ``sampling`` mode, so that the memory indexes the blocks the problem itself serves."""
+    return Partition(finite_sum_size(problem, level, who), batch_size, level, sampling_mode(problem))
 
 
 class Memory(NamedTuple):

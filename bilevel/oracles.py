@@ -1,7 +1,7 @@
 """First- and second-order oracles of a bilevel problem, with call counting.
 
-    grad_upper(x, y)      = (grad_x f, grad_y f)
-    grad_lower(x, y)      = (grad_x g, grad_y g)
+    grad_upper(x, y)      = (grad_x f, grad_y f)      grad_upper_x, grad_upper_y: one of the two
+    grad_lower(x, y)      = (grad_x g, grad_y g)      grad_lower_x, grad_lower_y: one of the two
     hvp(x, y, v)          = d2_yy g . v                  (Hessian-vector product)
     cross(x, y, v)        = d2_xy g . v = d/dx <grad_y g, v>   (a tree shaped like x)
 
@@ -128,12 +128,39 @@ def grad_lower(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
     return _grad_both(problem.lower_loss, "lower_loss", x, y, batch)
 
 
+def _grad_one(loss_fn, which: str, x: Tree, y: Tree, batch: Any, wrt: str) -> Tree:
+    """The gradient of ``loss_fn`` w.r.t. x or y only (``wrt``); the other variable enters
+    detached, so autograd never computes the unused gradient."""
+    xl = _leaves(x) if wrt == "x" else {k: v.detach() for k, v in x.items()}
+    yl = _leaves(y) if wrt == "y" else {k: v.detach() for k, v in y.items()}
+    loss, inputs = _scalar(loss_fn(xl, yl, batch), which), xl if wrt == "x" else yl
+    if not loss.requires_grad:  # the loss does not depend on that variable (e.g. f free of y)
+        return {k: torch.zeros_like(v) for k, v in inputs.items()}
+    return {k: v.detach() for k, v in _grad(loss, inputs).items()}
+
+
+def grad_upper_x(problem, x: Tree, y: Tree, batch: Any) -> Tree:
+    """grad_x f at (x, y) on ``batch``. Counts one ``grad_upper``."""
+    _record("grad_upper")
+    return _grad_one(problem.upper_loss, "upper_loss", x, y, batch, "x")
+
+
+def grad_upper_y(problem, x: Tree, y: Tree, batch: Any) -> Tree:
+    """grad_y f at (x, y) on ``batch``. Counts one ``grad_upper``."""
+    _record("grad_upper")
+    return _grad_one(problem.upper_loss, "upper_loss", x, y, batch, "y")
+
+
+def grad_lower_x(problem, x: Tree, y: Tree, batch: Any) -> Tree:
+    """grad_x g at (x, y) on ``batch``. Counts one ``grad_lower``."""
+    _record("grad_lower")
+    return _grad_one(problem.lower_loss, "lower_loss", x, y, batch, "x")
+
+
 def grad_lower_y(problem, x: Tree, y: Tree, batch: Any) -> Tree:
     """grad_y g at (x, y) on ``batch``. Counts one ``grad_lower``."""
     _record("grad_lower")
-    yl = _leaves(y)
-    loss = _scalar(problem.lower_loss({k: v.detach() for k, v in x.items()}, yl, batch), "lower_loss")
-    return {k: v.detach() for k, v in _grad(loss, yl).items()}
+    return _grad_one(problem.lower_loss, "lower_loss", x, y, batch, "y")
 
 
 def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):

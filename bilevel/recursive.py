@@ -101,6 +101,7 @@ class DoubleMomentum(Solver):
         B_{t+1} = fresh (lower batch, Draw)
         d_{t+1} = G(x_{t+1}, y_{t+1}; B_{t+1}) + (1 - eta_{t+1}) (d_t - G(x_t, y_t; B_{t+1}))
         d_0     = G(x_0, y_0; B_0)                                        (in init)
+        d_0     = eta_0 G(x_0, y_0; B_0)               (in init, when ``zero_start``)
 
     with G = (grad_y g, hypergradient from :meth:`estimator`) and the schedules
     c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta (a step size given as a
@@ -110,6 +111,10 @@ class DoubleMomentum(Solver):
     neumann 0, eta 2/3, upper 1/3), 10 Neumann terms. The lower batch of grad_y g and the upper,
     Hessian and cross batches are independent (``share_lower_batch=True``: one batch for the
     Hessian and cross products).
+
+    ``zero_start`` (a subclass field or class attribute; False here) starts the recursion from
+    zero directions, d_{-1} = 0 at the point (x_0, y_0) itself, so that
+    d_0 = G(x_0, y_0; B_0) + (1 - eta_0) (0 - G(x_0, y_0; B_0)) = eta_0 G(x_0, y_0; B_0).
     """
     upper_lr: Any = 0.1
     lower_lr: Any = 0.1
@@ -121,6 +126,7 @@ class DoubleMomentum(Solver):
     neumann_lr_decay: float = 0.0
     eta_decay: float = 2 / 3
     share_lower_batch: bool = False
+    zero_start = False  # not a field: subclasses opt in (MRBO)
 
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr", "neumann_lr")
@@ -139,6 +145,9 @@ class DoubleMomentum(Solver):
     def init(self, problem, x, y, generator):
         batch = sample(problem, generator, self.share_lower_batch)
         estimates = evaluate(problem, self.estimator(0), x, y, batch)
+        if self.zero_start:
+            eta = polynomial_decay(self.eta, self.eta_decay)(0)
+            estimates = Estimates(*(tree.scale(d, eta) for d in estimates))
         return State(x=tree.clone(x), lower=LowerState(y=tree.clone(y)), iteration=0, generator=generator,
                      estimator=estimates)
 

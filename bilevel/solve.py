@@ -19,6 +19,7 @@ from . import tree
 from .oracles import OracleCounts, count_calls
 from .problem import BilevelProblem, validate
 from .registry import check_options, make_problem, make_solver
+from .sampling import copy_generator, run_generator
 from .solver import Solver, State
 from .tree import Tree
 
@@ -129,7 +130,9 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         problem: a :class:`BilevelProblem` or a registered problem name (default options).
         solver: a registered solver name or a :class:`~bilevel.solver.Solver` instance.
         steps: number of outer iterations.
-        seed: seeds the run's ``torch.Generator`` (initial point and every sample).
+        seed: seeds the run's generator (initial point and every sample), a
+            :class:`~bilevel.sampling.RunGenerator` that also keeps the epoch position of
+            epoch-shuffled mini-batches, so a resumed run continues mid-epoch.
         eval_every: evaluate every this many iterations (default: about 20 evaluations); the
             initial and final points are always evaluated.
         callbacks: :class:`Callback` objects (JSONL writer, W&B, progress bar, ...).
@@ -152,21 +155,19 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         callbacks.append(ProgressBar(steps))
     name, problem_name = _solver_name(solver), getattr(problem, "name", type(problem).__name__)
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = run_generator(seed)
     history: List[Dict[str, Any]] = []
     elapsed = state.elapsed if state is not None else 0.0
     started_at = elapsed
     with count_calls() as counts:
         if state is None:
             x0, y0 = problem.init(generator)
-            validate(problem, x0, y0, generator)
+            validate(problem, x0, y0, copy_generator(generator))  # a copy: the run wastes no draw
             started = time.perf_counter()
             state = solver.init(problem, x0, y0, generator)
             elapsed += time.perf_counter() - started
         else:  # continue on a copy of the generator: the caller's state stays a valid checkpoint
-            resumed = torch.Generator(device=state.generator.device)
-            resumed.set_state(state.generator.get_state())
-            state = state._replace(generator=resumed)
+            state = state._replace(generator=copy_generator(state.generator))
         for cb in callbacks:
             cb.on_start({"problem": problem_name, "solver": name, "steps": steps, "seed": seed,
                          "hyperparameters": solver.hyperparameters()})

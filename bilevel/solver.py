@@ -2,7 +2,8 @@
 
 A solver is a dataclass of hyperparameters with two methods that return new states and never
 modify their inputs, except that sampling advances the state's ``torch.Generator`` in place
-(``solve`` resumes from a copy of it):
+(``solve`` resumes from a copy of it; its generator is a :class:`~bilevel.sampling.RunGenerator`,
+which also holds the epoch position of epoch-shuffled mini-batches):
 
     init(problem, x, y, generator) -> State      (may run warm-start steps on y)
     step(problem, state) -> State                (one outer iteration)

@@ -54,7 +54,7 @@ from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
 from .digits import split_indices
-from .batches import select
+from .batches import sampling_option, select
 from .options import check_int, check_real
 from .text_classifier import (TextClassifierProblem, batch_tokens, build_classifier, check_common_options,
                               check_model_options, encode_splits, load_text, predict)
@@ -95,8 +95,8 @@ def imbalanced_splits(labels: np.ndarray, n_train: int, n_val: int, n_test: int,
                       positive_ratio: Optional[float], seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val, test) index arrays: test = the first ``n_test`` samples of a seeded
     permutation (natural ratio); train and val take, from the rest and in permutation order,
-    exactly round(positive_ratio * n) positives and the complement of negatives each (the next
-    ``n_train`` / ``n_val`` samples when ``positive_ratio`` is None)."""
+    exactly round(positive_ratio * n) positives and the complement of negatives each, in a seeded
+    random order (the next ``n_train`` / ``n_val`` samples when ``positive_ratio`` is None)."""
     n = len(labels)
     if n_test >= n:
         raise ValueError(f"{NAME}: n_test = {n_test} leaves no samples for train and val (the corpus has {n})")
@@ -118,9 +118,12 @@ def imbalanced_splits(labels: np.ndarray, n_train: int, n_val: int, n_test: int,
                          f"(positive_ratio = {positive_ratio}), the corpus has {len(pos_at)} and "
                          f"{len(neg_at)} outside the test split; lower n_train / n_val")
     (p_tr, s_tr), (p_va, s_va) = counts
-    train = np.sort(np.concatenate([pos_at[:p_tr], neg_at[:s_tr - p_tr]]))
-    val = np.sort(np.concatenate([pos_at[p_tr:p_tr + p_va], neg_at[s_tr - p_tr:s_tr - p_tr + s_va - p_va]]))
-    return rest[train], rest[val], test
+    train = np.concatenate([pos_at[:p_tr], neg_at[:s_tr - p_tr]])
+    val = np.concatenate([pos_at[p_tr:p_tr + p_va], neg_at[s_tr - p_tr:s_tr - p_tr + s_va - p_va]])
+    # A seeded shuffle, not a sort: the picks come class by class, and sorted positions would leave
+    # the classes in long runs, so that the consecutive blocks of problems/batches.py were single-class.
+    shuffle = np.random.Generator(np.random.PCG64([seed, 2]))
+    return rest[shuffle.permutation(train)], rest[shuffle.permutation(val)], test
 
 
 @register_problem(NAME, paper="Gong, Hao, Liu, An Accelerated Algorithm for Stochastic Bilevel Optimization "
@@ -157,7 +160,7 @@ class DeepAUC(TextClassifierProblem):
                  max_vocab: Optional[int] = 20000, glove_path: Optional[str] = None, n_train: int = 1000,
                  n_val: int = 1000, n_test: int = 1000, positive_ratio: Optional[float] = 0.8,
                  margin: float = 1.0, batch_size: Optional[int] = 32, val_batch_size: Optional[int] = 32,
-                 seed: int = 0, dtype: str = "float32"):
+                 seed: int = 0, dtype: str = "float32", sampling: str = "blocks"):
         """
         Args:
             dataset: "rotten-tomatoes" (offline), "sent140" or "table" (``data_path`` needed).
@@ -172,7 +175,9 @@ class DeepAUC(TextClassifierProblem):
             positive_ratio: exact positive fraction of train and val, in (0, 1); None keeps the
                 corpus's ratio.
             margin: m > 0 of the AUC-M loss.
-            batch_size, val_batch_size: i.i.d. index batches of train (lower) and val (upper);
+            sampling: "blocks" (default): fixed blocks of consecutive split indices, in a fresh
+                order every epoch; "replacement": i.i.d. uniform indices (problems/batches.py).
+            batch_size, val_batch_size: index batches of train (lower) and val (upper);
                 None for the whole split.
             seed: seed of the splits (the model initialisation comes from the solver's generator).
             dtype: "float32" or "float64".
@@ -192,6 +197,7 @@ class DeepAUC(TextClassifierProblem):
         self.dataset, self.margin, self.positive_ratio = dataset, float(margin), positive_ratio
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.sampling = sampling_option(NAME, sampling)
         self.seed, self.dtype = int(seed), dtype
         splits = imbalanced_splits(corpus.labels, self.n_train, self.n_val, self.n_test, positive_ratio, self.seed)
         self.split_indices = splits  # (train, val, test) indices into the corpus

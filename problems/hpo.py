@@ -53,6 +53,7 @@ from torch import Tensor
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
+from .batches import sampling_option
 from .digits import load_digits_arrays, load_sklearn_bundled, split_indices, standardize
 from .linear_classifier import LinearClassifierProblem, logits, select
 from .options import check_choice, check_dtype, check_int, check_real, option_error
@@ -103,7 +104,8 @@ class HyperparameterOptimization(LinearClassifierProblem):
     def __init__(self, dataset: str = "breast-cancer", regularization: Optional[str] = None,
                  n_train: Optional[int] = None, n_val: Optional[int] = None, n_test: Optional[int] = None,
                  reg_floor: float = 1e-4, x0: float = 0.0, batch_size: Optional[int] = 64,
-                 val_batch_size: Optional[int] = 64, seed: int = 0, dtype: str = "float64"):
+                 val_batch_size: Optional[int] = 64, seed: int = 0, dtype: str = "float64",
+                 sampling: str = "blocks"):
         """
         Args:
             dataset: "breast-cancer" (569 x 30, binary) or "digits" (1797 x 64, 10 classes).
@@ -115,8 +117,10 @@ class HyperparameterOptimization(LinearClassifierProblem):
             reg_floor: weight (> 0) of the fixed reg_floor (||W||^2 + ||b||^2) term of g that makes
                 it strongly convex in y (the bias is otherwise unpenalized).
             x0: initial value of every log-penalty (a finite number); penalty weights exp(x0).
-            batch_size: lower-level batch size (i.i.d. draws from train); None for full batch.
-            val_batch_size: upper-level batch size (i.i.d. draws from val); None for full batch.
+            batch_size: lower-level batch size (drawn from train); None for full batch.
+            val_batch_size: upper-level batch size (drawn from val); None for full batch.
+            sampling: "blocks" (default): fixed blocks of consecutive split indices, in a fresh
+                order every epoch; "replacement": i.i.d. uniform indices (problems/batches.py).
             seed: seed of the split permutation.
             dtype: "float32" or "float64", for the data and the variables.
         """
@@ -147,6 +151,7 @@ class HyperparameterOptimization(LinearClassifierProblem):
         self.dim_x = n_features if regularization == "per-feature" else n_classes
         self.reg_floor, self.x0 = float(reg_floor), float(x0)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.sampling = sampling_option(NAME, sampling)
         self.seed, self.dtype = int(seed), dtype
 
         features, labels = LOADERS[dataset]()

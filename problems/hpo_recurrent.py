@@ -37,7 +37,7 @@ from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
 from .digits import split_indices
-from .batches import select
+from .batches import sampling_option, select
 from .models import squared_norm
 from .options import check_int, check_real
 from .text_classifier import (TextClassifierProblem, batch_tokens, build_classifier, check_common_options,
@@ -78,7 +78,8 @@ class RecurrentHPO(TextClassifierProblem):
                  hidden: int = 64, embed_dim: int = 64, fc: int = 64, max_len: int = 48, min_freq: int = 1,
                  max_vocab: Optional[int] = 20000, glove_path: Optional[str] = None, n_train: int = 2000,
                  n_val: int = 1000, n_test: int = 1000, x0: float = -6.0, batch_size: Optional[int] = 32,
-                 val_batch_size: Optional[int] = 32, seed: int = 0, dtype: str = "float32"):
+                 val_batch_size: Optional[int] = 32, seed: int = 0, dtype: str = "float32",
+                 sampling: str = "blocks"):
         """
         Args:
             dataset: "rotten-tomatoes" (offline), "sent140", "amazon" or "table" (``data_path``).
@@ -91,7 +92,9 @@ class RecurrentHPO(TextClassifierProblem):
             glove_path: a GloVe text file to initialise the embeddings (optional).
             n_train, n_val, n_test: sizes of the disjoint splits.
             x0: initial log_reg (a finite number); the penalty weight is exp(x0).
-            batch_size, val_batch_size: i.i.d. index batches of train (lower) and val (upper);
+            sampling: "blocks" (default): fixed blocks of consecutive split indices, in a fresh
+                order every epoch; "replacement": i.i.d. uniform indices (problems/batches.py).
+            batch_size, val_batch_size: index batches of train (lower) and val (upper);
                 None for the whole split.
             seed: seed of the split permutation (the model initialisation comes from the solver).
             dtype: "float32" or "float64".
@@ -109,6 +112,7 @@ class RecurrentHPO(TextClassifierProblem):
         self.dataset, self.n_classes, self.x0 = dataset, corpus.n_classes, float(x0)
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.sampling = sampling_option(NAME, sampling)
         self.seed, self.dtype = int(seed), dtype
         splits = split_indices(len(corpus), (self.n_train, self.n_val, self.n_test), self.seed)
         self.split_indices = splits  # (train, val, test) indices into the corpus

@@ -63,7 +63,7 @@ from bilevel.problem import BilevelProblem
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
-from .batches import EVAL_CHUNK, IndexBatches, in_chunks, select, trim_padding
+from .batches import EVAL_CHUNK, IndexBatches, in_chunks, sampling_option, select, trim_padding
 from .corpora import encode_text, load_corpus, subset
 from .digits import corrupt_labels, split_indices, standardize
 from .cleaning import check_cleaning_options, detection_auc, detection_scores
@@ -120,7 +120,7 @@ class Hyperclean(IndexBatches, BilevelProblem):
                  val_batch_size: Optional[int] = 64, hidden: int = 64, embed_dim: int = 64, layers: int = 1,
                  max_len: int = 40, min_freq: int = 2, max_vocab: Optional[int] = 10000,
                  glove_path: Optional[str] = None, seed: int = 0, dtype: str = "float32",
-                 flag_threshold: float = 0.5):
+                 flag_threshold: float = 0.5, sampling: str = "blocks"):
         """
         Args:
             dataset: one of ``DATASETS``: digits, mnist-5k, rotten-tomatoes (offline); sent140,
@@ -132,7 +132,9 @@ class Hyperclean(IndexBatches, BilevelProblem):
             n_train, n_val, n_test: split sizes; their sum must not exceed the corpus.
             noise_rate: fraction in [0, 1) of training labels moved to a different class.
             reg: weight (> 0) of the squared L2 norm of all classifier parameters in g.
-            batch_size, val_batch_size: i.i.d. index batches of train (lower) and val (upper);
+            sampling: "blocks" (default): fixed blocks of consecutive split indices, in a fresh
+                order every epoch; "replacement": i.i.d. uniform indices (problems/batches.py).
+            batch_size, val_batch_size: index batches of train (lower) and val (upper);
                 None for full batches.
             hidden: encoder width and head width (mlp: the hidden layer).
             embed_dim: word-embedding size (the GloVe file's dimension when glove_path is set).
@@ -166,6 +168,7 @@ class Hyperclean(IndexBatches, BilevelProblem):
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
         self.noise_rate, self.reg, self.flag_threshold = float(noise_rate), float(reg), float(flag_threshold)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.sampling = sampling_option(NAME, sampling)
         self.seed, self.dtype = int(seed), dtype
 
         corpus = load_corpus(dataset, data_path, text_column=text_column, label_column=label_column)

@@ -33,6 +33,7 @@ from torch import Tensor
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
 
+from .batches import sampling_option
 from .digits import N_CLASSES, N_SAMPLES, corrupt_labels, load_digits_arrays, split_indices, standardize
 from .linear_classifier import LinearClassifierProblem, accuracy, logits, select
 from .cleaning import check_cleaning_options, detection_auc, detection_scores
@@ -64,7 +65,7 @@ class HypercleanDigits(LinearClassifierProblem):
 
     def __init__(self, n_train: int = 1000, n_val: int = 300, n_test: int = 497, noise_rate: float = 0.5,
                  reg: float = 1e-3, batch_size: Optional[int] = 128, val_batch_size: Optional[int] = 128,
-                 seed: int = 0, dtype: str = "float32", flag_threshold: float = 0.5):
+                 seed: int = 0, dtype: str = "float32", flag_threshold: float = 0.5, sampling: str = "blocks"):
         """
         Args:
             n_train: training samples (noisy labels; one weight each); n_train + n_val + n_test <= 1797.
@@ -72,8 +73,10 @@ class HypercleanDigits(LinearClassifierProblem):
             n_test: clean test samples (``test_accuracy`` only).
             noise_rate: fraction in [0, 1) of training labels replaced by a different class.
             reg: weight (> 0) of the squared L2 penalty on W and b in the lower loss.
-            batch_size: lower-level batch size (i.i.d. draws from train); None for full batch.
-            val_batch_size: upper-level batch size (i.i.d. draws from val); None for full batch.
+            batch_size: lower-level batch size (drawn from train); None for full batch.
+            val_batch_size: upper-level batch size (drawn from val); None for full batch.
+            sampling: "blocks" (default): fixed blocks of consecutive split indices, in a fresh
+                order every epoch; "replacement": i.i.d. uniform indices (problems/batches.py).
             seed: seed of the splits and of the label corruption.
             dtype: "float32" or "float64", for the data and the variables.
             flag_threshold: in (0, 1); sample i is flagged as corrupted when sigmoid(x_i) < flag_threshold.
@@ -91,6 +94,7 @@ class HypercleanDigits(LinearClassifierProblem):
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
         self.noise_rate, self.reg, self.flag_threshold = float(noise_rate), float(reg), float(flag_threshold)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.sampling = sampling_option(NAME, sampling)
         self.seed, self.dtype = int(seed), check_dtype(NAME, dtype)
 
         features, labels = load_digits_arrays()

@@ -3,8 +3,9 @@ fixed train / validation / test splits (hyper-cleaning, HPO):
 
     logits(y, a) = a W + b,      f(x, y; B) = mean_{i in B} CE(logits(y, a_i), label_i) over validation
 
-Batches are LongTensors of indices into a split (None: the whole split), drawn i.i.d. uniformly
-with ``batch_size`` (train, lower level) and ``val_batch_size`` (validation, upper level); the
+Batches are LongTensors of indices into a split (None: the whole split), epoch-shuffled fixed
+blocks (or i.i.d. uniform with sampling="replacement") of ``batch_size`` (train, lower level) and
+``val_batch_size`` (validation, upper level); the
 problem is a finite sum at both levels (``n_samples``, used by SABA); see :mod:`problems.batches`. Subclasses set
 ``n_train``, ``n_val``, ``batch_size``, ``val_batch_size``, ``val_features``, ``val_labels``
 and define the lower loss.

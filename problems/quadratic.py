@@ -29,8 +29,9 @@ from torch import Tensor
 
 from bilevel.problem import BilevelProblem, check_level
 from bilevel.registry import register_problem
+from bilevel.sampling import SAMPLINGS, draw_indices
 
-from .options import check_dtype, check_int, check_real
+from .options import check_choice, check_dtype, check_int, check_real
 
 NAME = "quadratic"
 MAX_TRIES = 20
@@ -135,7 +136,10 @@ class Quadratic(BilevelProblem):
         L_outer_outer: largest eigenvalue of E[d2_xx f].
         L_cross_outer: largest singular value of E[d2_xz f].
         mu_inner: smallest eigenvalue / singular value of every spectrum (strong convexity of g).
-        batch_size: number of i.i.d. uniform sample indices drawn by ``sample``; None for full batches.
+        batch_size: number of sample indices of a batch drawn by ``sample``; None for full batches.
+        sampling: "blocks" (default): the samples cut into fixed blocks of ``batch_size``
+            consecutive indices, served in a fresh random order every epoch (benchopt's sampler,
+            :mod:`bilevel.sampling`); "replacement": ``batch_size`` i.i.d. uniform indices.
         seed: seed of the numpy RandomState that draws the (inner, outer) generator seeds.
         dtype: "float32" or "float64", dtype of the variables and losses.
     """
@@ -155,7 +159,7 @@ class Quadratic(BilevelProblem):
                  dim_outer: int = 100, L_inner_inner: float = 1.0, L_inner_outer: float = 1.0,
                  L_cross_inner: float = 0.1, L_outer_inner: float = 1.0, L_outer_outer: float = 1.0,
                  L_cross_outer: float = 0.1, mu_inner: float = 0.1, batch_size: Optional[int] = 64,
-                 seed: int = 2442, dtype: str = "float64"):
+                 seed: int = 2442, dtype: str = "float64", sampling: str = "blocks"):
         sizes = dict(n_samples_inner=n_samples_inner, n_samples_outer=n_samples_outer, dim_inner=dim_inner,
                      dim_outer=dim_outer, **({} if batch_size is None else {"batch_size": batch_size}))
         scales = dict(L_inner_inner=L_inner_inner, L_inner_outer=L_inner_outer, L_cross_inner=L_cross_inner,
@@ -169,6 +173,7 @@ class Quadratic(BilevelProblem):
             raise ValueError(f"quadratic: option n_samples_inner ({n_samples_inner}) must be >= dim_inner "
                              f"({dim_inner}), else the mean lower Hessian of rank-one samples is singular")
         self.dtype, self.batch_size = check_dtype(NAME, dtype), batch_size
+        self.sampling = check_choice(NAME, "sampling", sampling, SAMPLINGS)
         self.dim_inner, self.dim_outer = dim_inner, dim_outer
 
         rng = np.random.RandomState(seed)
@@ -199,11 +204,7 @@ class Quadratic(BilevelProblem):
                 {"z": torch.zeros(self.dim_inner, dtype=self.dtype)})
 
     def sample(self, level: str, generator: torch.Generator) -> Optional[Tensor]:
-        check_level(level)
-        if self.batch_size is None:  # full batch: deterministic losses
-            return None
-        samples = self.lower_samples if level == "lower" else self.upper_samples
-        return torch.randint(samples.r.shape[0], (self.batch_size,), generator=generator)
+        return draw_indices(self.n_samples(level), self.batch_size, level, generator, self.sampling)
 
     def _loss(self, level: str, x, y, batch: Optional[Tensor]) -> Tensor:
         if batch is None:

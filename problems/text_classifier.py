@@ -11,8 +11,9 @@ head). The vocabulary is fitted on the training split only (:func:`corpora.encod
 validation and test words never enter it.
 
 Batches follow the finite-sum protocol of :mod:`bilevel.memory`: a 1-d LongTensor of indices
-into the training split (lower level) or the validation split (upper level), drawn i.i.d.
-uniformly with ``batch_size`` / ``val_batch_size`` (None: the whole split); ``n_samples`` gives
+into the training split (lower level) or the validation split (upper level) of ``batch_size`` /
+``val_batch_size`` samples (None: the whole split), epoch-shuffled fixed blocks by default, i.i.d.
+uniform with sampling="replacement" (:mod:`problems.batches`); ``n_samples`` gives
 the split sizes. Token rows are cut to the longest sequence of the batch (padding is at the end
 and never reaches a feature, see :class:`~bilevel.problems.models.RecurrentEncoder`).
 """

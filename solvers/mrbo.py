@@ -10,10 +10,18 @@ sample B_{t+1} (a lower batch for grad_y g, and upper, Hessian and cross batches
     v_{t+1}   = grad_y g(x_{t+1}, y_{t+1}; B) + (1 - eta_{t+1}) (v_t - grad_y g(x_t, y_t; B))
     u_{t+1}   = h(x_{t+1}, y_{t+1}; B)          + (1 - eta_{t+1}) (u_t - h(x_t, y_t; B))
     h(x, y; B) = grad_x f - d2_xy g . neumann_lr sum_{q=0}^{Q-1} (I - neumann_lr d2_yy g)^q grad_y f
-    (v_0, u_0) = (grad_y g, h) at (x_0, y_0) on a fresh sample
+    (v_0, u_0) = eta_0 (grad_y g, h) at (x_0, y_0) on a fresh sample B_0       (zero_start)
 
 with Q = neumann_steps (StocBiO's truncated sum, "SHIA" in benchopt) and the schedules
 c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta.
+
+Start (``zero_start=True``, the default): benchopt's MRBO starts from zero directions and applies
+its recursion at the first iteration too, d_0 = G(x_0, y_0; B_0) + (1 - eta_0) (0 - G(old; B_0)).
+Taking the "old" point to be (x_0, y_0) itself gives d_0 = eta_0 G(x_0, y_0; B_0), one evaluation.
+Benchopt's memory of the old point starts at the origin instead of (x_0, y_0); the two agree
+when x_0 = y_0 = 0, and evaluating g and f at the origin is an accident of initialization, so it
+is not reproduced. ``zero_start=False``: d_0 = G(x_0, y_0; B_0), the paper's first estimate (a
+large batch there).
 
 Defaults: the benchopt bilevel benchmark's MRBO (research/peers.md section 3.3): step 0.1 for
 both levels and the Neumann series, 10 Neumann terms (n_shia_steps), eta 0.5, decays
@@ -23,7 +31,8 @@ Hessian batch for all Q-1 products (the paper draws one per product). No officia
 exists in the studied repos (research/official_algorithms.md section 6).
 
 Cost per iteration: 2 lower gradients, 2 upper gradients, 2(Q-1) HVPs, 2 cross products; init:
-half of that. All batches independent unless share_lower_batch (Hessian and cross batch shared).
+half of that (benchopt's first iteration: all of it, the second half at the origin). All batches
+independent unless share_lower_batch (Hessian and cross batch shared).
 """
 from dataclasses import dataclass
 
@@ -36,6 +45,12 @@ from bilevel.registry import register_solver
 @dataclass
 class MRBO(DoubleMomentum):
     """STORM on x and y, truncated Neumann-sum hypergradient evaluated on one sample at both points."""
+    zero_start: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.zero_start, bool):
+            raise ValueError(f"zero_start must be a bool, got {self.zero_start!r}")
 
     def estimator(self, iteration):
         return Neumann(lr=self.neumann_lr_at(iteration), steps=self.neumann_steps, variant="sum")

@@ -6,7 +6,9 @@ global variance reduction algorithms. NeurIPS 2022.
 For finite sums g = sum_k w_k g_k and f = sum_k w_k f_k over fixed mini-batches (bilevel.memory:
 each level's n_samples(level) indices cut into consecutive mini-batches of ``batch_size``, the
 last possibly smaller, w_k = |B_k| / n), draw one lower mini-batch i and one upper mini-batch j
-uniformly per iteration (in that order, from the run generator) and, at the current (x_t, y_t, z_t),
+per iteration (in that order, from the run generator: the next blocks of each level's
+epoch-shuffled order, as benchopt, or uniformly with the problem's sampling="replacement") and,
+at the current (x_t, y_t, z_t),
 
     grad_y g_i,  H_i z_t = d2_yy g_i . z_t,  J_i z_t = d2_xy g_i . z_t    (one double-backward pass on i)
     grad_x f_j,  grad_y f_j                                               (one pass on j)
@@ -39,7 +41,6 @@ lower mini-batch (K_lower) and one upper gradient per upper mini-batch (K_upper)
 from dataclasses import dataclass
 
 from bilevel import lower, memory, oracles, tree, upper
-from bilevel.memory import Partition
 from bilevel.registry import register_solver
 from bilevel.schedules import StepSize, at
 from bilevel.solver import Solver, State
@@ -64,8 +65,7 @@ class SABA(Solver):
         check_choice(self, "memory_init", MEMORY_INITS)
 
     def partitions(self, problem):
-        return {level: Partition(memory.finite_sum_size(problem, level, "saba"), self.batch_size)
-                for level in ("lower", "upper")}
+        return {level: memory.partition_of(problem, level, self.batch_size, "saba") for level in ("lower", "upper")}
 
     def init(self, problem, x, y, generator):
         parts, z = self.partitions(problem), tree.zeros_like(y)

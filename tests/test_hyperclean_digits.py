@@ -131,7 +131,7 @@ def test_upper_loss_is_clean_validation_ce_independent_of_x():
 
 
 def test_sample_shapes_ranges_and_full_batch():
-    problem = small(batch_size=7, val_batch_size=5)
+    problem = small(batch_size=7, val_batch_size=5, sampling="replacement")  # blocks: test_sampling_blocks.py
     g = torch.Generator().manual_seed(0)
     lower, upper = problem.sample("lower", g), problem.sample("upper", g)
     assert lower.shape == (7,) and lower.dtype == torch.long and 0 <= int(lower.min()) <= int(lower.max()) < 100

@@ -199,10 +199,12 @@ def test_solver_steps_reduce_query_loss_on_held_out_classes(files):
     adapted test accuracy, so the query loss f is checked here, not the accuracy."""
     problem = make(files, held_out="classes", labels=None, n_way=3, enc_dim=8, k_support=5, k_query=5)
     assert problem.labels_mode == "permuted" and problem.split.mode == "classes"
-    result = bilevel.solve(problem, "soba", steps=60, seed=0, eval_every=60, upper_lr=0.5, lower_lr=0.5)
-    first, last = result.history[0], result.final
-    assert last["train_query_loss"] < first["train_query_loss"] - 0.02, (first, last)
-    assert first["train_query_loss"] > 1.09  # about log 3 at the start
+    # the mean over 3 seeds: one seed's drop ranges over 0.01-0.06 (and one of 6 seeds rose before)
+    results = [bilevel.solve(problem, "soba", steps=60, seed=seed, eval_every=60, upper_lr=0.5, lower_lr=0.5)
+               for seed in range(3)]
+    drops = [r.history[0]["train_query_loss"] - r.final["train_query_loss"] for r in results]
+    assert sum(drops) / 3 > 0.02, drops
+    assert results[0].history[0]["train_query_loss"] > 1.09  # about log 3 at the start
 
 
 def test_solver_steps_improve_text_test_accuracy(files):

@@ -135,7 +135,8 @@ def test_batch_losses_are_sample_means(problem, level):
     assert abs(float(loss(x, y, None) - loss(x, y, torch.arange(n)))) < 1e-10
 
 
-def test_sample_indices(problem):
+def test_sample_indices():
+    problem = Quadratic(**SMALL, **LS, sampling="replacement")  # blocks: tests/test_sampling_blocks.py
     g = torch.Generator().manual_seed(0)
     lower = torch.cat([problem.sample("lower", g) for _ in range(200)])
     upper = torch.cat([problem.sample("upper", g) for _ in range(200)])

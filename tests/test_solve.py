@@ -48,8 +48,8 @@ def tiny_problem(name="tiny-quadratic"):
 
 
 def small_quadratic(**options):
-    """The registered stochastic quadratic, shrunk (mini-batches of 64 indices)."""
-    opts = dict(dim_inner=5, dim_outer=3, n_samples_inner=64, n_samples_outer=64)
+    """The registered stochastic quadratic, shrunk (4 blocks of 16 samples per level)."""
+    opts = dict(dim_inner=5, dim_outer=3, n_samples_inner=64, n_samples_outer=64, batch_size=16)
     opts.update(options)
     return make_problem("quadratic", **opts)
 

@@ -123,6 +123,8 @@ def test_double_momentum_matches_equations(m, name, variant, counter):
     G = HandG(m, counter, variant, hp["neumann_steps"])
     x, y = m["x0"].clone(), m["y0"].clone()
     d = G(x, y, 0, decay(hp["neumann_lr"], hp["neumann_lr_decay"], 0))
+    if name == "mrbo":  # zero_start: d_0 = G + (1 - eta_0)(0 - G) at (x_0, y_0) = eta_0 G
+        d = tuple(decay(hp["eta"], hp["eta_decay"], 0) * part for part in d)
     check(states[0], x, y, d)
     for t, state in enumerate(states[1:]):
         x_new = x - decay(hp["upper_lr"], hp["upper_lr_decay"], t) * d[1]
