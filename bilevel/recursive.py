@@ -146,7 +146,7 @@ class DoubleMomentum(Solver):
         batch = sample(problem, generator, self.share_lower_batch)
         estimates = evaluate(problem, self.estimator(0), x, y, batch)
         if self.zero_start:
-            eta = polynomial_decay(self.eta, self.eta_decay)(0)
+            eta = at(decayed(self.eta, self.eta_decay), 0)
             estimates = Estimates(*(tree.scale(d, eta) for d in estimates))
         return State(x=tree.clone(x), lower=LowerState(y=tree.clone(y)), iteration=0, generator=generator,
                      estimator=estimates)

@@ -107,10 +107,10 @@ def test_index_batches_default_to_blocks_and_keep_replacement_as_option():
 
 def test_registered_finite_sum_problems_default_to_blocks():
     from bilevel.problems.hpo import HyperparameterOptimization
-    from bilevel.problems.hyperclean import HypercleanDigits
-    from bilevel.problems.hyperclean_neural import HypercleanNeural
+    from bilevel.problems.hyperclean import Hyperclean
+    from bilevel.problems.hyperclean_digits import HypercleanDigits
     from bilevel.problems.text_classifier import TextClassifierProblem
-    classes = (HyperparameterOptimization, HypercleanDigits, HypercleanNeural, TextClassifierProblem)
+    classes = (HyperparameterOptimization, HypercleanDigits, Hyperclean, TextClassifierProblem)
     assert [c.sampling for c in classes] + [tiny().sampling] == ["blocks"] * 5
 
 
