@@ -69,9 +69,12 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with _suppress():
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"cannot write {path} ({exc.strerror or exc}); nothing was left under "
+                                     "that name") from exc
         raise
 
 
