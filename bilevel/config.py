@@ -167,7 +167,7 @@ def _explain(exc: OmegaConfBaseException) -> str:
 def validate(cfg: DictConfig) -> None:
     """Check names and options against the registries; raise :class:`ConfigError`."""
     try:
-        PROBLEMS.get(cfg.problem)
+        resolve_problem(cfg.problem)
         for name in cfg.solvers:
             SOLVERS.get(name)
     except KeyError as exc:
@@ -201,6 +201,36 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"wandb.mode must be online, offline or disabled, got {cfg.wandb.mode!r}")
 
 
+def resolve_problem(name: str):
+    """The registry entry of problem ``name``. A name of the form ``module:Class`` (e.g.
+    ``mymodule:MyProblem``, ``pkg.problems:Ridge``) imports ``module`` (the current folder comes
+    first on the path) and registers ``Class`` under that name; ConfigError when the module cannot
+    be imported, has no such class, or the class is not a :class:`~bilevel.BilevelProblem`."""
+    if ":" in str(name) and name not in PROBLEMS._entries:
+        import importlib
+        import os
+        import sys
+
+        from .problem import BilevelProblem
+        module_name, _, class_name = name.partition(":")
+        if not module_name or not class_name:
+            raise ConfigError(f"problem {name!r}: write problem=MODULE:CLASS, e.g. problem=mymodule:MyProblem")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # ImportError, or an error inside the user's module
+            raise ConfigError(f"problem {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); "
+                              "run from the folder that holds it or add that folder to PYTHONPATH") from None
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise ConfigError(f"problem {name!r}: module {module_name!r} has no {class_name!r}")
+        if not (isinstance(cls, type) and issubclass(cls, BilevelProblem)):
+            raise ConfigError(f"problem {name!r}: {class_name} is not a subclass of bilevel.BilevelProblem")
+        PROBLEMS.register(name)(cls)
+    return PROBLEMS.get(name)
+
+
 def merged_problem_options(name: str, preset: Optional[str], options) -> Dict[str, Any]:
     """The preset's options updated with ``options`` (plain containers); ConfigError for an
     unknown preset, naming the problem's presets."""
@@ -215,7 +245,7 @@ def merged_problem_options(name: str, preset: Optional[str], options) -> Dict[st
 def problem_from_overrides(name: str, options: Dict[str, Any], preset: Optional[str] = None):
     """Build a registered problem from untrusted options, with config-style errors."""
     try:
-        PROBLEMS.get(name)
+        resolve_problem(name)
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
     options = merged_problem_options(name, preset, options)
