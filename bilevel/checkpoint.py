@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import io
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -183,8 +182,6 @@ def decode(value: Any, where: str = "state") -> Any:
 
 def plain(value: Any) -> Any:
     """Hyperparameters or options as comparable plain data (callables by their repr)."""
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, dict):

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as config_module
 from . import report
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .logging import JsonlLogger, ProgressBar, WandbLogger, read_jsonl
+from .logging import JsonlLogger, ProgressBar, WandbLogger, _jsonable
 from .problem import ProblemError, validate
 from .registry import make_problem, make_solver
 from .solve import Callback, NonFiniteError, Result, metric_values, solve
@@ -281,7 +281,7 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
             evaluated = {r["iteration"] for r in history}
             k = found.iteration
             initial_eval = (k % cfg.eval_every == 0) and k not in evaluated
-            lines = [json.dumps({"event": "eval", **r}) for r in history]
+            lines = [json.dumps(_jsonable({"event": "eval", **r})) for r in history]
             atomic_write(run_dir / f"{name}.jsonl", "\n".join(lines + [json.dumps({"event": "resume", "iteration": k})]) + "\n")
             echo(f"{name}: continuing from iteration {k} of {cfg.steps}")
         elif (run_dir / f"{name}.jsonl").exists():  # killed before its first checkpoint: start over
