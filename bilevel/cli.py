@@ -73,7 +73,9 @@ def _report(outcome) -> int:
 def _check(args) -> int:
     from omegaconf import OmegaConf
 
-    from .check import check_hypergradients
+    import torch
+
+    from .check import check_hypergradients, verdict
     from .config import problem_from_overrides
     given = OmegaConf.to_container(OmegaConf.from_dotlist(args.settings))
     problem = problem_from_overrides(given.pop("problem", "quadratic"), given.pop("problem_options", {}) or {},
@@ -84,12 +86,16 @@ def _check(args) -> int:
                           "lower_lr, lower_steps, steps, lr, directions, eps, seed")
     print(f"hypergradient check on {problem.name} (at the initial x; relative errors)")
     try:
-        rows = check_hypergradients(problem, **options)
+        rows = check_hypergradients(problem, **options, progress=lambda line: print(f"  ... {line}", file=sys.stderr,
+                                                                                  flush=True))
     except ValueError as exc:  # e.g. a model too large for the dense exact hypergradient
         raise ConfigError(f"bilevel check on {problem.name}: {exc}") from None
     for row in rows:
         print(f"  {row['method']:<12s} vs {row['compared_with']:<32s} {row['relative_error']:.3e}")
-    return 0
+    x0, _ = problem.init(torch.Generator().manual_seed(options.get("seed", 0)))
+    word, why = verdict(rows, float64=next(iter(x0.values())).dtype == torch.float64)
+    print(f"verdict: {word}: {why}")
+    return 1 if word == "FAIL" else 0
 
 
 def _data(args) -> int:

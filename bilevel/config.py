@@ -117,7 +117,7 @@ def _read_yaml(path) -> DictConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: cannot read it ({exc})") from None
     if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"config file {path}: must be a mapping of key: value, got a {type(loaded).__name__}")
+        raise ConfigError(f"config file {path}: must be a mapping of key: value at the top level, not a list")
     return loaded
 
 
@@ -130,10 +130,11 @@ def _check_container_types(source: DictConfig, where: str) -> None:
         value = source._get_node(f.name)
         origin = typing.get_origin(f.type if not isinstance(f.type, str) else typing.get_type_hints(RunConfig)[f.name])
         if origin in (list, List) and not isinstance(value, ListConfig):
-            raise ConfigError(f"{f.name} must be a list, e.g. {f.name}: [{_scalar(value)}] ({where} gives the single "
-                              f"value {_scalar(value)!r}; on the command line: {f.name}=[{_scalar(value)}])")
+            example = f"{f.name}=[{_scalar(value)}]" if where == "command line" else f"{f.name}: [{_scalar(value)}]"
+            raise ConfigError(f"{f.name} must be a list, not the single value {_scalar(value)!r} ({where}); "
+                              f"write {example}")
         if origin in (dict, Dict) and not isinstance(value, DictConfig):
-            raise ConfigError(f"{f.name} must be a mapping of key: value ({where} gives {_scalar(value)!r})")
+            raise ConfigError(f"{f.name} must be a mapping of key: value, not {_scalar(value)!r} ({where})")
 
 
 def _scalar(node):
