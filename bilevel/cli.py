@@ -56,8 +56,7 @@ def _report(outcome) -> int:
     if outcome.interrupted is not None:
         name = signal.Signals(outcome.interrupted).name
         solver, iteration = outcome.stopped_at or (None, None)
-        where = f" during {solver} at iteration {iteration}" if iteration is not None else (
-            f" before {solver}" if solver else "")
+        where = f" during {solver} at iteration {iteration}" if iteration is not None else " between solvers"
         print(f"interrupted by {name}{where}: checkpoints and summaries are in {outcome.run_dir}; "
               f"continue with: bilevel resume {outcome.run_dir}", file=sys.stderr)
         return 128 + outcome.interrupted

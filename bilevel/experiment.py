@@ -176,17 +176,23 @@ def _signals_raise():
 
 
 @contextlib.contextmanager
-def _signals_deferred():
-    """While the interrupted run writes its files: further SIGINT/SIGTERM are noted, not obeyed."""
+def _signals_deferred(reraise: bool = False):
+    """While files that belong together are written: SIGINT/SIGTERM wait until the block ends
+    (then raise :class:`Interrupted` when ``reraise``; otherwise they are dropped, as while an
+    interrupted run writes its summaries)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, lambda *a: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    received: List[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if reraise and received:
+        raise Interrupted(received[0])
 
 
 def _start_point(run_dir: Path, name: str, solver, problem, steps: int, echo):
@@ -327,9 +333,10 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
         statuses[name] = f"failed: {type(error).__name__}"
         outcomes[name] = error
         return None, None
-    save_checkpoint(state_path, result.state, solver=solver, problem=problem, kind="final", history=history)
-    outcomes[name] = result
-    statuses[name] = report.divergence(result, metrics, cfg.divergence_bound) or "ok"
+    with _signals_deferred(reraise=True):  # a signal now stops the next solver, not this one's bookkeeping
+        save_checkpoint(state_path, result.state, solver=solver, problem=problem, kind="final", history=history)
+        outcomes[name] = result
+        statuses[name] = report.divergence(result, metrics, cfg.divergence_bound) or "ok"
     return None, None
 
 
