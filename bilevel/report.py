@@ -123,15 +123,16 @@ def plot_curves(outcomes: Mapping[str, object], metrics: Sequence[str], path: Pa
         for j, (axis_key, label) in enumerate((("calls/total", "oracle calls"), ("time", "solver time (s)"))):
             ax = axes[i][j]
             for name, result in results.items():
-                points = [(r[axis_key], r[metric]) for r in result.history
-                          if isinstance(r.get(metric), (int, float)) and axis_key in r]
+                points = [(r[axis_key], r[metric]) for r in result.history  # NaN/inf: not drawable
+                          if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric]) and axis_key in r]
                 if points:
                     xs, ys = zip(*points)
                     ax.plot(xs, ys, marker=".", label=name)
             ax.set_xlabel(label)
             ax.set_ylabel(metric)
             if metric in ("grad_norm_sq", "inner_distance") and any(
-                    isinstance(v, (int, float)) and v > 0 for r in results.values() for v in r.metric(metric)):
+                    isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                    for r in results.values() for v in r.metric(metric)):
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
