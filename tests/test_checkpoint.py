@@ -87,6 +87,9 @@ def test_checkpoint_refuses_another_solver_options_problem_or_version(squad, tmp
         load_checkpoint(path, solver=make_solver("soba", upper_lr=0.05))
     monkeypatch.undo()
     assert solve(squad, "soba", steps=2, state=checkpoint, upper_lr=0.05).state.iteration == 5
+    # the options a checkpoint records rebuild its solver
+    again = solve(squad, checkpoint.solver, steps=2, state=checkpoint, **checkpoint.hyperparameters)
+    assert again.state.iteration == 5 and again.hyperparameters["upper_lr"] == 0.05
 
 
 class Evil:

@@ -233,3 +233,18 @@ def test_check_prints_progress_and_a_verdict(monkeypatch):
                         lambda *a, **k: tree.scale(right(*a, **k), 1.1) if k.get("method") == "exact" else right(*a, **k))
     code, out, _ = run_main(["check", *SMALL, "lower_lr=0.5", "lower_steps=800", "directions=1"])
     assert code == 1 and "verdict: FAIL" in out
+
+
+def test_check_a_user_problem_class(user_module):
+    code, out, err = run_main(["check", "problem=usermod:Toy", "lower_lr=0.4", "lower_steps=200", "directions=1"])
+    assert code == 0, err
+    assert "hypergradient check on toy" in out and "verdict: PASS" in out
+
+
+def test_nan_stop_carries_the_last_good_state():
+    problem = quadratic_problem()
+    with pytest.raises(bilevel.NonFiniteError, match=r"iterate x\['l'\] became (NaN|inf)") as info:
+        solve(problem, "soba", steps=50, upper_lr=1e30, eval_every=1)
+    good = info.value.state
+    assert all(bool(torch.isfinite(v).all()) for v in good.x.values())
+    assert good.iteration >= 1 and good.calls["grad_upper"] >= 1
