@@ -245,7 +245,7 @@ def load_checkpoint(path: Union[str, Path], *, solver=None, problem=None) -> Che
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
+        payload = torch.load(path, weights_only=True)  # tensors return to the device they were saved from
     except Exception as exc:  # truncated file, not a torch file, forbidden content
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); it is damaged or not a "
