@@ -4,6 +4,8 @@
 
 Define a :class:`BilevelProblem` (or a :class:`FunctionProblem` from two functions), then call
 :func:`solve` with a registered solver name, or :func:`hypergradient` for one estimate.
+:func:`load_checkpoint` reads a run's ``<solver>.state.pt`` to continue it with ``solve(...,
+state=checkpoint)``.
 """
 from .checkpoint import Checkpoint, CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
 from .hypergrad import hypergradient

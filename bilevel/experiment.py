@@ -287,8 +287,11 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
             evaluated = {r["iteration"] for r in history}
             k = found.iteration
             initial_eval = (k % cfg.eval_every == 0) and k not in evaluated
-            lines = [json.dumps(_jsonable({"event": "eval", **r})) for r in history]
-            atomic_write(run_dir / f"{name}.jsonl", "\n".join(lines + [json.dumps({"event": "resume", "iteration": k})]) + "\n")
+            jsonl = run_dir / f"{name}.jsonl"
+            starts = [e for e in (_events(jsonl) if jsonl.exists() else []) if e.get("event") == "start"][:1]
+            lines = [json.dumps(_jsonable(e)) for e in [*starts, *({"event": "eval", **r} for r in history),
+                                                         {"event": "resume", "iteration": k}]]
+            atomic_write(jsonl, "\n".join(lines) + "\n")  # records after the checkpoint are dropped: they come again
             echo(f"{name}: continuing from iteration {k} of {cfg.steps}")
         elif (run_dir / f"{name}.jsonl").exists():  # killed before its first checkpoint: start over
             (run_dir / f"{name}.jsonl").unlink()

@@ -151,8 +151,8 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
     Records count from the state's cumulative calls and time (non-zero when resuming). On any
     exception the last good resumable state is attached to it as ``error.state``."""
     earlier_calls = OracleCounts(state.calls or {})
-    last = state.iteration + steps
-    good, good_generator, good_elapsed, good_calls = state, state.generator.get_state(), elapsed, counts + earlier_calls
+    good, good_generator, good_elapsed = state, state.generator.get_state(), elapsed
+    good_calls = counts + earlier_calls
 
     def evaluate_and_report():
         history.append(_evaluate(problem, solver, state, elapsed, counts + earlier_calls))
@@ -167,7 +167,7 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
     try:
         if initial_eval:
             evaluate_and_report()
-        while state.iteration < last:
+        for t in range(steps):
             started = time.perf_counter()
             state = solver.step(problem, state)
             elapsed += time.perf_counter() - started
@@ -175,12 +175,14 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
             if problem_found:
                 raise NonFiniteError(f"{problem_found} (hyperparameters {solver.hyperparameters()}); "
                                      "try smaller step sizes")
-            good, good_generator, good_elapsed, good_calls = state, state.generator.get_state(), elapsed, counts + earlier_calls
+            good, good_generator, good_elapsed = state, state.generator.get_state(), elapsed
+            good_calls = counts + earlier_calls
             for cb in callbacks:
                 cb.on_step(state.iteration)
-            if state.iteration % eval_every == 0 or state.iteration == last:
+            final = t + 1 == steps
+            if state.iteration % eval_every == 0 or final:
                 evaluate_and_report()
-            if checkpoint_every and (state.iteration % checkpoint_every == 0 or state.iteration == last):
+            if checkpoint_every and (state.iteration % checkpoint_every == 0 or final):
                 checkpoint()
     except BaseException as error:
         error.state = _resumable(good, good_generator, good_calls, good_elapsed)
