@@ -30,6 +30,7 @@ import dataclasses
 import importlib
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -181,7 +182,8 @@ def decode(value: Any, where: str = "state") -> Any:
 
 
 def plain(value: Any) -> Any:
-    """Hyperparameters or options as comparable plain data (callables by their repr)."""
+    """Hyperparameters or options as comparable plain data (other objects, e.g. a step-size
+    schedule, by their repr without memory addresses, so that two processes agree)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, dict):
@@ -190,7 +192,7 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.tolist()
-    return repr(value)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # a function's repr without its address
 
 
 def solver_name(solver) -> str:
