@@ -1,8 +1,14 @@
-"""Command line: ``bilevel run [CONFIG.yaml] [key=value ...]``, ``bilevel list``,
-``bilevel check [problem=NAME ...]`` and ``bilevel data list|fetch|path``."""
+"""Command line: ``bilevel run [CONFIG.yaml] [key=value ...]``, ``bilevel resume RUN_DIR``,
+``bilevel list``, ``bilevel check [problem=NAME ...]`` and ``bilevel data list|fetch|path``.
+
+Exit codes: 0 every solver finished ok; 1 a solver failed or diverged (the others' results are
+kept); 2 bad input (one ``error:`` line naming the key, file or method; nothing written);
+130 / 143 interrupted by SIGINT / SIGTERM (checkpoints and summaries written first).
+"""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import List, Optional
 
@@ -37,10 +43,28 @@ def _run(args) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    outcome = run_experiment(cfg)
+    return _report(run_experiment(cfg))
+
+
+def _resume(args) -> int:
+    from .experiment import resume_experiment
+    return _report(resume_experiment(args.run_dir))
+
+
+def _report(outcome) -> int:
+    """The exit code of a run, with one line on stderr when it is not 0."""
+    if outcome.interrupted is not None:
+        name = signal.Signals(outcome.interrupted).name
+        solver, iteration = outcome.stopped_at or (None, None)
+        where = f" during {solver} at iteration {iteration}" if iteration is not None else " between solvers"
+        print(f"interrupted by {name}{where}: checkpoints and summaries are in {outcome.run_dir}; "
+              f"continue with: bilevel resume {outcome.run_dir}", file=sys.stderr)
+        return 128 + outcome.interrupted
     if outcome.failed:
-        print(f"error: {len(outcome.failed)} solver(s) failed: {', '.join(outcome.failed)} "
-              f"(results of the others are in {outcome.run_dir})", file=sys.stderr)
+        details = ", ".join(f"{n} ({outcome.statuses.get(n, 'failed')})" for n in outcome.failed)
+        where = (f"results of the others are in {outcome.run_dir}" if outcome.any_ok
+                 else f"records and checkpoints are in {outcome.run_dir}")
+        print(f"error: {len(outcome.failed)} solver(s) did not finish ok: {details}; {where}", file=sys.stderr)
         return 1
     return 0
 
@@ -48,7 +72,9 @@ def _run(args) -> int:
 def _check(args) -> int:
     from omegaconf import OmegaConf
 
-    from .check import check_hypergradients
+    import torch
+
+    from .check import check_hypergradients, verdict
     from .config import problem_from_overrides
     given = OmegaConf.to_container(OmegaConf.from_dotlist(args.settings))
     problem = problem_from_overrides(given.pop("problem", "quadratic"), given.pop("problem_options", {}) or {},
@@ -59,12 +85,16 @@ def _check(args) -> int:
                           "lower_lr, lower_steps, steps, lr, directions, eps, seed")
     print(f"hypergradient check on {problem.name} (at the initial x; relative errors)")
     try:
-        rows = check_hypergradients(problem, **options)
+        rows = check_hypergradients(problem, **options, progress=lambda line: print(f"  ... {line}", file=sys.stderr,
+                                                                                  flush=True))
     except ValueError as exc:  # e.g. a model too large for the dense exact hypergradient
         raise ConfigError(f"bilevel check on {problem.name}: {exc}") from None
     for row in rows:
         print(f"  {row['method']:<12s} vs {row['compared_with']:<32s} {row['relative_error']:.3e}")
-    return 0
+    x0, _ = problem.init(torch.Generator().manual_seed(options.get("seed", 0)))
+    word, why = verdict(rows, float64=next(iter(x0.values())).dtype == torch.float64)
+    print(f"verdict: {word}: {why}")
+    return 1 if word == "FAIL" else 0
 
 
 def _data(args) -> int:
@@ -97,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver=soba steps=200")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.set_defaults(func=_run)
+    res = sub.add_parser("resume", help="continue every unfinished solver of a run folder from its last checkpoint")
+    res.add_argument("run_dir", help="a folder written by bilevel run (holds config.yaml)")
+    res.set_defaults(func=_resume)
     lst = sub.add_parser("list", help="list solvers and problems")
     lst.add_argument("--options", action="store_true", help="also list each one's options and defaults")
     lst.set_defaults(func=_list)
@@ -124,14 +157,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command != "run" or any("=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    previous = _sigterm_raises()
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: files written so far are kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: files written so far are kept", file=sys.stderr)
+        return 128 + signum
+    except OSError as exc:  # a full disk, a folder that became read-only
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_raises():
+    """SIGTERM raises like Ctrl-C (exit 143 with a message instead of a silent death)."""
+    from .experiment import Interrupted
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 if __name__ == "__main__":

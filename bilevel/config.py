@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import schedules
@@ -59,9 +59,16 @@ class RunConfig:
     name: Optional[str] = None
     progress: bool = True
     plot: bool = True
-    #: torch intra-op threads for the run; None: torch's default. Small models (the text
-    #: presets) run faster on 1 thread, and far faster when other jobs share the cores.
-    threads: Optional[int] = None
+    #: Write ``<solver>.state.pt`` every this many steps; None: at every evaluation; 0: only at
+    #: the end and at an interruption.
+    checkpoint_every: Optional[int] = None
+    #: A finished solver whose x or y has an entry larger than this (in absolute value) is
+    #: reported "diverged", as is one whose tracked metric is NaN/inf.
+    divergence_bound: float = 1e6
+    #: torch intra-op threads for the run; null: torch's default (all cores). One thread is the
+    #: default: the problems here are small, and several threads were 3x slower for three
+    #: concurrent runs and 25x slower under outside load (measured; README, "Threads").
+    threads: Optional[int] = 1
     #: Metrics for the table and the plot; empty: the problem's ``headline_metrics`` or all.
     metrics: List[str] = field(default_factory=list)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -81,7 +88,9 @@ def load(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfi
         given = OmegaConf.from_dotlist(_shorthands(overrides))
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
-        base = OmegaConf.load(path if path is not None else DEFAULT_JOB)
+        base = _read_yaml(path if path is not None else DEFAULT_JOB)
+        for source, where in ((base, f"config file {path}"), (given, "command line")):
+            _check_container_types(source, where)
         if path is None and "problem" in given and given.problem != base.get("problem"):
             for key in ("preset", "problem_options", "solver_options", "metrics"):  # they belong to its problem
                 base.pop(key, None)
@@ -94,6 +103,43 @@ def load(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfi
         raise ConfigError(_explain(exc)) from exc
     validate(cfg)
     return cfg
+
+
+def _read_yaml(path) -> DictConfig:
+    """The YAML file as a DictConfig; ConfigError naming the file and line when malformed."""
+    import yaml
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}: malformed YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path}: must be a mapping of key: value at the top level, not a list")
+    return loaded
+
+
+def _check_container_types(source: DictConfig, where: str) -> None:
+    """A list- or mapping-valued key given a single value gets a plain message (OmegaConf's
+    would be "AnyNode is not a ListConfig")."""
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in source:
+            continue
+        value = source._get_node(f.name)
+        origin = typing.get_origin(f.type if not isinstance(f.type, str) else typing.get_type_hints(RunConfig)[f.name])
+        if origin in (list, List) and not isinstance(value, ListConfig):
+            example = f"{f.name}=[{_scalar(value)}]" if where == "command line" else f"{f.name}: [{_scalar(value)}]"
+            raise ConfigError(f"{f.name} must be a list, not the single value {_scalar(value)!r} ({where}); "
+                              f"write {example}")
+        if origin in (dict, Dict) and not isinstance(value, DictConfig):
+            raise ConfigError(f"{f.name} must be a mapping of key: value, not {_scalar(value)!r} ({where})")
+
+
+def _scalar(node):
+    return node._value() if hasattr(node, "_value") else node
 
 
 def _shorthands(overrides: Sequence[str]) -> List[str]:
@@ -123,7 +169,7 @@ def _explain(exc: OmegaConfBaseException) -> str:
 def validate(cfg: DictConfig) -> None:
     """Check names and options against the registries; raise :class:`ConfigError`."""
     try:
-        PROBLEMS.get(cfg.problem)
+        resolve_problem(cfg.problem)
         for name in cfg.solvers:
             SOLVERS.get(name)
     except KeyError as exc:
@@ -134,6 +180,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"threads must be >= 1 (or null for torch's default), got {cfg.threads}")
     if cfg.steps < 0 or cfg.eval_every < 1:
         raise ConfigError(f"steps must be >= 0 and eval_every >= 1, got steps={cfg.steps}, eval_every={cfg.eval_every}")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0 (0: only at the end; null: at every evaluation), "
+                          f"got {cfg.checkpoint_every}")
+    if not cfg.divergence_bound > 0:
+        raise ConfigError(f"divergence_bound must be a positive number, got {cfg.divergence_bound}")
     problem_cls = PROBLEMS.get(cfg.problem).cls
     options = merged_problem_options(cfg.problem, cfg.preset, cfg.problem_options)
     try:
@@ -146,8 +197,40 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"solver_options has entries for {extra}, which are not in solvers {list(cfg.solvers)}")
     for name in cfg.solver_options:
         solver_options(cfg, name)  # type- and name-checks
+    for name in cfg.solvers:
+        build_solver(cfg, name)  # value checks (a NaN or negative step size, ...)
     if cfg.wandb.mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode must be online, offline or disabled, got {cfg.wandb.mode!r}")
+
+
+def resolve_problem(name: str):
+    """The registry entry of problem ``name``. A name of the form ``module:Class`` (e.g.
+    ``mymodule:MyProblem``, ``pkg.problems:Ridge``) imports ``module`` (the current folder comes
+    first on the path) and registers ``Class`` under that name; ConfigError when the module cannot
+    be imported, has no such class, or the class is not a :class:`~bilevel.BilevelProblem`."""
+    if ":" in str(name) and name not in PROBLEMS._entries:
+        import importlib
+        import os
+        import sys
+
+        from .problem import BilevelProblem
+        module_name, _, class_name = name.partition(":")
+        if not module_name or not class_name:
+            raise ConfigError(f"problem {name!r}: write problem=MODULE:CLASS, e.g. problem=mymodule:MyProblem")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # ImportError, or an error inside the user's module
+            raise ConfigError(f"problem {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); "
+                              "run from the folder that holds it or add that folder to PYTHONPATH") from None
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise ConfigError(f"problem {name!r}: module {module_name!r} has no {class_name!r}")
+        if not (isinstance(cls, type) and issubclass(cls, BilevelProblem)):
+            raise ConfigError(f"problem {name!r}: {class_name} is not a subclass of bilevel.BilevelProblem")
+        PROBLEMS.register(name)(cls)
+    return PROBLEMS.get(name)
 
 
 def merged_problem_options(name: str, preset: Optional[str], options) -> Dict[str, Any]:
@@ -164,7 +247,7 @@ def merged_problem_options(name: str, preset: Optional[str], options) -> Dict[st
 def problem_from_overrides(name: str, options: Dict[str, Any], preset: Optional[str] = None):
     """Build a registered problem from untrusted options, with config-style errors."""
     try:
-        PROBLEMS.get(name)
+        resolve_problem(name)
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
     options = merged_problem_options(name, preset, options)
@@ -220,6 +303,16 @@ def _step_size(value, key: str):
         return schedules.parse(value, key)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def build_solver(cfg: DictConfig, name: str):
+    """Solver ``name`` with its options; ConfigError naming ``solver_options.NAME`` and the rule
+    when a value is rejected (e.g. a NaN or negative step size)."""
+    from .registry import make_solver
+    try:
+        return make_solver(name, **solver_options(cfg, name))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"solver_options.{name}: {exc}") from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -75,7 +75,11 @@ def _jsonable(value: Any) -> Any:
 class JsonlLogger(Callback):
     """Appends one JSON object per evaluation to ``path`` and flushes it at once, so a run that
     stops (error, Ctrl-C) keeps every record written before. The first line, with
-    ``"event": "start"``, holds the run's description."""
+    ``"event": "start"``, holds the run's description.
+
+    Each line is appended whole or not at all: when a write fails (a full disk) the file is cut
+    back to its previous length and the OSError, naming the file, is raised. A kill -9 in the
+    middle of a write can still leave a torn last line; :func:`read_jsonl` skips it."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -84,9 +88,20 @@ class JsonlLogger(Callback):
 
     def _write(self, obj: Dict[str, Any]) -> None:
         if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps(_jsonable(obj)) + "\n")
-        self._file.flush()
+            self._file = open(self.path, "ab", buffering=0)
+        data = (json.dumps(_jsonable(obj)) + "\n").encode("utf-8")
+        offset = self._file.seek(0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):
+                written += self._file.write(data[written:])
+        except OSError as exc:
+            try:
+                self._file.truncate(offset)
+            except OSError:
+                pass
+            raise OSError(exc.errno, f"cannot append to {self.path} ({exc.strerror or exc}); the file keeps its "
+                                     "complete lines") from exc
 
     def on_start(self, info):
         self._write({"event": "start", **info})
@@ -110,9 +125,23 @@ class JsonlLogger(Callback):
 
 
 def read_jsonl(path) -> list:
-    """The evaluation records of a JSONL metrics file."""
+    """The evaluation records of a JSONL metrics file. A torn last line (left by a process
+    killed while writing) is skipped; a damaged line elsewhere raises ValueError naming it."""
     with open(path, encoding="utf-8") as f:
-        return [r for r in map(json.loads, f) if r.get("event") == "eval"]
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the write was cut short
+                continue
+            raise ValueError(f"{path}, line {number}: not valid JSON") from None
+        if record.get("event") == "eval":
+            records.append(record)
+    return records
 
 
 class WandbLogger(Callback):

@@ -111,8 +111,9 @@ class ProblemError(ValueError):
 def validate(problem: BilevelProblem, x: Tree, y: Tree, generator: torch.Generator) -> None:
     """Check, before any work, that the problem's pieces fit together.
 
-    Raises :class:`ProblemError` naming the problem when x or y is not a dict of tensors, when a
-    loss is not a finite 0-d tensor, or when the lower loss does not depend on y.
+    Raises :class:`ProblemError` naming the problem and the method when x or y is not a dict of
+    tensors, when a loss is not a finite 0-d tensor, when the upper loss has no autograd graph
+    through x or y (detached), or when the lower loss does not depend on y.
     """
     label = f"problem {getattr(problem, 'name', type(problem).__name__)!r}"
     for name, var in (("x", x), ("y", y)):
@@ -121,14 +122,26 @@ def validate(problem: BilevelProblem, x: Tree, y: Tree, generator: torch.Generat
         for key, value in var.items():
             if not value.is_floating_point():
                 raise ProblemError(f"{label}: {name}[{key!r}] has dtype {value.dtype}; variables must be floating point")
+    x_leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+    y_leaves = {k: v.detach().requires_grad_(True) for k, v in y.items()}
     for level, loss_fn in (("upper", problem.upper_loss), ("lower", problem.lower_loss)):
         batch = problem.sample(level, generator)
         try:
-            value = loss_fn(x, y, batch)
+            value = loss_fn(x_leaves, y_leaves, batch)
         except Exception as exc:  # re-raised with context: which loss, which problem
             raise ProblemError(f"{label}: {level}_loss(x, y, batch) failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(value, Tensor) or value.dim() != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ProblemError(f"{label}: {level}_loss must return a 0-d tensor, got {shape}")
-        if not math.isfinite(float(value)):
-            raise ProblemError(f"{label}: {level}_loss is {float(value)} at the initial point")
+        if not math.isfinite(float(value.detach())):
+            raise ProblemError(f"{label}: {level}_loss is {float(value.detach())} at the initial point")
+        inputs = y_leaves if level == "lower" else {**{f"x.{k}": v for k, v in x_leaves.items()},
+                                                    **{f"y.{k}": v for k, v in y_leaves.items()}}
+        if not value.requires_grad:
+            raise ProblemError(f"{label}: {level}_loss(x, y, batch) returned a tensor without an autograd graph: "
+                               f"it does not depend on {'y' if level == 'lower' else 'x or y'} (a .detach(), "
+                               ".item(), float() or torch.no_grad() inside it?)")
+        grads = torch.autograd.grad(value, list(inputs.values()), allow_unused=True)
+        if all(g is None for g in grads):
+            raise ProblemError(f"{label}: {level}_loss(x, y, batch) does not depend on "
+                               f"{'y' if level == 'lower' else 'x or y'}; solvers differentiate it")

@@ -61,13 +61,15 @@ class RunGenerator(torch.Generator):
         self.streams: Dict[StreamKey, Epoch] = {}
 
     def copy(self) -> "RunGenerator":
-        return _rebuild(str(self.device), self.get_state(), dict(self.streams))
+        return restore_generator(str(self.device), self.get_state(), dict(self.streams))
 
     def __reduce__(self):
-        return _rebuild, (str(self.device), self.get_state(), dict(self.streams))
+        return restore_generator, (str(self.device), self.get_state(), dict(self.streams))
 
 
-def _rebuild(device: str, state: Tensor, streams: Dict[StreamKey, Epoch]) -> RunGenerator:
+def restore_generator(device: str, state: Tensor, streams: Dict[StreamKey, Epoch]) -> RunGenerator:
+    """A :class:`RunGenerator` on ``device`` with random state ``state`` and the epochs ``streams``
+    (pairs ``(order, position)`` by stream key; checkpoints store them as plain data)."""
     generator = RunGenerator(device)
     generator.set_state(state)
     generator.streams = {key: Epoch(tuple(epoch[0]), int(epoch[1])) for key, epoch in streams.items()}
@@ -83,7 +85,7 @@ def copy_generator(generator: torch.Generator) -> RunGenerator:
     """An independent copy: same random state and epoch positions (none for a plain generator)."""
     if isinstance(generator, RunGenerator):
         return generator.copy()
-    return _rebuild(str(generator.device), generator.get_state(), {})
+    return restore_generator(str(generator.device), generator.get_state(), {})
 
 
 def check_sampling(sampling: str, owner: str = "sampling") -> str:

@@ -4,8 +4,15 @@
 
 Time is measured for solver steps only (evaluation excluded). Every evaluation record holds the
 iteration, the cumulative solver time, the cumulative oracle counts and the problem's metrics.
-A NaN or inf in x or y stops the run with :class:`NonFiniteError`; callbacks have already
-received every earlier record, so files they wrote stay intact.
+Evaluations fall on iterations that are multiples of ``eval_every`` (counted from the start of
+the run, also when resuming) and on the last one.
+
+A NaN or inf in x or y stops the run with :class:`NonFiniteError` naming the variable and the
+iteration; callbacks have already received every earlier record, so files they wrote stay
+intact. Whatever stops a run (that error, Ctrl-C, a signal turned into an exception) carries the
+last good state, resumable, as ``error.state`` (a :class:`~bilevel.solver.State` whose
+generator is where it was after that iteration). Every ``checkpoint_every`` iterations (default:
+at every evaluation) callbacks get the resumable state through :meth:`Callback.on_checkpoint`.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import torch
 
 from . import tree
 from .oracles import OracleCounts, count_calls
-from .problem import BilevelProblem, validate
+from .problem import BilevelProblem, ProblemError, validate
 from .registry import check_options, make_problem, make_solver
 from .sampling import copy_generator, run_generator
 from .solver import Solver, State
@@ -25,7 +32,7 @@ from .tree import Tree
 
 
 class NonFiniteError(FloatingPointError):
-    """The iterates became NaN or inf."""
+    """The iterates became NaN or inf (the message names the variable and the iteration)."""
 
 
 class Callback:
@@ -39,6 +46,10 @@ class Callback:
 
     def on_eval(self, record: Dict[str, Any]) -> None:
         """After each evaluation (including iteration 0 and the last one)."""
+
+    def on_checkpoint(self, state: State) -> None:
+        """Every ``checkpoint_every`` iterations: a state from which the run can be resumed
+        exactly (cumulative calls and time filled in, its own copy of the generator)."""
 
     def on_end(self, result: "Result") -> None:
         """After the run (not called when it fails)."""
@@ -86,74 +97,148 @@ def _solver_name(solver: Solver) -> str:
     return getattr(type(solver), "registry_name", type(solver).__name__)
 
 
+def metric_values(problem, metrics) -> Dict[str, Any]:
+    """``problem.evaluate``'s output as numbers; :class:`ProblemError` naming the metric when a
+    value is not a number or a one-element tensor."""
+    label = f"problem {getattr(problem, 'name', type(problem).__name__)!r}"
+    if not isinstance(metrics, dict):
+        raise ProblemError(f"{label}: evaluate(x, y) must return a dict of metric name: number, "
+                           f"got {type(metrics).__name__}")
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ProblemError(f"{label}: evaluate(x, y) returned metric {key!r} as a tensor of shape "
+                                   f"{tuple(value.shape)}; each metric must be a number or a one-element tensor")
+            value = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        out[str(key)] = value
+    return out
+
+
 def _evaluate(problem, solver: Solver, state: State, elapsed: float, counts: OracleCounts) -> Dict[str, Any]:
     x, y = solver.point(state)
-    metrics = problem.evaluate(tree.detach(x), tree.detach(y))
+    metrics = metric_values(problem, problem.evaluate(tree.detach(x), tree.detach(y)))
     record = {"iteration": state.iteration, "time": elapsed, **{f"calls/{k}": v for k, v in counts.items()},
               "calls/total": counts.total}
-    record.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()})
+    record.update(metrics)
     return record
 
 
-def _run_loop(problem, solver, state, steps, eval_every, callbacks, counts, history, elapsed, label):
+def _non_finite(label: str, state: State) -> Optional[str]:
+    """A message naming the first variable with NaN/inf entries, or None."""
+    for side, variables in (("x", state.x), ("y", state.lower.y)):
+        for key, value in variables.items():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                kind = "NaN" if bool(torch.isnan(value).any()) else "inf"
+                return (f"{label}: iterate {side}[{key!r}] became {kind} ({int((~finite).sum())} of "
+                        f"{value.numel()} entries) at iteration {state.iteration}")
+    return None
+
+
+def _resumable(state: State, generator: torch.Generator, calls: OracleCounts, elapsed: float) -> State:
+    """A copy of ``state`` with cumulative calls and time, and its own copy of ``generator`` (the
+    run's generator as it was right after that iteration: random state and epoch positions)."""
+    return state._replace(generator=copy_generator(generator), calls=dict(calls), elapsed=elapsed)
+
+
+def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callbacks, counts, history, elapsed,
+              label, initial_eval=True):
     """The loop proper: appends evaluation records to ``history``; returns (state, elapsed).
-    Records count from the state's cumulative calls and time (non-zero when resuming)."""
-    earlier_calls = state.calls
+    Records count from the state's cumulative calls and time (non-zero when resuming). On any
+    exception the last good resumable state is attached to it as ``error.state``."""
+    earlier_calls = OracleCounts(state.calls or {})
+    good, good_generator, good_elapsed = state, copy_generator(state.generator), elapsed
+    good_calls = counts + earlier_calls
 
     def evaluate_and_report():
         history.append(_evaluate(problem, solver, state, elapsed, counts + earlier_calls))
         for cb in callbacks:
             cb.on_eval(history[-1])
 
-    evaluate_and_report()
-    for t in range(steps):
-        started = time.perf_counter()
-        state = solver.step(problem, state)
-        elapsed += time.perf_counter() - started
-        if not (tree.all_finite(state.x) and tree.all_finite(state.lower.y)):
-            raise NonFiniteError(
-                f"{label}: x or y became NaN/inf at iteration {state.iteration} "
-                f"(hyperparameters {solver.hyperparameters()}); try smaller step sizes")
+    def checkpoint():
+        resumable = _resumable(state, good_generator, good_calls, elapsed)
         for cb in callbacks:
-            cb.on_step(state.iteration)
-        if (t + 1) % eval_every == 0 or t + 1 == steps:
+            cb.on_checkpoint(resumable)
+
+    try:
+        if initial_eval:
             evaluate_and_report()
+        for t in range(steps):
+            started = time.perf_counter()
+            state = solver.step(problem, state)
+            elapsed += time.perf_counter() - started
+            problem_found = _non_finite(label, state)
+            if problem_found:
+                raise NonFiniteError(f"{problem_found} (hyperparameters {solver.hyperparameters()}); "
+                                     "try smaller step sizes")
+            good, good_generator, good_elapsed = state, copy_generator(state.generator), elapsed
+            good_calls = counts + earlier_calls
+            for cb in callbacks:
+                cb.on_step(state.iteration)
+            final = t + 1 == steps
+            if state.iteration % eval_every == 0 or final:
+                evaluate_and_report()
+            if checkpoint_every and (state.iteration % checkpoint_every == 0 or final):
+                checkpoint()
+    except BaseException as error:
+        error.state = _resumable(good, good_generator, good_calls, good_elapsed)
+        raise
     return state, elapsed
 
 
 def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "soba", steps: int = 1000, *,
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
-          progress: bool = False, state: Optional[State] = None, **hyperparameters) -> Result:
+          progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
+          initial_eval: bool = True, **hyperparameters) -> Result:
     """Run ``solver`` on ``problem`` for ``steps`` outer iterations.
 
     Args:
         problem: a :class:`BilevelProblem` or a registered problem name (default options).
         solver: a registered solver name or a :class:`~bilevel.solver.Solver` instance.
-        steps: number of outer iterations.
+        steps: number of outer iterations (more, when resuming).
         seed: seeds the run's generator (initial point and every sample), a
             :class:`~bilevel.sampling.RunGenerator` that also keeps the epoch position of
             epoch-shuffled mini-batches, so a resumed run continues mid-epoch.
-        eval_every: evaluate every this many iterations (default: about 20 evaluations); the
-            initial and final points are always evaluated.
-        callbacks: :class:`Callback` objects (JSONL writer, W&B, progress bar, ...).
+        eval_every: evaluate at every iteration that is a multiple of this (default: about 20
+            evaluations); the initial and final points are always evaluated.
+        callbacks: :class:`Callback` objects (JSONL writer, W&B, progress bar, checkpoints, ...).
         progress: show a progress bar with the latest metrics.
-        state: continue from a previous run's ``Result.state`` instead of initializing (``seed``
-            is then unused; the state's generator is copied, so the same state can be resumed
-            twice). Iterations, oracle counts and time in the records continue from the state's;
-            ``Result.iterations`` and ``Result.wall_time`` cover this call only.
+        state: continue from a previous run: a ``Result.state``, or a
+            :class:`~bilevel.checkpoint.Checkpoint` from :func:`bilevel.load_checkpoint`, which
+            is first checked to belong to this solver (name and options), this problem and this
+            library version (:class:`~bilevel.checkpoint.CheckpointMismatch` names the
+            difference). ``seed`` is then unused; the state's generator is copied, so the same
+            state can be resumed twice. Iterations, oracle counts and time in the records
+            continue from the state's; ``Result.iterations`` and ``Result.wall_time`` cover
+            this call only.
+        checkpoint_every: call :meth:`Callback.on_checkpoint` every this many iterations and at
+            the end (default: at every evaluation; 0: never).
+        initial_eval: evaluate the starting point (False when resuming a run whose records
+            already hold it).
         **hyperparameters: solver options, e.g. ``upper_lr=0.05``; unknown names raise TypeError.
     """
+    from .checkpoint import Checkpoint, check_compatible
     if isinstance(problem, str):
         problem = make_problem(problem)
     solver = _resolve_solver(solver, hyperparameters)
-    if not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    for key, value, minimum in (("eval_every", eval_every, 1), ("checkpoint_every", checkpoint_every, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"{key} must be an integer >= {minimum} (or None for the default), got {value!r}")
     eval_every = eval_every or max(1, steps // 20)
+    checkpoint_every = eval_every if checkpoint_every is None else checkpoint_every
     callbacks = list(callbacks)
     if progress:
         from .logging import ProgressBar
         callbacks.append(ProgressBar(steps))
     name, problem_name = _solver_name(solver), getattr(problem, "name", type(problem).__name__)
+    if isinstance(state, Checkpoint):
+        check_compatible(state, solver=solver, problem=problem)
+        state = state.state
 
     generator = run_generator(seed)
     history: List[Dict[str, Any]] = []
@@ -173,8 +258,8 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
                          "hyperparameters": solver.hyperparameters()})
         first = state.iteration
         try:
-            state, elapsed = _run_loop(problem, solver, state, steps, eval_every, callbacks, counts, history,
-                                elapsed, f"{name} on {problem_name}")
+            state, elapsed = _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callbacks,
+                                       counts, history, elapsed, f"{name} on {problem_name}", initial_eval)
         except BaseException as error:
             for cb in callbacks:
                 cb.on_error(error)

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from bilevel import cli
 from bilevel.config import load
-from bilevel.experiment import load_state
+from bilevel import load_checkpoint
 from bilevel.logging import read_jsonl
 from bilevel.registry import PROBLEMS, SOLVERS
 
@@ -106,7 +106,7 @@ def test_run_writes_the_run_folder(quad_run):
     records = read_jsonl(folder / "soba.jsonl")
     assert [r["iteration"] for r in records] == [0, 5, 10, 15, 20]
     assert records[-1]["calls/total"] == 80
-    state = load_state(folder / "soba.state.pt")
+    state = load_checkpoint(folder / "soba.state.pt").state
     assert state.iteration == 20
     assert float(state.x["x"][0]) != -2.0, "x moved away from the initial point"
     # summaries
@@ -236,16 +236,18 @@ def test_diverging_solver_exit_1_others_kept(tmp_path, capsys):
     folder = tmp_path / "div"
     assert (folder / "aid-cg.jsonl").is_file() and (folder / "aid-cg.state.pt").is_file()
     assert not (folder / "soba.state.pt").exists()
+    last_good = load_checkpoint(folder / "soba.last-good.state.pt")
+    assert last_good.kind == "last-good" and last_good.iteration >= 1
     soba_lines = (folder / "soba.jsonl").read_text().splitlines()
     assert '"event": "error"' in soba_lines[-1] and "NonFiniteError" in soba_lines[-1]
     assert (folder / "curves.png").read_bytes()[:8] == PNG_MAGIC
     header, rows = table_rows((folder / "summary.md").read_text())
     by_solver = {r["solver"]: r for r in rows}
     assert set(by_solver) == {"soba", "aid-cg"}
-    assert "failed" in by_solver["soba"]["status"] and "NonFiniteError" in by_solver["soba"]["status"]
+    assert by_solver["soba"]["status"].startswith("diverged: iterate ")
     assert by_solver["aid-cg"]["status"] == "ok" and float(by_solver["aid-cg"]["grad_norm_sq"]) > 0
     csv_rows = {r["solver"]: r for r in read_csv(folder / "summary.csv")}
-    assert csv_rows["soba"]["status"].startswith("failed") and csv_rows["aid-cg"]["status"] == "ok"
+    assert csv_rows["soba"]["status"].startswith("diverged") and csv_rows["aid-cg"]["status"] == "ok"
 
 
 def test_interrupt_exits_130_and_keeps_files(tmp_path, capsys, monkeypatch):

@@ -288,7 +288,8 @@ def test_threads_setting(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match="threads must be >= 1"):
         load(None, ["threads=0"])
-    assert load(None, []).threads is None
+    assert load(None, []).threads == 1  # the default: one thread (issue 9, item 6)
+    assert load(None, ["threads=null"]).threads is None
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     cfg = load(None, [*SMALL_QUADRATIC, "solver=soba", "steps=1", "threads=1", "progress=false", "plot=false",

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bilevel import Callback, FunctionProblem, NonFiniteError, Result, make_problem, solve
-from bilevel.experiment import load_state, save_state
+from bilevel import load_checkpoint, make_solver
+from bilevel.checkpoint import save_checkpoint
 from bilevel.problem import BilevelProblem, ProblemError
 from bilevel.registry import SOLVERS
 from bilevel.schedules import PolyDecay
@@ -278,9 +279,9 @@ def test_resume_from_checkpoint_file(squad, tmp_path):
     full = solve(squad, "soba", steps=20, seed=2, eval_every=10)
     first = solve(squad, "soba", steps=10, seed=2, eval_every=10)
     path = tmp_path / "soba.state.pt"
-    save_state(first.state, path)
+    save_checkpoint(path, first.state, solver=make_solver("soba"), problem=squad)
     assert path.stat().st_size > 0
-    loaded = load_state(path)
+    loaded = load_checkpoint(path).state
     assert loaded.iteration == 10
     assert torch.equal(loaded.x["x"], first.state.x["x"])
     assert torch.equal(loaded.generator.get_state(), first.state.generator.get_state())
