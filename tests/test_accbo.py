@@ -121,7 +121,7 @@ def test_lazy_storm_reuses_previous_estimate(problem, mats):
 @pytest.mark.parametrize("period, inner_steps", [(1, 1), (2, 1), (1, 3), (2, 3)])
 def test_period_and_inner_steps_average_once_per_outer_iteration(problem, mats, period, inner_steps):
     """inner_steps SNAG steps on t % period == 0, none otherwise; yhat averaged ONCE per outer
-    iteration, skipped ones included (AccBO Algorithm 1 / official code, section 12.4 of the notes).
+    iteration, skipped ones included (AccBO's Algorithm 1 and its official code).
     The old code averaged after every SNAG step and not on skipped iterations: at (2, 3) it was off
     by max |delta yhat| 0.17 within 6 steps."""
     hp = dict(HP, period=period, inner_steps=inner_steps)
