@@ -9,7 +9,9 @@ returns ``A u`` (one Hessian-vector product) and ``b`` is a tree. They are inter
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import warnings
+from typing import Callable, Iterator, List, Optional
 
 import torch
 
@@ -22,6 +24,44 @@ RANDOMIZED_NEUMANN = ("randomized", "code_n1")
 
 
 NEGATIVE_CURVATURE = ("raise", "truncate")
+
+
+class TruncationLog:
+    """Negative-curvature truncations of CG inside one run (see :func:`truncation_warnings`)."""
+
+    def __init__(self):
+        self.count = 0
+
+
+_RUNS: List[TruncationLog] = []
+
+
+@contextlib.contextmanager
+def truncation_warnings() -> Iterator[TruncationLog]:
+    """One run's scope for the truncated-CG warning: inside it, the first truncation warns and
+    later ones are only counted (``log.count``). :func:`bilevel.solve` opens one per call, so each
+    run warns at most once; a call outside any scope warns on every truncation."""
+    log = TruncationLog()
+    _RUNS.append(log)
+    try:
+        yield log
+    finally:
+        _RUNS.remove(log)
+
+
+def _report_truncation(curvature, iteration: int) -> None:
+    runs = _RUNS[-1:]
+    first = not runs or runs[0].count == 0
+    for log in runs:
+        log.count += 1
+    if first:
+        fallback = "the right-hand side b (A taken as the identity)" if iteration == 0 else \
+            f"the CG iterate after {iteration} positive-curvature steps"
+        warnings.warn(
+            f"conjugate gradient truncated at non-positive curvature <p, A p> = {float(curvature):.3e} "
+            f"(iteration {iteration}): the lower-level Hessian is not positive definite here; returning "
+            f"{fallback}. Reported once per run; later truncations are counted silently.",
+            RuntimeWarning, stacklevel=3)
 
 
 def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Optional[Tree] = None,
@@ -38,9 +78,25 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
 
     A direction with <p, A p> <= 0 means A is not positive definite (a non-convex lower level,
     e.g. a neural network far from a strict minimum). ``negative_curvature="raise"`` stops with a
-    ValueError; ``"truncate"`` returns the current iterate v_k, as truncated CG does (Steihaug
-    1983): v_k minimizes the quadratic model over the Krylov directions explored so far, all of
-    which had positive curvature.
+    ValueError; ``"truncate"`` stops as truncated CG does (Steihaug 1983; Nocedal and Wright,
+    Numerical Optimization, 2nd ed. 2006, Algorithms 7.1 and 7.2), CG minimizing the model
+    m(v) = 1/2 <v, A v> - <b, v>:
+
+    * at iteration k >= 1 it returns v_k, the model's minimizer over the Krylov directions
+      explored so far, all of which had positive curvature;
+    * at iteration 0 (the first direction p_0 = r_0 = b - A v_0 already has <p_0, A p_0> <= 0)
+      it returns ``b``. Cold (v_0 = 0, p_0 = b) this is the steepest-descent direction -grad m(0)
+      with unit scale, as Nocedal-Wright Alg. 7.1 returns; Steihaug's Alg. 7.2 goes along p_0 = b
+      to the trust-region boundary, which is b itself for the radius ||b||, the size of the
+      solution when A is the identity. With no trust region this unit scaling is the choice made
+      here: v = b solves the system with A replaced by I (curvature 1 along every direction;
+      dividing by |<p_0, A p_0>| instead would blow up near zero curvature). Warm-started, the
+      first direction is r_0, but no step along it is safe: v_0 + tau r_0 compounds across
+      outer iterations, each warm-started from the last (for A = diag(1, -3), tau = 1 multiplies
+      the negative-curvature component by 4 per call), and v_0 itself would freeze v forever.
+      The warm start is then discarded and the cold answer b returned.
+
+    Either way a RuntimeWarning is issued, once per run inside :func:`truncation_warnings`.
     """
     _check_steps(steps)
     if negative_curvature not in NEGATIVE_CURVATURE:
@@ -51,13 +107,16 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
     rr = tree.sq_norm(r)
     eps = torch.finfo(rr.dtype).eps
     threshold = (max(tol, eps) * tree.norm(b)) ** 2
-    for _ in range(steps):
+    for k in range(steps):
         if rr <= threshold:
             break
         ap = matvec(p)
         curvature = tree.dot(p, ap)
         if curvature <= 0:
             if negative_curvature == "truncate":
+                _report_truncation(curvature, k)
+                if k == 0:
+                    v = tree.clone(b)
                 break
             raise ValueError(
                 f"conjugate gradient met non-positive curvature <p, A p> = {float(curvature):.3e}: "

@@ -8,9 +8,11 @@ sizes ``lr`` are numbers or schedules ``t -> lr_t`` of the outer iteration t (se
 
 * :class:`SGD`       k steps  y <- y - lr grad_y g(x, y; fresh batch).
 * :class:`Nesterov`  stochastic Nesterov accelerated gradient with averaging (AccBO):
-                         w = y_t + gamma (y_t - y_{t-1}),   y_{t+1} = w - lr grad_y g(x, w)
-                         y_avg <- (1 - tau) y_avg + tau y_{t+1}         point = y_avg
-* :class:`Periodic`  runs another loop only when iteration % period == 0 (BO-REP).
+                         ``steps`` times  w = y + gamma (y - y_prev),  y_prev <- y,  y <- w - lr grad_y g(x, w)
+                         then once        y_avg <- (1 - tau) y_avg + tau y          point = y_avg
+* :class:`Periodic`  runs another loop only when iteration % period == 0 (BO-REP); on the other
+                     iterations it calls the loop's ``idle(state)`` when it has one (Nesterov: the
+                     averaging alone), so per-outer-iteration bookkeeping is never skipped.
 * :func:`warm_start` runs a loop's single steps T0 times before the first upper step.
 """
 from __future__ import annotations
@@ -72,6 +74,13 @@ class Nesterov:
     """Stochastic Nesterov accelerated gradient with averaging (AccBO's lower level).
 
     ``momentum`` is the extrapolation gamma, ``averaging`` the weight tau of the running average.
+    One ``update`` (one outer iteration) runs ``steps`` SNAG steps and then averages ONCE,
+
+        yhat_{t+1} = (1 - tau) yhat_t + tau y,
+
+    as in AccBO (Gong, Hao, Liu, NeurIPS 2024, Algorithm 1 and its official code): the average is
+    a per-outer-iteration quantity. ``idle`` is the outer iteration without SNAG steps (periodic
+    updates): the average still moves, towards the unchanged y.
     """
     lr: Any
     momentum: float = 0.5
@@ -87,8 +96,11 @@ class Nesterov:
         for _ in range(self.steps):
             w = tree.map(lambda a, b: a + self.momentum * (a - b), y, y_prev)
             y_prev, y = y, sgd_step(problem, x, w, lr, generator)
-            y_avg = tree.lerp(y_avg, y, self.averaging)
-        return LowerState(y, y_prev, y_avg)
+        return self.idle(LowerState(y, y_prev, y_avg))
+
+    def idle(self, state: LowerState) -> LowerState:
+        """The once-per-outer-iteration averaging yhat <- (1 - tau) yhat + tau y, no SNAG step."""
+        return state._replace(y_avg=tree.lerp(state.y_avg, state.y, self.averaging))
 
     def point(self, state: LowerState) -> Tree:
         return state.y_avg
@@ -96,7 +108,8 @@ class Nesterov:
 
 @dataclass(frozen=True)
 class Periodic:
-    """Run ``loop`` only on iterations t with t % period == 0 (BO-REP's periodic updates)."""
+    """Run ``loop`` only on iterations t with t % period == 0 (BO-REP's periodic updates); on the
+    others call ``loop.idle(state)`` when the loop defines it (else the state is unchanged)."""
     loop: Any
     period: int = 1
 
@@ -109,7 +122,8 @@ class Periodic:
 
     def update(self, problem, x, state: LowerState, generator, iteration: int = 0) -> LowerState:
         if iteration % self.period:
-            return state
+            idle = getattr(self.loop, "idle", None)
+            return state if idle is None else idle(state)
         return self.loop.update(problem, x, state, generator, iteration)
 
     def point(self, state: LowerState) -> Tree:

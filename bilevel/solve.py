@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from . import tree
+from .linear_system import truncation_warnings
 from .oracles import OracleCounts, count_calls
 from .problem import BilevelProblem, ProblemError, validate
 from .registry import check_options, make_problem, make_solver
@@ -244,7 +245,7 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
     history: List[Dict[str, Any]] = []
     elapsed = state.elapsed if state is not None else 0.0
     started_at = elapsed
-    with count_calls() as counts:
+    with count_calls() as counts, truncation_warnings():  # a truncated-CG warning at most once per run
         if state is None:
             x0, y0 = problem.init(generator)
             validate(problem, x0, y0, copy_generator(generator))  # a copy: the run wastes no draw

@@ -1,7 +1,15 @@
 """A synthetic problem that is (L0, L1)-smooth but not L-smooth: Phi(x) = sum_i cosh(x_i).
 
-    g(x, y; zeta) = 1/2 ||y - x||^2 + <zeta, y>         y*(x) = x (for the mean, zeta = 0)
-    f(x, y; xi)   = sum_i cosh(y_i) + <xi, y>           Phi(x) = f(x, y*(x)) = sum_i cosh(x_i)
+    g(x, y; zeta) = 1/2 (y - x)^T A (y - x) + <zeta, y>   y*(x) = x (for the mean, zeta = 0)
+    f(x, y; xi)   = sum_i cosh(y_i) + <xi, y>             Phi(x) = f(x, y*(x)) = sum_i cosh(x_i)
+
+A is the identity by default (``lower_condition=1``). With ``lower_condition=kappa > 1`` it is a
+fixed well-conditioned SPD matrix A = U diag(lambda) U^T, U a seeded random rotation and lambda
+geometric from kappa^{-1/2} to kappa^{1/2} (condition number kappa, det A = 1). Phi and its
+gradient are unchanged (grad Phi = -d2_xy g [d2_yy g]^{-1} grad_y f = A A^{-1} sinh(x) = sinh(x)),
+but the lower level is no longer trivial: SGD on y contracts at rates 1 - lr lambda_i, and a
+hypergradient estimator must actually invert A (a Neumann series with step lr leaves the factor
+(I - lr A)^Q on the implicit term).
 
 with zeta, xi drawn uniformly from fixed tables of ``n_noise`` perturbations per level: Gaussian
 N(0, noise^2 I) draws, centred so that each table averages to exactly zero. The problem is thus a
@@ -14,6 +22,7 @@ Gong, Hao, Liu 2024) are built for: their normalized upper steps have length upp
 the gradient's size.
 
 Metrics: grad_norm_sq = ||sinh(x)||^2 (exact), inner_distance = ||y - x||^2, x_norm.
+experiments/unbounded_smoothness.py measures the iterations each method needs from x0 = 4, 8, 12.
 """
 from typing import Optional
 
@@ -29,7 +38,7 @@ NAME = "cosh"
 
 @register_problem(NAME, paper="synthetic (L0, L1)-smooth, not L-smooth, test problem (Zhang et al., ICLR 2020 smoothness class)")
 class Cosh(BilevelProblem):
-    """Synthetic unbounded-smoothness problem: Phi(x) = sum cosh(x_i), y*(x) = x."""
+    """Synthetic unbounded-smoothness problem: Phi(x) = sum cosh(x_i), y*(x) = x, lower Hessian A."""
     name = NAME
     headline_metrics = ("grad_norm_sq", "x_norm")
 
@@ -37,13 +46,17 @@ class Cosh(BilevelProblem):
     PRESETS = {"tiny": {"dim": 1, "noise": None}, "paper": {"dim": 3, "noise": 0.1}}
 
     def __init__(self, dim: int = 3, x0: float = 6.0, noise: Optional[float] = 0.1, n_noise: int = 1000,
-                 seed: int = 0, dtype: str = "float64"):
+                 seed: int = 0, dtype: str = "float64", lower_condition: float = 1.0):
         """dim: size of x and y; x0: initial value of every x_i and y_i; noise: standard deviation
         of the Gaussian gradient noise of both losses (None or 0: deterministic); n_noise: rows of
-        each level's perturbation table; seed: seed of the tables."""
+        each level's perturbation table; seed: seed of the tables (and of A's rotation);
+        lower_condition: condition number kappa >= 1 of the lower Hessian A (1: the identity)."""
         check_int(NAME, "dim", dim)
         check_real(NAME, "noise", noise, 0.0, include_low=True, allow_none=True, rule="a number >= 0 or None")
         check_int(NAME, "n_noise", n_noise)
+        check_real(NAME, "x0", x0, rule="a finite number")
+        self.lower_condition = check_real(NAME, "lower_condition", lower_condition, 1.0, include_low=True,
+                                          rule="a finite number >= 1")
         self.dim, self.x0, self.noise, self.dtype = dim, float(x0), noise or 0.0, check_dtype(NAME, dtype)
         self.n_noise = n_noise
         generator = torch.Generator().manual_seed(seed)
@@ -51,6 +64,16 @@ class Cosh(BilevelProblem):
         for level in ("upper", "lower"):
             table = self.noise * torch.randn(n_noise, dim, generator=generator, dtype=self.dtype)
             self.tables[level] = table - table.mean(dim=0) if n_noise > 1 else torch.zeros_like(table)
+        self.A = None if self.lower_condition == 1.0 else self._hessian(generator)
+
+    def _hessian(self, generator) -> torch.Tensor:
+        """U diag(kappa^{-1/2} ... kappa^{1/2}) U^T, U from the QR of a Gaussian matrix."""
+        half = 0.5 * torch.log(torch.tensor(self.lower_condition, dtype=self.dtype))
+        eigenvalues = torch.exp(torch.linspace(-1.0, 1.0, self.dim, dtype=self.dtype) * half) if self.dim > 1 \
+            else torch.ones(1, dtype=self.dtype)
+        q, r = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=generator, dtype=self.dtype))
+        u = q * torch.sign(torch.diagonal(r))
+        return (u * eigenvalues) @ u.T
 
     def init(self, generator):
         start = torch.full((self.dim,), self.x0, dtype=self.dtype)
@@ -75,7 +98,9 @@ class Cosh(BilevelProblem):
         return torch.cosh(y["y"]).sum() + self._linear("upper", batch, y["y"])
 
     def lower_loss(self, x, y, batch):
-        return 0.5 * ((y["y"] - x["x"]) ** 2).sum() + self._linear("lower", batch, y["y"])
+        d = y["y"] - x["x"]
+        quadratic = (d ** 2).sum() if self.A is None else d @ self.A @ d
+        return 0.5 * quadratic + self._linear("lower", batch, y["y"])
 
     def evaluate(self, x, y):
         return {"grad_norm_sq": float((torch.sinh(x["x"]) ** 2).sum()),

@@ -4,10 +4,10 @@ Gong, Hao, Liu. An Accelerated Algorithm for Stochastic Bilevel Optimization und
 Smoothness. NeurIPS 2024 (arXiv 2409.19212).
 
     y_0 = warm_steps SNAG steps at x_0;   y_{-1} = y_0;   yhat_0 = y_0
-    for t = 0, 1, ...   (the lower lines run inner_steps times when t % period == 0; paper: 1, 1)
-        w_t        = y_t + momentum (y_t - y_{t-1})
-        y_{t+1}    = w_t - lower_lr grad_y g(x_t, w_t; fresh batch)
-        yhat_{t+1} = (1 - averaging) yhat_t + averaging y_{t+1}
+    for t = 0, 1, ...
+        if t % period == 0, inner_steps times (paper: period = inner_steps = 1):
+            w = y + momentum (y - y_prev);  y_prev = y;  y = w - lower_lr grad_y g(x_t, w; fresh batch)
+        yhat_{t+1} = (1 - averaging) yhat_t + averaging y      (once per outer iteration, skipped ones too)
         xi_t       = (upper batch, Hessian batch, cross batch, Neumann term q ~ U{0..Q-1})
         h_t        = grad_x f - d2_xy g . v   at (x_t, yhat_{t+1}) on xi_t,
                      v = Q neumann_lr (I - neumann_lr d2_yy g)^q grad_y f    (Ghadimi-Wang, Q = neumann_steps)

@@ -151,13 +151,96 @@ def test_cg_truncate_returns_the_iterate_before_negative_curvature():
     p1 = r1 + (r1 @ r1) / (b @ b) * b
     assert p1 @ A @ p1 < 0  # the premise of the test
     mv = Matvec(A)
-    v = ls.conjugate_gradient(mv, to_tree(b), steps=3, negative_curvature="truncate")
+    with pytest.warns(RuntimeWarning, match="iteration 1"):
+        v = ls.conjugate_gradient(mv, to_tree(b), steps=3, negative_curvature="truncate")
     torch.testing.assert_close(to_vec(v), 1.5 * b)
     assert mv.calls == 2
     with pytest.raises(ValueError, match="curvature"):
         ls.conjugate_gradient(Matvec(A), to_tree(b), steps=3)
     with pytest.raises(ValueError, match="negative_curvature must be one of"):
         ls.conjugate_gradient(Matvec(A), to_tree(b), steps=3, negative_curvature="ignore")
+
+
+class Plain:
+    """u -> A u on plain tensors (one-leaf trees), counting products."""
+
+    def __init__(self, A):
+        self.A, self.calls = A, 0
+
+    def __call__(self, u):
+        self.calls += 1
+        return {"v": self.A @ u["v"]}
+
+
+INDEFINITE = torch.diag(torch.tensor([1.0, -3.0], dtype=DT))   # the issue's example
+ONES = {"v": torch.ones(2, dtype=DT)}
+
+
+def truncated_cg(A, b, init=None, steps=5):
+    with pytest.warns(RuntimeWarning, match="truncated at non-positive curvature"):
+        return ls.conjugate_gradient(Plain(A), b, steps=steps, init=init, negative_curvature="truncate")
+
+
+def test_cg_truncate_at_first_direction_returns_b_not_zero():
+    """A = diag(1, -3), b = (1, 1): p_0 = b has <b, A b> = -2. Steihaug / Nocedal-Wright Alg. 7.1
+    return the first (steepest-descent) direction b; the old code returned v_0 = 0, silently
+    dropping the implicit term of the hypergradient."""
+    mv = Plain(INDEFINITE)
+    with pytest.warns(RuntimeWarning, match=r"iteration 0.*right-hand side b"):
+        v = ls.conjugate_gradient(mv, ONES, steps=5, negative_curvature="truncate")
+    torch.testing.assert_close(v["v"], ONES["v"], rtol=0, atol=0)
+    assert mv.calls == 1
+
+
+def test_cg_truncate_warm_start_at_first_direction_returns_b_and_does_not_freeze():
+    """Warm start v_0 = (5, -7): r_0 = b - A v_0 = (-4, -20) has <r_0, A r_0> = 16 - 1200 < 0.
+    The old code returned v_0 = (5, -7) on every call (v frozen); v_0 + r_0 = (1, -27) would grow
+    4x per call along the negative-curvature axis. The warm start is discarded: b, every call."""
+    v0 = {"v": torch.tensor([5.0, -7.0], dtype=DT)}
+    r0 = ONES["v"] - INDEFINITE @ v0["v"]
+    assert r0 @ INDEFINITE @ r0 < 0  # the premise
+    v = v0
+    for _ in range(4):  # each call warm-started from the previous answer, as the estimator does
+        v = truncated_cg(INDEFINITE, ONES, init=v)
+        torch.testing.assert_close(v["v"], ONES["v"], rtol=0, atol=0)
+
+
+def test_cg_truncate_warm_start_keeps_positive_curvature_progress():
+    """Truncation after k >= 1 steps keeps v_k, warm start included: from v_0 = (0, 0, 1) on
+    A = diag(2, 1, -1), b = (1, 1, 0) the first residual r_0 = (1, 1, 1) is the cold example above,
+    so v_1 = v_0 + 1.5 r_0 is returned."""
+    A = torch.diag(torch.tensor([2.0, 1.0, -1.0], dtype=DT))
+    v0 = {"v": torch.tensor([0.0, 0.0, 1.0], dtype=DT)}
+    b = {"v": torch.tensor([1.0, 1.0, 0.0], dtype=DT)}
+    r0 = b["v"] - A @ v0["v"]
+    torch.testing.assert_close(r0, torch.ones(3, dtype=DT))
+    v = truncated_cg(A, b, init=v0)
+    torch.testing.assert_close(v["v"], v0["v"] + 1.5 * r0)
+
+
+def test_cg_truncation_warns_once_per_run_scope():
+    """Inside one truncation_warnings() scope (one solve() call) only the first truncation warns;
+    all are counted; a new scope warns again; outside any scope every truncation warns."""
+    import warnings
+
+    def truncations(n):
+        for _ in range(n):
+            ls.conjugate_gradient(Plain(INDEFINITE), ONES, steps=3, negative_curvature="truncate")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ls.truncation_warnings() as log:
+            truncations(3)
+        assert len(caught) == 1 and log.count == 3
+        assert "once per run" in str(caught[0].message)
+        with ls.truncation_warnings() as second:
+            truncations(2)
+        assert len(caught) == 2 and second.count == 2 and log.count == 3
+        truncations(2)
+        assert len(caught) == 4
+        with ls.truncation_warnings() as quiet:  # positive definite: nothing to report
+            ls.conjugate_gradient(Plain(torch.eye(2, dtype=DT)), ONES, steps=3, negative_curvature="truncate")
+        assert len(caught) == 4 and quiet.count == 0
 
 
 def test_cg_truncate_on_positive_definite_systems_changes_nothing(system):

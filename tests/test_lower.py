@@ -90,18 +90,39 @@ def test_nesterov_two_updates(det):
     assert float((det.y_flat(loop.point(state)) - y).abs().max()) > 1e-3
 
 
-def test_nesterov_steps_per_update_equals_repeated_single_updates(det):
+def test_nesterov_steps_per_update_average_once(det):
+    """steps SNAG steps as repeated single steps, but the average moves once per update (AccBO
+    averages once per outer iteration): yhat = (1 - tau) yhat_0 + tau y_3, not three lerps."""
     x, y0 = det.point(at_solution=False)
-    multi = Nesterov(lr=0.1, momentum=0.4, averaging=0.5, steps=3)
-    single = Nesterov(lr=0.1, momentum=0.4, averaging=0.5, steps=1)
+    tau = 0.5
+    multi = Nesterov(lr=0.1, momentum=0.4, averaging=tau, steps=3)
+    single = Nesterov(lr=0.1, momentum=0.4, averaging=tau, steps=1)
     with count_calls() as c:
         a = multi.update(det, x, multi.init(y0), gen())
     assert c["grad_lower"] == 3
     b = single.init(y0)
     for _ in range(3):
         b = single.update(det, x, b, gen())
-    for fa, fb in zip(a, b):
+    for fa, fb in zip(a[:2], b[:2]):  # y, y_prev
         assert torch.allclose(det.y_flat(fa), det.y_flat(fb), rtol=0, atol=1e-14)
+    once = (1 - tau) * det.y_flat(y0) + tau * det.y_flat(a.y)
+    assert torch.allclose(det.y_flat(a.y_avg), once, rtol=0, atol=1e-14)
+    assert float((det.y_flat(a.y_avg) - det.y_flat(b.y_avg)).abs().max()) > 1e-6
+
+
+def test_periodic_nesterov_averages_on_skipped_iterations(det):
+    """Periodic calls the loop's idle() on skipped iterations: no gradient, y fixed, yhat lerps."""
+    x, y0 = det.point(at_solution=False)
+    tau = 0.3
+    loop = Periodic(Nesterov(lr=0.1, momentum=0.4, averaging=tau, steps=2), period=2)
+    state = loop.update(det, x, loop.init(y0), gen(), iteration=0)
+    with count_calls() as c:
+        skipped = loop.update(det, x, state, gen(), iteration=1)
+    assert c["grad_lower"] == 0
+    assert torch.equal(det.y_flat(skipped.y), det.y_flat(state.y))
+    assert torch.equal(det.y_flat(skipped.y_prev), det.y_flat(state.y_prev))
+    expected = (1 - tau) * det.y_flat(state.y_avg) + tau * det.y_flat(state.y)
+    assert torch.allclose(det.y_flat(loop.point(skipped)), expected, rtol=0, atol=1e-14)
 
 
 def test_periodic_updates_only_every_period(det):
