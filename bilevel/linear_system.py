@@ -76,7 +76,8 @@ def neumann_series(matvec: Matvec, b: Tree, *, steps: int = 10, lr: float,
                    term: Optional[int] = None) -> Tree:
     """Truncated Neumann series for A^{-1} b = lr * sum_{q>=0} (I - lr A)^q b.
 
-    ``steps`` = Q is the number of Hessian-vector products (at most Q for the random variants),
+    ``steps`` = Q >= 0 is the number of Hessian-vector products (at most Q for the random variants;
+    Q = 0 gives v = lr b),
     the convention of the StocBiO paper (Ji et al. 2021, Algorithm 2: Q products, Q + 1 terms)
     and of benchopt's ``shia`` (``n_shia_steps`` products). With u_q = (I - lr A)^q b:
 
@@ -104,9 +105,11 @@ def neumann_series(matvec: Matvec, b: Tree, *, steps: int = 10, lr: float,
     0..Q-1 meaning q + 1 for "code_n1"), so one draw can be evaluated at two points; else q is
     drawn from ``generator``.
     """
-    _check_steps(steps)
+    _check_steps(steps, minimum=0)
     if variant not in NEUMANN_VARIANTS:
         raise ValueError(f"neumann variant must be one of {NEUMANN_VARIANTS}, got {variant!r}")
+    if variant not in ("sum", "randomized"):
+        _check_steps(steps)  # the code's variants have no 0-product form
 
     def power(u: Tree, times: int) -> Tree:
         for _ in range(times):

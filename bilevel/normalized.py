@@ -43,11 +43,16 @@ class NormalizedMomentumSolver(ComposedSolver):
         check_unit(self, "beta")
         check_positive(self, "upper_lr", "lower_lr")
         check_positive_or_auto(self, "neumann_lr", "z_lr")
-        check_count(self, "neumann_steps")
+        check_count(self, "neumann_steps", minimum=0)
         check_count(self, "warm_steps", minimum=0)
         check_choice(self, "hypergradient", HYPERGRADIENTS)
         check_choice(self, "neumann_variant", NEUMANN_VARIANTS)
         check_choice(self, "normalization", upper.NORMALIZATIONS)
+
+    @property
+    def auto_steps(self):
+        """Only the step of the hypergradient in use is estimated when "auto"."""
+        return ("z_lr",) if self.hypergradient == "linear_sgd" else ("neumann_lr",)
 
     def estimator(self):
         if self.hypergradient == "linear_sgd":

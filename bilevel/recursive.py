@@ -140,7 +140,7 @@ class DoubleMomentum(Solver):
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr")
         check_positive_or_auto(self, "neumann_lr")
-        check_count(self, "neumann_steps")
+        check_count(self, "neumann_steps", minimum=0)
         check_exponent(self, "upper_lr_decay", "lower_lr_decay", "neumann_lr_decay", "eta_decay")
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
             raise ValueError(f"eta must lie in (0, 1], got {self.eta!r}")

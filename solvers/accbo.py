@@ -76,7 +76,8 @@ class AccBO(ComposedSolver):
         check_unit(self, "momentum", "beta")
         if not 0 < self.averaging <= 1:
             raise ValueError(f"averaging must lie in (0, 1], got {self.averaging!r}")
-        check_count(self, "neumann_steps", "period", "inner_steps")
+        check_count(self, "period", "inner_steps")
+        check_count(self, "neumann_steps", minimum=0)
         check_count(self, "warm_steps", minimum=0)
         check_choice(self, "normalization", upper.NORMALIZATIONS)
         check_choice(self, "neumann_variant", NEUMANN_VARIANTS)

@@ -69,7 +69,7 @@ class AdamBO(ComposedSolver):
             raise ValueError(f"adam_eps must be >= 0, got {self.adam_eps!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        check_count(self, "neumann_steps")
+        check_count(self, "neumann_steps", minimum=0)
         check_count(self, "warm_steps", minimum=0)
         check_choice(self, "neumann_variant", NEUMANN_VARIANTS)
 

@@ -51,7 +51,8 @@ class BSA(ComposedSolver):
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr")
         check_positive_or_auto(self, "neumann_lr")
-        check_count(self, "inner_steps", "neumann_steps")
+        check_count(self, "inner_steps")
+        check_count(self, "neumann_steps", minimum=0)
         check_exponent(self, "lower_lr_decay", "upper_lr_decay")
 
     def lower_loop(self):

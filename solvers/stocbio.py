@@ -47,7 +47,8 @@ class StocBiO(ComposedSolver):
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr")
         check_positive_or_auto(self, "neumann_lr")
-        check_count(self, "inner_steps", "neumann_steps")
+        check_count(self, "inner_steps")
+        check_count(self, "neumann_steps", minimum=0)
 
     def lower_loop(self):
         return lower.SGD(self.lower_lr, self.inner_steps)

@@ -66,7 +66,8 @@ class VRBO(Solver):
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr")
         check_positive_or_auto(self, "neumann_lr")
-        check_count(self, "neumann_steps", "inner_steps", "period", "refresh_batches")
+        check_count(self, "inner_steps", "period", "refresh_batches")
+        check_count(self, "neumann_steps", minimum=0)
 
     def estimator(self, iteration):
         return Neumann(lr=step_size(self.neumann_lr, iteration), steps=self.neumann_steps, variant="sum",

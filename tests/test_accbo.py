@@ -200,7 +200,7 @@ def test_reduces_hypergradient_norm_on_quadratic(batch_size, lazy):
 
 @pytest.mark.parametrize("option, value", [
     ("upper_lr", 0.0), ("lower_lr", -1.0), ("neumann_lr", 0.0), ("momentum", 1.0), ("momentum", -0.1),
-    ("averaging", 0.0), ("averaging", 1.5), ("beta", 1.0), ("beta", -0.5), ("neumann_steps", 0),
+    ("averaging", 0.0), ("averaging", 1.5), ("beta", 1.0), ("beta", -0.5), ("neumann_steps", -1),
     ("warm_steps", -1), ("period", 0), ("inner_steps", 0), ("normalization", "layer"),
     ("neumann_variant", "N1"), ("neumann_lr", "fast"),
 ])

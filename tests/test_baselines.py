@@ -204,7 +204,7 @@ def test_defaults_follow_benchopt():
 @pytest.mark.parametrize("solver, name, value", [
     ("ttsa", "upper_lr", 0.0), ("ttsa", "lower_lr", -0.1), ("ttsa", "neumann_lr", math.nan),
     ("ttsa", "neumann_lr", "Auto"), ("bsa", "neumann_lr", "1/L"),
-    ("ttsa", "neumann_steps", 0), ("ttsa", "lower_lr_decay", -0.5), ("ttsa", "upper_lr_decay", math.inf),
+    ("ttsa", "neumann_steps", -1), ("ttsa", "lower_lr_decay", -0.5), ("ttsa", "upper_lr_decay", math.inf),
     ("bsa", "inner_steps", 0), ("bsa", "neumann_steps", 2.5), ("bsa", "upper_lr_decay", -1.0),
     ("amigo", "z_lr", 0.0), ("amigo", "linear_steps", 0), ("amigo", "inner_steps", -1),
     ("amigo", "lower_lr_decay", math.nan),

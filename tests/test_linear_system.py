@@ -237,7 +237,7 @@ def test_neumann_invalid_arguments(system):
     for term in (-1, 3):
         with pytest.raises(ValueError):
             ls.neumann_series(Matvec(A), to_tree(b), steps=3, lr=0.1, variant="code_n1", term=term)
-    for steps in (0, -2, 2.5, "3"):
+    for steps in (-1, -2, 2.5, "3"):
         with pytest.raises(ValueError):
             ls.neumann_series(Matvec(A), to_tree(b), steps=steps, lr=0.1)
 

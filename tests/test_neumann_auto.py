@@ -105,5 +105,5 @@ def test_linear_sgd_z_lr_auto():
     solver = bilevel.make_solver("bo-rep", hypergradient="linear_sgd", z_lr="auto")
     g = torch.Generator().manual_seed(0)
     state = solver.init(problem, *problem.init(g), g)
-    assert set(state.resolved) == {"neumann_lr", "z_lr"} and state.resolved["z_lr"] == state.resolved["neumann_lr"]
+    assert set(state.resolved) == {"z_lr"}  # the unused neumann_lr "auto" costs nothing
     assert solver.with_resolved(state).estimator().lr == state.resolved["z_lr"]

@@ -368,7 +368,7 @@ def test_reduces_hypergradient_norm_on_quadratic(name, batch_size):
     ("mrbo", dict(neumann_lr=math.nan), "neumann_lr"),
     ("mrbo", dict(neumann_lr="AUTO"), "neumann_lr"),
     ("vrbo", dict(neumann_lr="1/L"), "neumann_lr"),
-    ("sustain", dict(neumann_steps=0), "neumann_steps"),
+    ("sustain", dict(neumann_steps=-1), "neumann_steps"),
     ("mrbo", dict(eta_decay=-0.5), "eta_decay"),
     ("sustain", dict(upper_lr_decay=math.inf), "upper_lr_decay"),
     ("vrbo", dict(period=0), "period"),
