@@ -57,7 +57,9 @@ def draw(problem, generator: torch.Generator, share_lower_batch: bool = False, *
 def draw_for(estimator, problem, generator: torch.Generator, share_lower_batch: bool = False) -> Draw:
     """The estimator's own :meth:`draw` when it has one, else :func:`draw` (one Hessian batch)."""
     own = getattr(estimator, "draw", None)
-    return own(problem, generator, share_lower_batch) if own is not None else draw(problem, generator, share_lower_batch)
+    if own is not None:
+        return own(problem, generator, share_lower_batch)
+    return draw(problem, generator, share_lower_batch)
 
 
 @dataclass(frozen=True)

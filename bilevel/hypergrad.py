@@ -249,8 +249,8 @@ def hypergradient(problem, x: Tree, y: Tree, upper_batch: Any = None, lower_batc
         method: one of ``exact, cg, neumann, linear_sgd, itd, fixed_point``.
         **options: ``steps`` (iterations, Neumann Hessian-vector products or unrolled steps),
             ``lr`` (step size, needed by neumann, linear_sgd and itd), and per method: ``tol``,
-            ``init`` (warm start for cg, linear_sgd, fixed_point), ``variant`` ("sum" | "randomized") and ``generator`` for
-            neumann, ``radius`` for linear_sgd, ``truncate`` for itd, ``hvp_mode``
+            ``init`` (warm start for cg, linear_sgd, fixed_point), ``variant`` ("sum" |
+            "randomized") and ``generator`` for neumann, ``radius`` for linear_sgd, ``truncate`` for itd, ``hvp_mode``
             ("reverse" | "forward") for cg, neumann and linear_sgd.
 
     Returns:

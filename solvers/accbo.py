@@ -61,7 +61,7 @@ class AccBO(ComposedSolver):
     averaging: float = 0.5                # tau of yhat, in (0, 1]; 1 = no averaging
     beta: float = 0.9                     # STORM weight, in [0, 1)
     neumann_steps: int = 3                # Q
-    neumann_lr: Any = "auto"              # Neumann step: "auto" = 1/L of a batch Hessian (bilevel.spectrum), or a number
+    neumann_lr: Any = "auto"              # "auto": 1/L of a batch Hessian (bilevel.spectrum), or a number
     warm_steps: int = 3                   # T0 SNAG steps at x_0
     period: int = 1                       # lower update every `period` iterations ...
     inner_steps: int = 1                  # ... of `inner_steps` SNAG steps

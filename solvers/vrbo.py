@@ -25,12 +25,14 @@ the problem is deterministic (sample() returns None) one evaluation is the full 
 Defaults: the benchopt bilevel benchmark's VRBO: constant steps 0.1 for both levels,
 inner_steps 10 (n_inner_steps), neumann_steps 10 products (n_shia_steps), a fresh batch per
 product. The library's default neumann_lr "auto" is 1/L of a batch Hessian estimated at
-(x_0, y_0) (bilevel.spectrum; the paper's analysis takes eta <= 1/L; benchopt uses 0.1). benchopt refreshes on the full batch every period_frac (n_inner + n_outer) /
-batch_size iterations (period_frac 128, i.e. every 128 epochs of batches); here ``period`` counts
-outer iterations directly (period = period_frac (n_inner + n_outer) / batch_size), default 10, and
-refresh_batches 10 are our choices. Step sizes may be schedules t -> lr_t (constant by default). Unlike benchopt, the x move is corrected for too (benchopt
-compares y_{k,i} with y_{k,i-1} at x_{k+1} only), and a refresh is a large batch, not the single
-batch of the AccBO-repo baseline. ``fresh_hessian_batches=False`` puts all Q products on one batch.
+(x_0, y_0) (bilevel.spectrum; the paper's analysis takes eta <= 1/L; benchopt uses 0.1).
+benchopt refreshes on the full batch every period_frac (n_inner + n_outer) / batch_size
+iterations (period_frac 128, i.e. every 128 epochs of batches); here ``period`` counts outer
+iterations directly (period = period_frac (n_inner + n_outer) / batch_size), default 10, and
+refresh_batches 10 are our choices. Step sizes may be schedules t -> lr_t (constant by default).
+Unlike benchopt, the x move is corrected for too (benchopt compares y_{k,i} with y_{k,i-1} at
+x_{k+1} only), and a refresh is a large batch, not the single batch of the AccBO-repo baseline.
+``fresh_hessian_batches=False`` puts all Q products on one batch.
 
 Cost per iteration: inner_steps + 1 corrections of two evaluations each, i.e.
 2 (inner_steps + 1) lower gradients, upper gradients and cross products and 2 (inner_steps + 1)
@@ -79,7 +81,8 @@ class VRBO(Solver):
 
     def step(self, problem, s):
         t, x, y, d = s.iteration, s.x, s.y, s.estimator
-        estimator, upper_lr, lower_lr = self.with_resolved(s).estimator(t), step_size(self.upper_lr, t), step_size(self.lower_lr, t)
+        estimator = self.with_resolved(s).estimator(t)
+        upper_lr, lower_lr = step_size(self.upper_lr, t), step_size(self.lower_lr, t)
 
         def correct(new, old, d):
             return recursive_update(problem, estimator, new, old, d, 1.0,
