@@ -6,7 +6,8 @@ evaluated at the current lower iterate y (exact at y = y*(x)). Methods:
 
 * ``exact``       dense Hessian and cross Jacobian, ``torch.linalg.solve`` (small problems, tests).
 * ``cg``          v by conjugate gradient.
-* ``neumann``     v by a truncated Neumann series, textbook sum or randomized (Ghadimi-Wang).
+* ``neumann``     v by a truncated Neumann series of ``steps`` products, textbook sum or
+                  randomized (Ghadimi-Wang).
 * ``linear_sgd``  v by SGD on 1/2 <v, A v> - <b, v>, warm-startable, optional projection.
 * ``fixed_point`` v = (d_y T)^T v + grad_y f for the lower fixed-point map
                   T(x, y) = y - lr grad_y g (or the problem's ``lower_map``); then
@@ -32,15 +33,15 @@ from .tree import Tree
 LinearSolver = Callable[..., Tree]
 
 
-class FreshBatches:
-    """A source of lower batches for :func:`implicit`: every Hessian-vector product draws its own
-    (Ghadimi and Wang's estimator, where the q products use q independent samples)."""
+class PerProduct(tuple):
+    """Lower batches for the Hessian-vector products of one linear solve, the k-th product on the
+    k-th batch: a fresh batch per product, as in Ghadimi and Wang's estimator (2018, Algorithm 3),
+    StocBiO (Ji et al. 2021, Algorithm 2) and benchopt's ``hia``/``shia``. The batches are drawn
+    up front (:mod:`bilevel.estimators`), so a second solve on the same draw at another point
+    uses exactly the same ones."""
 
-    def __init__(self, problem, generator: torch.Generator):
-        self.problem, self.generator = problem, generator
-
-    def next(self) -> Any:
-        return self.problem.sample("lower", self.generator)
+    def __repr__(self) -> str:
+        return f"PerProduct({len(self)} batches)"
 
 
 def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cross_batch: Any,
@@ -50,14 +51,24 @@ def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cr
 
     ``solve`` is any linear-system solver closed over its options (see
     :mod:`bilevel.linear_system`). The Hessian products use ``hessian_batch`` (all of them; or,
-    given a :class:`FreshBatches`, one new batch each) and the cross product ``cross_batch``
+    given a :class:`PerProduct`, the k-th product its k-th batch; a ValueError when the solver
+    asks for more products than there are batches) and the cross product ``cross_batch``
     (independent draws unless the caller passes the same one).
     Returns ``(hypergradient, v)``.
     """
     gx_f, gy_f = grad_upper(problem, x, y, upper_batch)
+    per_product = isinstance(hessian_batch, PerProduct)
+    used = 0
 
     def matvec(u: Tree) -> Tree:
-        batch = hessian_batch.next() if isinstance(hessian_batch, FreshBatches) else hessian_batch
+        nonlocal used
+        batch = hessian_batch
+        if per_product:
+            if used >= len(hessian_batch):
+                raise ValueError(f"the linear solver asked for Hessian-vector product {used + 1} but the "
+                                 f"draw holds {len(hessian_batch)} per-product batches")
+            batch = hessian_batch[used]
+        used += 1
         return hvp(problem, x, y, u, batch, mode=hvp_mode)
 
     v = solve(matvec, gy_f)
@@ -236,10 +247,10 @@ def hypergradient(problem, x: Tree, y: Tree, upper_batch: Any = None, lower_batc
         x, y: dicts of tensors.
         upper_batch, lower_batch: passed untouched to the losses (``None`` for deterministic ones).
         method: one of ``exact, cg, neumann, linear_sgd, itd, fixed_point``.
-        **options: ``steps`` (iterations, series terms or unrolled steps), ``lr`` (step size, needed
-            by neumann, linear_sgd and itd), and per method: ``tol``, ``init`` (warm start for cg,
-            linear_sgd, fixed_point), ``variant`` ("sum" | "randomized") and ``generator`` for
-            neumann, ``radius`` for linear_sgd, ``truncate`` for itd, ``hvp_mode``
+        **options: ``steps`` (iterations, Neumann Hessian-vector products or unrolled steps),
+            ``lr`` (step size, needed by neumann, linear_sgd and itd), and per method: ``tol``,
+            ``init`` (warm start for cg, linear_sgd, fixed_point), ``variant`` ("sum" |
+            "randomized") and ``generator`` for neumann, ``radius`` for linear_sgd, ``truncate`` for itd, ``hvp_mode``
             ("reverse" | "forward") for cg, neumann and linear_sgd.
 
     Returns:
@@ -253,6 +264,6 @@ def hypergradient(problem, x: Tree, y: Tree, upper_batch: Any = None, lower_batc
     missing = sorted(k for k, d in accepted.items() if d is inspect.Parameter.empty and k not in options)
     if missing:
         raise TypeError(f"hypergradient method {method!r} needs option(s) {missing} "
-                        "(lr: a step size below 2/L, L the largest eigenvalue of d2_yy g)")
+                        "(lr: a step size below 2/L, L the largest eigenvalue of d2_yy g on lower_batch)")
     x, y = tree.as_tree(x, "x"), tree.as_tree(y, "y")
     return METHODS[method](problem, x, y, upper_batch, lower_batch, **options)

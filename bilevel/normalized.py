@@ -5,17 +5,20 @@ the normalized-momentum upper step
 
 (``normalization``: one norm over all upper tensors, "global", or one per tensor, "per_tensor").
 Subclasses choose the lower loop; see solvers/borep.py and solvers/slip.py for the defaults'
-sources.
+sources. The Neumann series makes ``neumann_steps`` Hessian-vector products, each on a fresh
+lower batch (``fresh_hessian_batches=False``: one batch); ``neumann_lr`` and ``z_lr`` accept
+"auto" (1/L of a batch Hessian, estimated after the warm start; bilevel.spectrum).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from . import upper
 from .estimators import LinearSystemSGD, Neumann
 from .linear_system import NEUMANN_VARIANTS
 from .solver import ComposedSolver
-from .validation import check_choice, check_count, check_positive, check_unit
+from .validation import check_choice, check_count, check_positive, check_positive_or_auto, check_unit
 
 HYPERGRADIENTS = ("neumann", "linear_sgd")
 
@@ -29,25 +32,33 @@ class NormalizedMomentumSolver(ComposedSolver):
     warm_steps: int = 3
     hypergradient: str = "neumann"
     neumann_steps: int = 10
-    neumann_lr: float = 0.1
+    neumann_lr: Any = "auto"
     neumann_variant: str = "sum"
-    z_lr: float = 1e-2
+    z_lr: Any = 1e-2
     normalization: str = "global"
     share_lower_batch: bool = False
+    fresh_hessian_batches: bool = True
 
     def __post_init__(self):
         check_unit(self, "beta")
-        check_positive(self, "upper_lr", "lower_lr", "neumann_lr", "z_lr")
-        check_count(self, "neumann_steps")
+        check_positive(self, "upper_lr", "lower_lr")
+        check_positive_or_auto(self, "neumann_lr", "z_lr")
+        check_count(self, "neumann_steps", minimum=0)
         check_count(self, "warm_steps", minimum=0)
         check_choice(self, "hypergradient", HYPERGRADIENTS)
         check_choice(self, "neumann_variant", NEUMANN_VARIANTS)
         check_choice(self, "normalization", upper.NORMALIZATIONS)
 
+    @property
+    def auto_steps(self):
+        """Only the step of the hypergradient in use is estimated when "auto"."""
+        return ("z_lr",) if self.hypergradient == "linear_sgd" else ("neumann_lr",)
+
     def estimator(self):
         if self.hypergradient == "linear_sgd":
             return LinearSystemSGD(lr=self.z_lr, steps=1)
-        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant=self.neumann_variant)
+        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant=self.neumann_variant,
+                       resample=self.fresh_hessian_batches)
 
     def upper_update(self):
         return upper.chain(upper.ema(self.beta), upper.normalize(self.normalization), upper.scale(self.upper_lr))

@@ -17,8 +17,9 @@ the past, also AccBO's upper update), applied to both levels:
                   periodic large-batch refreshes.
 
 One sample B is a lower batch for grad_y g plus one :class:`~bilevel.estimators.Draw` for the
-hypergradient (upper, Hessian and cross batches and the seed of the randomized Neumann term), so
-G(new; B) - G(old; B) carries no sampling noise of its own. Estimators must be stateless
+hypergradient (upper batch, the Hessian batches -- one per product by default -- the cross batch and
+the randomized Neumann term q, all drawn up front), so G(new; B) - G(old; B) carries no sampling
+noise of its own. Estimators must be stateless
 (:class:`~bilevel.estimators.Neumann`): they are called with state ``None``.
 
 :class:`DoubleMomentum` is the single-loop solver with STORM on both levels (SUSTAIN, MRBO);
@@ -27,20 +28,22 @@ subclasses choose the hypergradient estimator.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Tuple
 
 import torch
 
 from . import tree
-from .estimators import Draw, draw
+from .estimators import Draw, draw_for
+from .hypergrad import PerProduct
 from .lower import LowerState
 from .oracles import grad_lower_y
 from .schedules import at, decayed
 from .solver import Solver, State
 from .tree import Tree
 from .upper import storm_correction
-from .validation import check_count, check_exponent, check_positive
+from .validation import check_count, check_exponent, check_positive, check_positive_or_auto
 
 Point = Tuple[Tree, Tree]
 
@@ -57,9 +60,10 @@ class Sample(NamedTuple):
     draw: Draw
 
 
-def sample(problem, generator: torch.Generator, share_lower_batch: bool = False) -> Sample:
-    """A fresh lower batch, then a fresh Draw (all independent; see :func:`bilevel.estimators.draw`)."""
-    return Sample(problem.sample("lower", generator), draw(problem, generator, share_lower_batch))
+def sample(problem, generator: torch.Generator, share_lower_batch: bool = False, estimator=None) -> Sample:
+    """A fresh lower batch, then a fresh Draw for ``estimator`` (all independent; see
+    :func:`bilevel.estimators.draw_for`: with a Neumann estimator, q and one batch per product)."""
+    return Sample(problem.sample("lower", generator), draw_for(estimator, problem, generator, share_lower_batch))
 
 
 def evaluate(problem, estimator, x: Tree, y: Tree, batch: Sample) -> Estimates:
@@ -84,13 +88,20 @@ def refresh(problem, estimator, x: Tree, y: Tree, generator: torch.Generator, ba
     evaluation when the problem is deterministic (its sample() returns None: the full batch)."""
     total, count = None, 0
     for _ in range(batches):
-        batch = sample(problem, generator, share_lower_batch)
+        batch = sample(problem, generator, share_lower_batch, estimator)
         value = evaluate(problem, estimator, x, y, batch)
         total = value if total is None else Estimates(*map(tree.add, total, value))
         count += 1
-        if all(b is None for b in (batch.lower, batch.draw.upper, batch.draw.hessian, batch.draw.cross)):
+        if problem_is_deterministic(batch):
             break
     return Estimates(*(tree.scale(t, 1.0 / count) for t in total))
+
+
+def problem_is_deterministic(batch: Sample) -> bool:
+    """Every batch of the sample is None: the problem's sample() returns full batches."""
+    hessian = batch.draw.hessian
+    hessians = tuple(hessian) if isinstance(hessian, PerProduct) else (hessian,)
+    return all(b is None for b in (batch.lower, batch.draw.upper, batch.draw.cross, *hessians))
 
 
 @dataclass
@@ -107,10 +118,14 @@ class DoubleMomentum(Solver):
     c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta (a step size given as a
     schedule, bilevel.schedules.PolyDecay or t -> c_t, is used as is; its ``*_decay`` is ignored).
     The STORM weight on the past is beta_{t+1} = 1 - eta_{t+1}. Defaults are the benchopt bilevel
-    benchmark's SUSTAIN and MRBO (identical): step 0.1 for both levels and the Neumann series, eta 0.5, decays (lower 1/3,
-    neumann 0, eta 2/3, upper 1/3), 10 Neumann terms. The lower batch of grad_y g and the upper,
-    Hessian and cross batches are independent (``share_lower_batch=True``: one batch for the
-    Hessian and cross products).
+    benchmark's SUSTAIN and MRBO (identical): step 0.1 for both levels, eta 0.5, decays (lower 1/3,
+    neumann 0, eta 2/3, upper 1/3), 10 Neumann products (n_shia_steps; SUSTAIN's n_hia_steps 10 is
+    neumann_steps 9, see solvers/sustain.py), a fresh lower batch per Hessian-vector product, the
+    same batches at both points (benchopt's joint_shia/joint_hia). The library's default
+    neumann_lr "auto" is 1/L of a batch Hessian estimated at (x_0, y_0) (:mod:`bilevel.spectrum`;
+    benchopt: 0.1). The lower batch of grad_y g and the upper, Hessian and cross batches are
+    independent (``share_lower_batch=True``: the cross product on the first Hessian batch;
+    ``fresh_hessian_batches=False``: one batch for every product).
 
     ``zero_start`` (a subclass field or class attribute; False here) starts the recursion from
     zero directions, d_{-1} = 0 at the point (x_0, y_0) itself, so that
@@ -119,18 +134,20 @@ class DoubleMomentum(Solver):
     upper_lr: Any = 0.1
     lower_lr: Any = 0.1
     eta: float = 0.5
-    neumann_lr: Any = 0.1
+    neumann_lr: Any = "auto"
     neumann_steps: int = 10
     upper_lr_decay: float = 1 / 3
     lower_lr_decay: float = 1 / 3
     neumann_lr_decay: float = 0.0
     eta_decay: float = 2 / 3
     share_lower_batch: bool = False
+    fresh_hessian_batches: bool = True
     zero_start = False  # not a field: subclasses opt in (MRBO)
 
     def __post_init__(self):
-        check_positive(self, "upper_lr", "lower_lr", "neumann_lr")
-        check_count(self, "neumann_steps")
+        check_positive(self, "upper_lr", "lower_lr")
+        check_positive_or_auto(self, "neumann_lr")
+        check_count(self, "neumann_steps", minimum=0)
         check_exponent(self, "upper_lr_decay", "lower_lr_decay", "neumann_lr_decay", "eta_decay")
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
             raise ValueError(f"eta must lie in (0, 1], got {self.eta!r}")
@@ -143,19 +160,22 @@ class DoubleMomentum(Solver):
         return at(decayed(self.neumann_lr, self.neumann_lr_decay), iteration)
 
     def init(self, problem, x, y, generator):
-        batch = sample(problem, generator, self.share_lower_batch)
-        estimates = evaluate(problem, self.estimator(0), x, y, batch)
+        resolved = self.resolve_steps(problem, x, y, generator)
+        solver = dataclasses.replace(self, **resolved) if resolved else self
+        estimator = solver.estimator(0)
+        estimates = evaluate(problem, estimator, x, y, sample(problem, generator, self.share_lower_batch, estimator))
         if self.zero_start:
             eta = at(decayed(self.eta, self.eta_decay), 0)
             estimates = Estimates(*(tree.scale(d, eta) for d in estimates))
         return State(x=tree.clone(x), lower=LowerState(y=tree.clone(y)), iteration=0, generator=generator,
-                     estimator=estimates)
+                     estimator=estimates, resolved=resolved)
 
     def step(self, problem, s: State) -> State:
-        t, d = s.iteration, s.estimator
+        solver, t, d = self.with_resolved(s), s.iteration, s.estimator
         x = tree.axpy(-at(decayed(self.upper_lr, self.upper_lr_decay), t), d.upper, s.x)
         y = tree.axpy(-at(decayed(self.lower_lr, self.lower_lr_decay), t), d.lower, s.y)
-        beta = 1 - self.eta / (t + 2) ** self.eta_decay  # 1 - eta_{t+1}
-        batch = sample(problem, s.generator, self.share_lower_batch)
-        d = recursive_update(problem, self.estimator(t + 1), (x, y), (s.x, s.y), d, beta, batch)
+        beta = 1 - at(decayed(self.eta, self.eta_decay), t + 1)  # 1 - eta_{t+1}
+        estimator = solver.estimator(t + 1)
+        batch = sample(problem, s.generator, self.share_lower_batch, estimator)
+        d = recursive_update(problem, estimator, (x, y), (s.x, s.y), d, beta, batch)
         return s._replace(x=x, lower=s.lower._replace(y=y), estimator=d, iteration=t + 1)

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import upper
-from .estimators import draw
+from . import spectrum, upper
+from .estimators import draw_for
 from .lower import LowerState, warm_start
 from .schedules import resolved
 from .tree import Tree
@@ -38,6 +38,8 @@ class State(NamedTuple):
     #: cumulative oracle calls and solver time of the runs that produced this state (set by solve)
     calls: Optional[dict] = None
     elapsed: float = 0.0
+    #: step sizes given as "auto", resolved to numbers at init (field name -> value)
+    resolved: Optional[dict] = None
 
     @property
     def y(self) -> Tree:
@@ -62,6 +64,24 @@ class Solver(abc.ABC):
 
     def hyperparameters(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    #: fields that accept "auto": 1/L of the lower Hessian, estimated at init (bilevel.spectrum)
+    auto_steps = ("neumann_lr", "z_lr")  # a class attribute, not a dataclass field
+
+    def resolve_steps(self, problem, x: Tree, y: Tree, generator: torch.Generator) -> Optional[dict]:
+        """The numbers of the fields given as "auto": one :func:`bilevel.spectrum.auto_step` at
+        (x, y), shared by all of them (its HVPs are counted; it draws one lower batch and the
+        power iteration's start from ``generator``). ``None`` when no field is "auto"."""
+        names = [n for n in self.auto_steps if spectrum.is_auto(getattr(self, n, None))]
+        if not names:
+            return None
+        step = spectrum.auto_step(problem, x, y, generator)
+        return {n: step for n in names}
+
+    def with_resolved(self, state: "State") -> "Solver":
+        """This solver with its "auto" fields replaced by the numbers ``state`` holds."""
+        resolved = getattr(state, "resolved", None)
+        return dataclasses.replace(self, **resolved) if resolved else self
 
 
 class ComposedSolver(Solver):
@@ -101,18 +121,22 @@ class ComposedSolver(Solver):
         warm_steps = getattr(self, "warm_steps", 0)
         if warm_steps:
             lower_state = warm_start(loop, problem, x, lower_state, warm_steps, generator)
+        resolved = self.resolve_steps(problem, x, loop.point(lower_state), generator)
+        solver = dataclasses.replace(self, **resolved) if resolved else self
         return State(x=x, lower=lower_state, iteration=0, generator=generator,
-                     estimator=self.estimator_at(0).init(x, y), upper=self.upper_update().init(x))
+                     estimator=solver.estimator_at(0).init(x, y), upper=solver.upper_update().init(x),
+                     resolved=resolved)
 
     def step(self, problem, s: State) -> State:
-        loop = self.lower_loop()
+        solver = self.with_resolved(s)
+        loop, estimator = solver.lower_loop(), solver.estimator_at(s.iteration)
         lower_state = s.lower
         if self.update_lower_first:
             lower_state = loop.update(problem, s.x, lower_state, s.generator, s.iteration)
-        sample = draw(problem, s.generator, getattr(self, "share_lower_batch", False))
-        h, estimator_state = self.estimator_at(s.iteration)(problem, s.x, loop.point(lower_state), s.estimator, sample)
+        sample = draw_for(estimator, problem, s.generator, getattr(self, "share_lower_batch", False))
+        h, estimator_state = estimator(problem, s.x, loop.point(lower_state), s.estimator, sample)
         if not self.update_lower_first:
             lower_state = loop.update(problem, s.x, lower_state, s.generator, s.iteration)
-        direction, upper_state = self.upper_update().update(h, s.upper)
+        direction, upper_state = solver.upper_update().update(h, s.upper)
         return s._replace(x=upper.apply(s.x, direction), lower=lower_state, estimator=estimator_state,
                           upper=upper_state, iteration=s.iteration + 1)

@@ -55,3 +55,16 @@ def check_choice(solver: Any, name: str, choices: Iterable[str]) -> None:
     value, choices = getattr(solver, name), tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_positive_or_auto(solver: Any, *names: str) -> None:
+    """Step sizes that may also be "auto" (1/L of the lower Hessian, estimated at init by
+    :mod:`bilevel.spectrum`); any other string is rejected."""
+    for name in names:
+        value = getattr(solver, name)
+        if isinstance(value, str):
+            if value != "auto":
+                raise ValueError(f"{name} must be a positive number or 'auto' (1/L of the lower Hessian, "
+                                 f"estimated at init), got {value!r}")
+            continue
+        check_positive(solver, name)

@@ -8,17 +8,19 @@ Smoothness. NeurIPS 2024 (arXiv 2409.19212).
         if t % period == 0, inner_steps times (paper: period = inner_steps = 1):
             w = y + momentum (y - y_prev);  y_prev = y;  y = w - lower_lr grad_y g(x_t, w; fresh batch)
         yhat_{t+1} = (1 - averaging) yhat_t + averaging y      (once per outer iteration, skipped ones too)
-        xi_t       = (upper batch, Hessian batch, cross batch, Neumann term q ~ U{0..Q-1})
+        xi_t       = (Neumann term q ~ U{0..Q}, upper batch, q Hessian batches, cross batch)
         h_t        = grad_x f - d2_xy g . v   at (x_t, yhat_{t+1}) on xi_t,
-                     v = Q neumann_lr (I - neumann_lr d2_yy g)^q grad_y f    (Ghadimi-Wang, Q = neumann_steps)
+                     v = (Q + 1) neumann_lr prod_{j<=q} (I - neumann_lr H_j) grad_y f  (Ghadimi-Wang, Q = neumann_steps)
         h'_t       = the same estimate at (x_{t-1}, yhat_t) on the SAME xi_t (same batches, same q)
         m_t        = beta m_{t-1} + (1 - beta) h_t + beta (h_t - h'_t)          (m_0 = h_0)
         x_{t+1}    = x_t - upper_lr m_t / ||m_t||
 
 The evaluated point is (x_t, yhat_t). Defaults: the official code's deep-AUC settings
 (research/official_algorithms.md section 12.4, AUC column): upper_lr 5e-3, lower_lr 5e-3,
-momentum 0.5, averaging 0.5, beta 0.9, neumann_steps 3, neumann_lr 0.1, warm_steps 3, period 1,
-inner_steps 1; independent Hessian and cross batches (the code draws two train batches).
+momentum 0.5, averaging 0.5, beta 0.9, neumann_steps 3, warm_steps 3, period 1, inner_steps 1;
+a fresh batch per Hessian product and an independent cross batch (the code draws two train
+batches). neumann_lr "auto" (1/L of a batch Hessian after the warm start, bilevel.spectrum) is
+the library's; the code's 0.1 is neumann_lr=0.1.
 
 Options reproducing the code, off by default: ``lazy_storm`` takes h'_t := h_{t-1}, the previous
 iteration's estimate on its own (different) sample -- cheaper, but NOT the paper's estimator;
@@ -29,16 +31,16 @@ Cost per iteration: inner_steps lower gradients (when t % period == 0) and two h
 one cross product.
 """
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from bilevel import lower, upper
-from bilevel.estimators import Neumann, draw
+from bilevel.estimators import Neumann, draw_for
 from bilevel.linear_system import NEUMANN_VARIANTS
 from bilevel.lower import LowerState, warm_start
 from bilevel.registry import register_solver
 from bilevel.solver import ComposedSolver, State
 from bilevel.tree import Tree
-from bilevel.validation import check_choice, check_count, check_positive, check_unit
+from bilevel.validation import check_choice, check_count, check_positive, check_positive_or_auto, check_unit
 
 
 class Previous(NamedTuple):
@@ -59,7 +61,7 @@ class AccBO(ComposedSolver):
     averaging: float = 0.5                # tau of yhat, in (0, 1]; 1 = no averaging
     beta: float = 0.9                     # STORM weight, in [0, 1)
     neumann_steps: int = 3                # Q
-    neumann_lr: float = 0.1               # Neumann step (below 2 / L of the lower Hessian)
+    neumann_lr: Any = "auto"              # "auto": 1/L of a batch Hessian (bilevel.spectrum), or a number
     warm_steps: int = 3                   # T0 SNAG steps at x_0
     period: int = 1                       # lower update every `period` iterations ...
     inner_steps: int = 1                  # ... of `inner_steps` SNAG steps
@@ -69,11 +71,13 @@ class AccBO(ComposedSolver):
     share_lower_batch: bool = False       # True: one lower batch for the HVPs and the cross product
 
     def __post_init__(self):
-        check_positive(self, "upper_lr", "lower_lr", "neumann_lr")
+        check_positive(self, "upper_lr", "lower_lr")
+        check_positive_or_auto(self, "neumann_lr")
         check_unit(self, "momentum", "beta")
         if not 0 < self.averaging <= 1:
             raise ValueError(f"averaging must lie in (0, 1], got {self.averaging!r}")
-        check_count(self, "neumann_steps", "period", "inner_steps")
+        check_count(self, "period", "inner_steps")
+        check_count(self, "neumann_steps", minimum=0)
         check_count(self, "warm_steps", minimum=0)
         check_choice(self, "normalization", upper.NORMALIZATIONS)
         check_choice(self, "neumann_variant", NEUMANN_VARIANTS)
@@ -92,13 +96,13 @@ class AccBO(ComposedSolver):
         loop = self.lower_loop()
         y0 = warm_start(loop, problem, x, loop.init(y), self.warm_steps, generator).y
         return State(x=x, lower=LowerState(y=y0, y_prev=y0, y_avg=y0), iteration=0, generator=generator,
-                     upper=self.upper_update().init(x))
+                     upper=self.upper_update().init(x), resolved=self.resolve_steps(problem, x, y0, generator))
 
     def step(self, problem, s: State) -> State:
-        loop, estimate = self.lower_loop(), self.estimator_at(s.iteration)
+        loop, estimate = self.lower_loop(), self.with_resolved(s).estimator_at(s.iteration)
         lower_state = loop.update(problem, s.x, s.lower, s.generator, s.iteration)
         y_avg = loop.point(lower_state)
-        sample = draw(problem, s.generator, self.share_lower_batch)
+        sample = draw_for(estimate, problem, s.generator, self.share_lower_batch)
         h, _ = estimate(problem, s.x, y_avg, None, sample)
         previous = None
         if s.extra is not None:  # from t = 1 on; m_0 = h_0

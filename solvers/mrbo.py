@@ -9,11 +9,13 @@ sample B_{t+1} (a lower batch for grad_y g, and upper, Hessian and cross batches
     x_{t+1}   = x_t - upper_lr_t u_t,                   y_{t+1} = y_t - lower_lr_t v_t
     v_{t+1}   = grad_y g(x_{t+1}, y_{t+1}; B) + (1 - eta_{t+1}) (v_t - grad_y g(x_t, y_t; B))
     u_{t+1}   = h(x_{t+1}, y_{t+1}; B)          + (1 - eta_{t+1}) (u_t - h(x_t, y_t; B))
-    h(x, y; B) = grad_x f - d2_xy g . neumann_lr sum_{q=0}^{Q-1} (I - neumann_lr d2_yy g)^q grad_y f
+    h(x, y; B) = grad_x f - d2_xy g . v,   v = neumann_lr sum_{q=0}^{Q} prod_{j<=q} (I - neumann_lr H_j) grad_y f
     (v_0, u_0) = eta_0 (grad_y g, h) at (x_0, y_0) on a fresh sample B_0       (zero_start)
 
-with Q = neumann_steps (StocBiO's truncated sum, "SHIA" in benchopt) and the schedules
-c_t = c / (t + 1)^decay for upper_lr, lower_lr, neumann_lr and eta.
+with Q = neumann_steps Hessian-vector products, the j-th on its own lower batch H_j (StocBiO's
+truncated sum, benchopt's "shia" with n_shia_steps = Q; the same Q batches at both points, as
+benchopt's joint_shia), and the schedules c_t = c / (t + 1)^decay for upper_lr, lower_lr,
+neumann_lr and eta.
 
 Start (``zero_start=True``, the default): benchopt's MRBO starts from zero directions and applies
 its recursion at the first iteration too, d_0 = G(x_0, y_0; B_0) + (1 - eta_0) (0 - G(old; B_0)).
@@ -23,16 +25,18 @@ when x_0 = y_0 = 0, and evaluating g and f at the origin is an accident of initi
 is not reproduced. ``zero_start=False``: d_0 = G(x_0, y_0; B_0), the paper's first estimate (a
 large batch there).
 
-Defaults: the benchopt bilevel benchmark's MRBO (research/peers.md section 3.3): step 0.1 for
-both levels and the Neumann series, 10 Neumann terms (n_shia_steps), eta 0.5, decays
-(lower 1/3, neumann 0, eta 2/3, upper 1/3), matching the paper's eta_k ~ k^{-1/3} steps and
-momentum weights ~ eta_k^2. Deviations from the paper: one eta for both levels (benchopt), one
-Hessian batch for all Q-1 products (the paper draws one per product). No official-code variant
-exists in the studied repos (research/official_algorithms.md section 6).
+Defaults: the benchopt bilevel benchmark's MRBO: step 0.1 for both levels, 10 Neumann
+products (n_shia_steps 10), eta 0.5, decays (lower 1/3, neumann 0, eta 2/3, upper 1/3),
+matching the paper's eta_k ~ k^{-1/3} steps and momentum weights ~ eta_k^2. The library's
+default neumann_lr "auto" is 1/L of a batch Hessian, estimated at (x_0, y_0) by power iteration
+(bilevel.spectrum; the paper's analysis takes eta <= 1/L; benchopt uses 0.1, neumann_lr=0.1
+reproduces it). Deviation from the paper: one eta for both levels (benchopt).
+``fresh_hessian_batches=False`` puts all Q products on one batch (biased; see
+bilevel.estimators.Neumann).
 
-Cost per iteration: 2 lower gradients, 2 upper gradients, 2(Q-1) HVPs, 2 cross products; init:
-half of that (benchopt's first iteration: all of it, the second half at the origin). All batches
-independent unless share_lower_batch (Hessian and cross batch shared).
+Cost per iteration: 2 lower gradients, 2 upper gradients, 2Q HVPs, 2 cross products; init:
+half of that (benchopt's first iteration: all of it, the second half at the origin) plus 20 HVPs for the "auto" step. All batches independent unless
+share_lower_batch (the cross product on the first Hessian batch).
 """
 from dataclasses import dataclass
 
@@ -53,4 +57,5 @@ class MRBO(DoubleMomentum):
             raise ValueError(f"zero_start must be a bool, got {self.zero_start!r}")
 
     def estimator(self, iteration):
-        return Neumann(lr=self.neumann_lr_at(iteration), steps=self.neumann_steps, variant="sum")
+        return Neumann(lr=self.neumann_lr_at(iteration), steps=self.neumann_steps, variant="sum",
+                       resample=self.fresh_hessian_batches)

@@ -15,25 +15,29 @@ and upper, Hessian and cross batches):  G(new; B) - G(old; B) is added, G = (gra
         (v, u) += G(x_{k+1}, y_{k,i}; B_{k,i}) - G(x_{k+1}, y_{k,i-1}; B_{k,i})   (y moved)
     y_{k+1} = y_{k,inner_steps}
 
-    h(x, y; B) = grad_x f - d2_xy g . neumann_lr sum_{q=0}^{Q-1} (I - neumann_lr d2_yy g)^q grad_y f
+    h(x, y; B) = grad_x f - d2_xy g . v,   v = neumann_lr sum_{q=0}^{Q} prod_{j<=q} (I - neumann_lr H_j) grad_y f
 
-with Q = neumann_steps (StocBiO's truncated sum, "SHIA" in benchopt). The refresh averages
+with Q = neumann_steps Hessian-vector products, the j-th on its own lower batch H_j of B (StocBiO's
+truncated sum, benchopt's "shia" with n_shia_steps = Q; one B at both points). The refresh averages
 ``refresh_batches`` independent samples, since the problem protocol has no dataset size; when
 the problem is deterministic (sample() returns None) one evaluation is the full batch.
 
-Defaults: the benchopt bilevel benchmark's VRBO (research/peers.md section 3.3): constant steps
-0.1 for both levels and the Neumann series, inner_steps 10 (n_inner_steps), neumann_steps 10
-(n_shia_steps). benchopt refreshes on the full batch every period_frac (n_inner + n_outer) /
-batch_size iterations (period_frac 128, i.e. every 128 epochs of batches); here ``period`` counts
-outer iterations directly (period = period_frac (n_inner + n_outer) / batch_size), default 10, and
-refresh_batches 10 are our choices. Step sizes may be schedules t -> lr_t (constant by default). Unlike benchopt, the x move is corrected for too (benchopt
-compares y_{k,i} with y_{k,i-1} at x_{k+1} only), and a refresh is a large batch, not the single
-batch of the AccBO-repo baseline (research/official_algorithms.md section 6).
+Defaults: the benchopt bilevel benchmark's VRBO: constant steps 0.1 for both levels,
+inner_steps 10 (n_inner_steps), neumann_steps 10 products (n_shia_steps), a fresh batch per
+product. The library's default neumann_lr "auto" is 1/L of a batch Hessian estimated at
+(x_0, y_0) (bilevel.spectrum; the paper's analysis takes eta <= 1/L; benchopt uses 0.1).
+benchopt refreshes on the full batch every period_frac (n_inner + n_outer) / batch_size
+iterations (period_frac 128, i.e. every 128 epochs of batches); here ``period`` counts outer
+iterations directly (period = period_frac (n_inner + n_outer) / batch_size), default 10, and
+refresh_batches 10 are our choices. Step sizes may be schedules t -> lr_t (constant by default).
+Unlike benchopt, the x move is corrected for too (benchopt compares y_{k,i} with y_{k,i-1} at
+x_{k+1} only), and a refresh is a large batch, not the single batch of the AccBO-repo baseline.
+``fresh_hessian_batches=False`` puts all Q products on one batch.
 
 Cost per iteration: inner_steps + 1 corrections of two evaluations each, i.e.
 2 (inner_steps + 1) lower gradients, upper gradients and cross products and 2 (inner_steps + 1)
-(Q - 1) HVPs; plus, on refresh iterations, refresh_batches evaluations (one each of lower
-gradient, upper gradient and cross product, Q - 1 HVPs).
+Q HVPs; plus, on refresh iterations, refresh_batches evaluations (one each of lower
+gradient, upper gradient and cross product, Q HVPs); init: 20 HVPs for the "auto" step.
 """
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +49,7 @@ from bilevel.recursive import recursive_update, refresh, sample
 from bilevel.registry import register_solver
 from bilevel.schedules import at as step_size
 from bilevel.solver import Solver, State
-from bilevel.validation import check_count, check_positive
+from bilevel.validation import check_count, check_positive, check_positive_or_auto
 
 
 @register_solver("vrbo", paper="Yang, Ji, Liang. Provably Faster Algorithms for Bilevel Optimization. NeurIPS 2021")
@@ -54,30 +58,36 @@ class VRBO(Solver):
     """SPIDER estimates of grad_y g and the Neumann-sum hypergradient, refreshed every ``period`` iterations."""
     upper_lr: Any = 0.1
     lower_lr: Any = 0.1
-    neumann_lr: Any = 0.1
+    neumann_lr: Any = "auto"
     neumann_steps: int = 10
     inner_steps: int = 10
     period: int = 10
     refresh_batches: int = 10
     share_lower_batch: bool = False
+    fresh_hessian_batches: bool = True
 
     def __post_init__(self):
-        check_positive(self, "upper_lr", "lower_lr", "neumann_lr")
-        check_count(self, "neumann_steps", "inner_steps", "period", "refresh_batches")
+        check_positive(self, "upper_lr", "lower_lr")
+        check_positive_or_auto(self, "neumann_lr")
+        check_count(self, "inner_steps", "period", "refresh_batches")
+        check_count(self, "neumann_steps", minimum=0)
 
     def estimator(self, iteration):
-        return Neumann(lr=step_size(self.neumann_lr, iteration), steps=self.neumann_steps, variant="sum")
+        return Neumann(lr=step_size(self.neumann_lr, iteration), steps=self.neumann_steps, variant="sum",
+                       resample=self.fresh_hessian_batches)
 
     def init(self, problem, x, y, generator):
-        return State(x=tree.clone(x), lower=LowerState(y=tree.clone(y)), iteration=0, generator=generator)
+        return State(x=tree.clone(x), lower=LowerState(y=tree.clone(y)), iteration=0, generator=generator,
+                     resolved=self.resolve_steps(problem, x, y, generator))
 
     def step(self, problem, s):
         t, x, y, d = s.iteration, s.x, s.y, s.estimator
-        estimator, upper_lr, lower_lr = self.estimator(t), step_size(self.upper_lr, t), step_size(self.lower_lr, t)
+        estimator = self.with_resolved(s).estimator(t)
+        upper_lr, lower_lr = step_size(self.upper_lr, t), step_size(self.lower_lr, t)
 
         def correct(new, old, d):
             return recursive_update(problem, estimator, new, old, d, 1.0,
-                                    sample(problem, s.generator, self.share_lower_batch))
+                                    sample(problem, s.generator, self.share_lower_batch, estimator))
 
         if t % self.period == 0:
             d = refresh(problem, estimator, x, y, s.generator, self.refresh_batches, self.share_lower_batch)

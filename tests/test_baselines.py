@@ -6,9 +6,9 @@ The hand-computed problem is deterministic (batch None), so every step is exactl
     g(x, y) = 1/2 y^T A y + x^T C y + a^T y     grad_y g = A y + C^T x + a,  d2_yy g = A,  d2_xy g = C
     f(x, y) = 1/2 ||y - t||^2 + 1/2 x^T B x     grad_y f = y - t,            grad_x f = B x
 
-Its sample() ignores the run's generator, so the generator's only draws are the Draw seeds (one
-``torch.randint(2**62, (1,))`` per hypergradient, bilevel.estimators.draw), from which the
-randomized Neumann term q is drawn (bilevel.linear_system.draw_neumann_term).
+Its sample() ignores the run's generator, so the generator's only draws are the randomized
+Neumann terms q ~ U{0..Q} (one ``torch.randint(Q + 1, (1,))`` per hypergradient, drawn into the
+Draw by bilevel.estimators.Neumann.draw through bilevel.linear_system.draw_neumann_term).
 """
 import math
 
@@ -21,7 +21,6 @@ import bilevel.solvers.bsa  # noqa: F401
 import bilevel.solvers.ma_soba  # noqa: F401
 import bilevel.solvers.ttsa  # noqa: F401
 from bilevel import count_calls
-from bilevel.estimators import draw
 from bilevel.linear_system import draw_neumann_term
 from bilevel.problems.quadratic import Quadratic
 from matrix_problem import DIM_X, DIM_Y, grad_y_g, run_steps
@@ -33,14 +32,13 @@ DT = torch.float64
 def neumann_terms(n, steps, seed=0):
     """q of the first n Draws of a run seeded ``seed`` whose problem ignores the generator."""
     g = torch.Generator().manual_seed(seed)
-    seeds = [int(torch.randint(2 ** 62, (1,), generator=g)) for _ in range(n)]
-    return [int(torch.randint(steps, (1,), generator=torch.Generator().manual_seed(s))) for s in seeds]
+    return [int(torch.randint(steps + 1, (1,), generator=g)) for _ in range(n)]
 
 
 def randomized_neumann(m, b, eta, Q, q):
-    """Ghadimi-Wang: v = Q eta (I - eta A)^q b."""
+    """Ghadimi-Wang with Q products at most: v = (Q + 1) eta (I - eta A)^q b, q ~ U{0..Q}."""
     I = torch.eye(DIM_Y, dtype=DT)
-    return Q * eta * torch.linalg.matrix_power(I - eta * m["A"], q) @ b
+    return (Q + 1) * eta * torch.linalg.matrix_power(I - eta * m["A"], q) @ b
 
 
 def assert_tensor(actual, expected):
@@ -148,7 +146,7 @@ def test_oracle_calls_per_step_match_stated_cost(solver, hp, expected):
 def test_neumann_baselines_call_q_hvps_per_step(solver, inner_steps):
     """inner_steps lower gradients, q HVPs, one cross product, one upper gradient, with q the
     Neumann term of this step's Draw, replayed from a copy of the run generator (lower batches
-    first, then the Draw)."""
+    first, then q)."""
     Q = 6
     hp = dict(neumann_steps=Q) if solver == "ttsa" else dict(neumann_steps=Q, inner_steps=inner_steps)
     problem = small_quadratic()
@@ -161,7 +159,7 @@ def test_neumann_baselines_call_q_hvps_per_step(solver, inner_steps):
         replay.set_state(state.generator.get_state())
         for _ in range(inner_steps):
             problem.sample("lower", replay)
-        q = draw_neumann_term(Q, torch.Generator().manual_seed(draw(problem, replay).seed))
+        q = draw_neumann_term(Q, replay)
         with count_calls() as counts:
             state = solver_obj.step(problem, state)
         assert dict(counts) == dict(grad_lower=inner_steps, hvp=q, cross=1, grad_upper=1)
@@ -192,11 +190,12 @@ def test_baselines_reduce_hypergradient_norm_on_quadratic(solver, batch_size):
 # (d) Defaults and hyperparameter validation.
 
 def test_defaults_follow_benchopt():
-    """Step 0.1 everywhere, 10 inner / Neumann / z steps, benchopt's decay exponents."""
+    """Step 0.1, 10 inner / z steps, benchopt's decay exponents; benchopt's n_hia_steps 10 draws
+    q from {0..9}, which is neumann_steps 9 (at most 9 products); neumann_lr is the library's "auto"."""
     ttsa, bsa, amigo, ma_soba = (bilevel.make_solver(n) for n in ("ttsa", "bsa", "amigo", "ma-soba"))
-    assert (ttsa.lower_lr, ttsa.upper_lr, ttsa.neumann_lr, ttsa.neumann_steps) == (0.1, 0.1, 0.1, 10)
+    assert (ttsa.lower_lr, ttsa.upper_lr, ttsa.neumann_lr, ttsa.neumann_steps) == (0.1, 0.1, "auto", 9)
     assert (ttsa.lower_lr_decay, ttsa.upper_lr_decay) == (0.4, 0.6)
-    assert (bsa.inner_steps, bsa.neumann_steps, bsa.lower_lr_decay, bsa.upper_lr_decay) == (10, 10, 0.5, 0.5)
+    assert (bsa.inner_steps, bsa.neumann_steps, bsa.lower_lr_decay, bsa.upper_lr_decay) == (10, 9, 0.5, 0.5)
     assert (amigo.inner_steps, amigo.linear_steps, amigo.z_lr) == (10, 10, 0.1)
     assert (amigo.lower_lr_decay, amigo.upper_lr_decay) == (0, 0)
     assert (ma_soba.beta, ma_soba.z_radius) == (0.9, None)
@@ -204,7 +203,8 @@ def test_defaults_follow_benchopt():
 
 @pytest.mark.parametrize("solver, name, value", [
     ("ttsa", "upper_lr", 0.0), ("ttsa", "lower_lr", -0.1), ("ttsa", "neumann_lr", math.nan),
-    ("ttsa", "neumann_steps", 0), ("ttsa", "lower_lr_decay", -0.5), ("ttsa", "upper_lr_decay", math.inf),
+    ("ttsa", "neumann_lr", "Auto"), ("bsa", "neumann_lr", "1/L"),
+    ("ttsa", "neumann_steps", -1), ("ttsa", "lower_lr_decay", -0.5), ("ttsa", "upper_lr_decay", math.inf),
     ("bsa", "inner_steps", 0), ("bsa", "neumann_steps", 2.5), ("bsa", "upper_lr_decay", -1.0),
     ("amigo", "z_lr", 0.0), ("amigo", "linear_steps", 0), ("amigo", "inner_steps", -1),
     ("amigo", "lower_lr_decay", math.nan),

@@ -144,11 +144,11 @@ def test_neumann_randomized_mean_approaches_sum(quad, h):
     assert spread > 1e-3 * float(total.norm())  # the draws really differ
     stderr = (draws.var(0).sum() / n).sqrt()
     assert float((draws.mean(0) - total).norm()) < 5 * float(stderr)
-    # each draw is one of the Q terms Q lr (I - lr A)^q b, the hypergradient being affine in v
+    # each draw is one of the Q + 1 terms (Q + 1) lr (I - lr A)^q b, the hypergradient being affine in v
     A, C, _, t = quad.mats()
     b = quad.y_flat(y) - t
-    terms = [quad.B @ quad.x_flat(x) - C @ (Q * lr * torch.linalg.matrix_power(
-        torch.eye(6, dtype=DT) - lr * A, q) @ b) for q in range(Q)]
+    terms = [quad.B @ quad.x_flat(x) - C @ ((Q + 1) * lr * torch.linalg.matrix_power(
+        torch.eye(6, dtype=DT) - lr * A, q) @ b) for q in range(Q + 1)]
     for d in draws[:20]:
         assert min(float((d - tq).abs().max()) for tq in terms) < 1e-12
 
@@ -178,10 +178,11 @@ def test_fixed_point_default_map_equals_neumann_sum(quad, logreg, h, steps):
         v_{k+1} = (d_y T)^T v_k + grad_y f = (I - lr H) v_k + b   =>  v_K = sum_{k<K} (I - lr H)^k b
     and (d_x T)^T v = -lr d2_xy g . v, so
         grad_x f + (d_x T)^T v_K = grad_x f - d2_xy g . (lr sum_{k<K} (I - lr H)^k b),
-    which is the Neumann "sum" estimate with the same lr and K = steps terms (H symmetric)."""
+    which is the Neumann "sum" estimate with the same lr and K terms, i.e. K - 1 = steps products
+    (H symmetric)."""
     for problem, (x, y) in ((quad, quad.point(at_solution=False)), (logreg, logreg.point())):
         lr = 0.8 / lower_L(problem, x, y, h)
-        fp = hypergradient(problem, x, y, None, None, method="fixed_point", steps=steps, lr=lr)
+        fp = hypergradient(problem, x, y, None, None, method="fixed_point", steps=steps + 1, lr=lr)
         neu = hypergradient(problem, x, y, None, None, method="neumann", steps=steps, lr=lr)
         h.assert_close(fp, neu, 1e-12, "fixed_point vs neumann")
 
@@ -373,7 +374,7 @@ def test_neumann_and_linear_sgd_call_counts(quad):
     x, y = quad.point()
     with count_calls() as c:
         hypergradient(quad, x, y, None, None, method="neumann", steps=7, lr=0.1)
-    assert dict(c) == {"grad_upper": 1, "grad_lower": 0, "hvp": 6, "cross": 1}
+    assert dict(c) == {"grad_upper": 1, "grad_lower": 0, "hvp": 7, "cross": 1}  # steps = products
     with count_calls() as c:
         hypergradient(quad, x, y, None, None, method="linear_sgd", steps=7, lr=0.1)
     assert dict(c) == {"grad_upper": 1, "grad_lower": 0, "hvp": 7, "cross": 1}
@@ -391,11 +392,13 @@ def test_method_options(quad):
 
 
 def test_resampled_hessian_batches_are_fresh_per_product_and_repeatable():
-    """Neumann(resample=True): q products on q distinct batches drawn from the draw's seed, so
-    evaluating one draw twice gives the same estimate (what STORM-type corrections need)."""
+    """Neumann(resample=True): its draw holds Q batches drawn up front from the run's generator,
+    the k-th product uses the k-th, so evaluating one draw twice gives the same estimate (what
+    STORM-type corrections need); a shared-batch draw gives another estimate."""
     import torch
 
-    from bilevel.estimators import Draw, Neumann
+    from bilevel.estimators import Neumann
+    from bilevel.hypergrad import PerProduct
     from bilevel.problem import FunctionProblem
 
     seen = []
@@ -408,13 +411,15 @@ def test_resampled_hessian_batches_are_fresh_per_product_and_repeatable():
                               {"l": torch.ones(2, dtype=torch.float64)}, {"w": torch.zeros(2, dtype=torch.float64)},
                               sample=lambda level, g: torch.randint(1000, (), generator=g).double())
     x, y = problem.init(None)
-    draw = Draw(upper=None, hessian=torch.tensor(7.0), cross=torch.tensor(8.0), seed=123)
-    estimator = Neumann(lr=0.5, steps=5, variant="sum", resample=True)
+    estimator = Neumann(lr=0.5, steps=4, variant="sum", resample=True)
+    draw = estimator.draw(problem, torch.Generator().manual_seed(123))
+    assert isinstance(draw.hessian, PerProduct) and len(draw.hessian) == 4
     seen.clear()
     first, _ = estimator(problem, x, y, None, draw)
-    hessian_batches = seen[:-1]  # the last lower-loss call is the cross product's (batch 8)
-    assert len(hessian_batches) == 4 and len(set(hessian_batches)) == 4 and seen[-1] == 8
+    assert seen == [int(b) for b in draw.hessian] + [int(draw.cross)]  # products in order, then the cross product
+    assert len(set(seen)) == 5
     second, _ = estimator(problem, x, y, None, draw)
     assert torch.equal(first["l"], second["l"])
-    shared, _ = Neumann(lr=0.5, steps=5, variant="sum")(problem, x, y, None, draw)
+    shared_draw = draw._replace(hessian=draw.hessian[0])
+    shared, _ = Neumann(lr=0.5, steps=4, variant="sum", resample=False)(problem, x, y, None, shared_draw)
     assert not torch.equal(first["l"], shared["l"])

@@ -259,9 +259,9 @@ def test_neumann_sum_matches_dense_powers(system, Q):
     lr = 0.9 / L
     mv = Matvec(A)
     v = ls.neumann_series(mv, to_tree(b), steps=Q, lr=lr, variant="sum")
-    expected = lr * sum(dense_neumann_term(A, b, lr, q) for q in range(Q))
+    expected = lr * sum(dense_neumann_term(A, b, lr, q) for q in range(Q + 1))  # Q products, Q + 1 terms
     assert torch.allclose(to_vec(v), expected, rtol=0, atol=1e-12)
-    assert mv.calls == Q - 1
+    assert mv.calls == Q
 
 
 def test_neumann_sum_converges_to_solution(system):
@@ -271,22 +271,23 @@ def test_neumann_sum_converges_to_solution(system):
     assert float((to_vec(v) - exact).norm() / exact.norm()) < 1e-8
 
 
-@pytest.mark.parametrize("q", [0, 1, 4])
+@pytest.mark.parametrize("q", [0, 1, 4, 5])
 def test_neumann_randomized_fixed_term(system, q):
     A, b, L = system
     lr, Q = 0.5 / L, 5
     mv = Matvec(A)
     v = ls.neumann_series(mv, to_tree(b), steps=Q, lr=lr, variant="randomized", term=q)
-    assert torch.allclose(to_vec(v), Q * lr * dense_neumann_term(A, b, lr, q), rtol=0, atol=1e-12)
+    assert torch.allclose(to_vec(v), (Q + 1) * lr * dense_neumann_term(A, b, lr, q), rtol=0, atol=1e-12)
     assert mv.calls == q
 
 
 def test_neumann_randomized_average_over_terms_is_the_sum(system):
-    """E_q[Q lr (I - lr A)^q b] over q uniform in {0..Q-1} is the truncated sum (unbiased)."""
+    """E_q[(Q + 1) lr (I - lr A)^q b] over q uniform in {0..Q} is the truncated sum of the same Q
+    products (unbiased)."""
     A, b, L = system
     lr, Q = 0.7 / L, 6
     draws = [to_vec(ls.neumann_series(Matvec(A), to_tree(b), steps=Q, lr=lr, variant="randomized", term=q))
-             for q in range(Q)]
+             for q in range(Q + 1)]
     total = to_vec(ls.neumann_series(Matvec(A), to_tree(b), steps=Q, lr=lr, variant="sum"))
     assert torch.allclose(torch.stack(draws).mean(0), total, rtol=0, atol=1e-12)
 
@@ -294,7 +295,7 @@ def test_neumann_randomized_average_over_terms_is_the_sum(system):
 def test_neumann_randomized_draws_from_generator(system):
     A, b, L = system
     lr, Q = 0.5 / L, 4
-    candidates = [Q * lr * dense_neumann_term(A, b, lr, q) for q in range(Q)]
+    candidates = [(Q + 1) * lr * dense_neumann_term(A, b, lr, q) for q in range(Q + 1)]
     seen = set()
     for seed in range(40):
         g = torch.Generator().manual_seed(seed)
@@ -306,17 +307,20 @@ def test_neumann_randomized_draws_from_generator(system):
         g2 = torch.Generator().manual_seed(seed)
         v2 = to_vec(ls.neumann_series(Matvec(A), to_tree(b), steps=Q, lr=lr, variant="randomized", generator=g2))
         assert torch.equal(v, v2)
-    assert seen == set(range(Q))
+    assert seen == set(range(Q + 1))
 
 
 def test_neumann_invalid_arguments(system):
     A, b, _ = system
     with pytest.raises(ValueError):
         ls.neumann_series(Matvec(A), to_tree(b), steps=3, lr=0.1, variant="product")
-    for term in (-1, 3):
+    for term in (-1, 4):
         with pytest.raises(ValueError):
             ls.neumann_series(Matvec(A), to_tree(b), steps=3, lr=0.1, variant="randomized", term=term)
-    for steps in (0, -2, 2.5, "3"):
+    for term in (-1, 3):
+        with pytest.raises(ValueError):
+            ls.neumann_series(Matvec(A), to_tree(b), steps=3, lr=0.1, variant="code_n1", term=term)
+    for steps in (-1, -2, 2.5, "3"):
         with pytest.raises(ValueError):
             ls.neumann_series(Matvec(A), to_tree(b), steps=steps, lr=0.1)
 
@@ -416,15 +420,18 @@ def test_official_code_neumann_variants_match_their_formulas():
         ls.neumann_series(matvec, b, steps=steps, lr=lr, variant="code_n5")
 
 
-def test_code_n1_draws_its_term_from_the_estimator_seed():
-    """Through the solvers' estimator, code_n1 is reproducible from the draw's seed, like randomized."""
-    from bilevel.estimators import Draw, Neumann
+def test_code_n1_takes_its_term_from_the_draw():
+    """Through the solvers' estimator, code_n1's q is drawn into the Draw (from the run's
+    generator), so evaluating one draw twice is reproducible, like "randomized"."""
+    from bilevel.estimators import Neumann
     from bilevel.problem import FunctionProblem
     problem = FunctionProblem(lambda x, y, b: ((y["w"] - 1) ** 2).sum(),
                               lambda x, y, b: 0.5 * (y["w"] ** 2).sum() * 2 + (x["l"] * y["w"]).sum(),
                               {"l": torch.ones(2, dtype=DT)}, {"w": torch.zeros(2, dtype=DT)})
     x, y = problem.init(None)
-    draw = Draw(None, None, None, seed=5)
-    first, _ = Neumann(lr=0.2, steps=4, variant="code_n1")(problem, x, y, None, draw)
-    second, _ = Neumann(lr=0.2, steps=4, variant="code_n1")(problem, x, y, None, draw)
+    estimator = Neumann(lr=0.2, steps=4, variant="code_n1")
+    draw = estimator.draw(problem, torch.Generator().manual_seed(5))
+    assert 0 <= draw.term < 4 and len(draw.hessian) == draw.term + 1  # q + 1 products
+    first, _ = estimator(problem, x, y, None, draw)
+    second, _ = estimator(problem, x, y, None, draw)
     assert torch.equal(first["l"], second["l"])

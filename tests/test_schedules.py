@@ -174,7 +174,7 @@ def test_itd_bio_lower_lr_schedule(mats):
 
 
 def test_stocbio_neumann_lr_schedule(mats):
-    """v_t = eta_t sum_{q<Q} (I - eta_t A)^q (y_{t+1} - t),  x_{t+1} = x_t - lr (B x_t - C v_t)."""
+    """v_t = eta_t sum_{q<=Q} (I - eta_t A)^q (y_{t+1} - t) (Q products),  x_{t+1} = x_t - lr (B x_t - C v_t)."""
     m, c, e, Q, lr = mats, 0.4, 1.0, 3, 0.2
     problem, solver, s = _start(m, "stocbio", neumann_lr=PolyDecay(c, e), neumann_steps=Q, upper_lr=lr,
                                 lower_lr=0.1, inner_steps=1)
@@ -183,7 +183,7 @@ def test_stocbio_neumann_lr_schedule(mats):
     for t in range(3):
         y = y - 0.1 * (m["A"] @ y + m["C"].T @ x + m["a"])
         eta = c / (t + 1) ** e
-        v = eta * sum(torch.linalg.matrix_power(eye - eta * m["A"], q) for q in range(Q)) @ (y - m["t"])
+        v = eta * sum(torch.linalg.matrix_power(eye - eta * m["A"], q) for q in range(Q + 1)) @ (y - m["t"])
         x = x - lr * (m["B"] @ x - m["C"] @ v)
         s = solver.step(problem, s)
         torch.testing.assert_close(s.x["x"], x, rtol=0, atol=1e-12)
@@ -288,16 +288,17 @@ def test_saba_defaults_follow_benchopt():
 
 #: benchopt's solver defaults (benchmark_bilevel solvers/*.py: step_size, outer_ratio 1, the
 #: exponents given to init_lr_scheduler). neumann_lr is not pinned here: benchopt's HIA/SHIA step
-#: is step_size (0.1), constant, but its default belongs to the Neumann estimator's owners.
+#: is step_size (0.1), constant; the library's default is "auto". neumann_steps counts products:
+#: benchopt's n_hia_steps 10 (TTSA, BSA) draws q from {0..9}, i.e. at most 9 products.
 BENCHOPT_DEFAULTS = {
     "soba": dict(upper_lr=PolyDecay(0.1, 0.5), lower_lr=PolyDecay(0.1, 0.5), z_lr=PolyDecay(0.1, 0.5)),
     "saba": dict(upper_lr=0.1, lower_lr=0.1, z_lr=0.1),
     "amigo": dict(upper_lr=0.1, lower_lr=0.1, z_lr=0.1, upper_lr_decay=0.0, lower_lr_decay=0.0,
                   inner_steps=10, linear_steps=10),
     "ttsa": dict(upper_lr=0.1, lower_lr=0.1, lower_lr_decay=0.4, upper_lr_decay=0.6,
-                 neumann_steps=10),
+                 neumann_steps=9),
     "bsa": dict(upper_lr=0.1, lower_lr=0.1, lower_lr_decay=0.5, upper_lr_decay=0.5,
-                inner_steps=10, neumann_steps=10),
+                inner_steps=10, neumann_steps=9),
     "f2sa": dict(upper_lr=0.01, lower_lr=0.01, penalty_lr_decay=5 / 7, lower_lr_decay=4 / 7,
                  upper_lr_decay=4 / 7, lambda_decay=1 / 7, lambda0=1.0, delta_lambda=0.1, inner_steps=10),
     "sustain": dict(upper_lr=0.1, lower_lr=0.1, eta=0.5, lower_lr_decay=1 / 3,

@@ -24,7 +24,8 @@ def test_stocbio_matches_equations(problem, mats):
     for state in states[1:]:
         for _ in range(K):
             y = y - lr_y * grad_y_g(m, x, y)
-        v = eta * sum(torch.linalg.matrix_power(I - eta * m["A"], q) @ (y - m["t"]) for q in range(Q))
+        # Q products, Q + 1 terms (StocBiO's Algorithm 2, benchopt's shia)
+        v = eta * sum(torch.linalg.matrix_power(I - eta * m["A"], q) @ (y - m["t"]) for q in range(Q + 1))
         x = x - lr_x * (m["B"] @ x - m["C"] @ v)
         torch.testing.assert_close(state.y["y"], y, rtol=0, atol=1e-12)
         torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-12)
@@ -87,7 +88,7 @@ def test_lower_only_keeps_x_and_trains_y(problem, mats):
 
 
 @pytest.mark.parametrize("solver, hp, expected", [
-    ("stocbio", dict(inner_steps=3, neumann_steps=4), dict(grad_lower=3, hvp=3, cross=1, grad_upper=1)),
+    ("stocbio", dict(inner_steps=3, neumann_steps=4), dict(grad_lower=3, hvp=4, cross=1, grad_upper=1)),
     ("soba", dict(), dict(grad_lower=1, hvp=1, cross=1, grad_upper=1)),
     ("aid-cg", dict(inner_steps=2, cg_steps=3), dict(grad_lower=2, hvp=3 + 1, cross=1, grad_upper=1)),
     ("itd-bio", dict(inner_steps=3), dict(grad_lower=3, hvp=3, cross=3, grad_upper=1)),
@@ -110,7 +111,9 @@ def test_oracle_calls_per_step_match_stated_cost(solver, hp, expected):
 CONVERGENCE = {
     "soba": dict(upper_lr=0.3, lower_lr=0.3, z_lr=0.3),
     "stocbio": dict(upper_lr=0.3, lower_lr=0.5, inner_steps=10, neumann_steps=20, neumann_lr=0.5),
-    "aid-cg": dict(upper_lr=0.3, lower_lr=0.3, inner_steps=5, cg_steps=5),
+    # 10 inner steps: with 5 the stochastic run's reduction depends on the random stream (62x to
+    # 530x over seeds 0-7 once the Draw stopped drawing an unused seed; 280x-440x with 10)
+    "aid-cg": dict(upper_lr=0.3, lower_lr=0.3, inner_steps=10, cg_steps=5),
     "itd-bio": dict(upper_lr=0.3, lower_lr=0.3, inner_steps=30),
 }
 

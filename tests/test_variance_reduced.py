@@ -6,11 +6,11 @@ Hand computations use a tiny quadratic with dense matrices, scaled per batch:
     f(x, y; b) = r(b) 1/2 ||y - t||^2 + 1/2 x^T B x         r(b) = 1 + 0.2 (b mod 5)
 
 either with batch None (s = r = 1) or with "counter" batches 0, 1, 2, ... (one counter over all
-sample() calls, never touching the run's generator). A recursive sample takes four batches in
-the order (lower batch of grad_y g, upper, Hessian, cross), so sample j holds 4j, ..., 4j + 3,
-and its Draw seed is the j-th torch.randint(2**62) of the run generator (bilevel.estimators.draw).
-With counter batches a correction G(new; B) - G(old; B) is non-trivial, so the hand computation
-checks that both points use the same batch and the STORM / SPIDER weights.
+sample() calls, never touching the run's generator). A recursive sample takes its batches in
+the order: lower batch of grad_y g, (the randomized term q ~ U{0..Q}, from the run generator),
+upper batch, one Hessian batch per product (Q for the sum, q for the randomized term), cross
+batch. With counter batches a correction G(new; B) - G(old; B) is non-trivial, so the hand
+computation checks that both points use the same batches and the STORM / SPIDER weights.
 """
 import copy
 import math
@@ -69,23 +69,33 @@ class HandG:
 
     def __init__(self, m, counter, variant, Q):
         self.m, self.counter, self.variant, self.Q = m, counter, variant, Q
-        run = torch.Generator().manual_seed(0)  # the run generator: only draw() consumes it
-        self.seeds = [int(torch.randint(2 ** 62, (1,), generator=run)) for _ in range(200)]
-        self.terms = []
+        self.run = torch.Generator().manual_seed(0)  # the run generator: only the randomized term consumes it
+        self.next, self.samples, self.terms = 0, [], []
 
-    def batches(self, j):
-        return tuple(4 * j + i for i in range(4)) if self.counter else (None,) * 4
+    def take(self):
+        self.next += 1
+        return self.next - 1 if self.counter else None
+
+    def sample(self, j):
+        """(lower, upper, [Hessian batch per product], cross, q) of sample j, drawn in order."""
+        while len(self.samples) <= j:
+            lower = self.take()
+            q = int(torch.randint(self.Q + 1, (1,), generator=self.run)) if self.variant == "randomized" else None
+            upper = self.take()
+            hessian = [self.take() for _ in range(self.Q if q is None else q)]
+            self.samples.append((lower, upper, hessian, self.take(), q))
+            self.terms += [] if q is None else [q]
+        return self.samples[j]
 
     def __call__(self, x, y, j, lr):
-        m, (bl, bu, bh, bc) = self.m, self.batches(j)
+        m, (bl, bu, bh, bc, q) = self.m, self.sample(j)
         gy = lower_scale(bl) * (m["A"] @ y + m["C"].T @ x + m["a"])
-        rhs, step = upper_scale(bu) * (y - m["t"]), torch.eye(DIM_Y, dtype=DT) - lr * lower_scale(bh) * m["A"]
-        if self.variant == "sum":
-            v = lr * sum(torch.linalg.matrix_power(step, q) @ rhs for q in range(self.Q))
-        else:
-            q = int(torch.randint(self.Q, (1,), generator=torch.Generator().manual_seed(self.seeds[j])))
-            self.terms.append(q)
-            v = self.Q * lr * torch.linalg.matrix_power(step, q) @ rhs
+        u = upper_scale(bu) * (y - m["t"])
+        total = u
+        for b in bh:  # the k-th product on the k-th batch
+            u = u - lr * lower_scale(b) * m["A"] @ u
+            total = total + u
+        v = lr * total if self.variant == "sum" else (self.Q + 1) * lr * u
         return gy, m["B"] @ x - lower_scale(bc) * m["C"] @ v
 
 
@@ -134,8 +144,8 @@ def test_double_momentum_matches_equations(m, name, variant, counter):
         d = tuple(n + w * (dd - o) for n, dd, o in zip(at_new, d, at_old))
         x, y = x_new, y_new
         check(state, x, y, d)
-    if variant == "randomized":  # the same q at both points, different q across samples
-        assert G.terms[1::2] == G.terms[2::2] and len(set(G.terms)) > 1, G.terms
+    if variant == "randomized":  # one q per sample (used at both points), different q across samples
+        assert len(set(G.terms)) > 1, G.terms
 
 
 @pytest.mark.parametrize("counter", [False, True], ids=["batch-None", "counter-batches"])
@@ -238,7 +248,7 @@ def test_refresh_averages_independent_samples_and_is_one_call_when_deterministic
     g = torch.Generator().manual_seed(3)
     twin = copy.deepcopy(g)
     got = refresh(problem, estimator, x, y, g, 4)
-    values = [evaluate(problem, estimator, x, y, sample(problem, twin)) for _ in range(4)]
+    values = [evaluate(problem, estimator, x, y, sample(problem, twin, False, estimator)) for _ in range(4)]
     for k, part in enumerate(got):
         key = next(iter(part))
         expected = sum(v[k][key] for v in values) / 4
@@ -247,7 +257,7 @@ def test_refresh_averages_independent_samples_and_is_one_call_when_deterministic
     full = Quadratic(n_samples_inner=64, n_samples_outer=64, dim_inner=6, dim_outer=3, batch_size=None)
     with count_calls() as counts:
         refresh(full, estimator, x, y, g, 4)
-    assert dict(counts) == dict(grad_lower=1, grad_upper=1, hvp=2, cross=1)
+    assert dict(counts) == dict(grad_lower=1, grad_upper=1, hvp=3, cross=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,16 +281,20 @@ def counts_per_step(problem, name, steps, **hp):
 
 
 def evaluation(Q, n=1, hvp=None):
-    return dict(grad_lower=n, grad_upper=n, hvp=n * (Q - 1) if hvp is None else hvp, cross=n)
+    return dict(grad_lower=n, grad_upper=n, hvp=n * Q if hvp is None else hvp, cross=n)
 
 
 def test_mrbo_oracle_calls_per_step():
-    counts, _ = counts_per_step(stochastic_quadratic(), "mrbo", 2, neumann_steps=4)
+    counts, _ = counts_per_step(stochastic_quadratic(), "mrbo", 2, neumann_steps=4, neumann_lr=0.5)
     assert counts == [evaluation(4), evaluation(4, 2), evaluation(4, 2)]
+    # "auto": 20 power-iteration HVPs at init, counted
+    counts, _ = counts_per_step(stochastic_quadratic(), "mrbo", 1, neumann_steps=4)
+    assert counts == [dict(evaluation(4), hvp=4 + 20), evaluation(4, 2)]
 
 
 def test_sustain_oracle_calls_per_step_follow_the_drawn_neumann_term():
-    """Two evaluations per step, each with q HVPs for the step's q (drawn from its Draw seed)."""
+    """Two evaluations per step, each with q HVPs for the step's q (drawn from the run generator
+    after the lower batch)."""
     problem, Q = stochastic_quadratic(), 4
     solver = bilevel.make_solver("sustain", neumann_steps=Q)
     g = torch.Generator().manual_seed(0)
@@ -288,8 +302,8 @@ def test_sustain_oracle_calls_per_step_follow_the_drawn_neumann_term():
     terms = []
     for _ in range(6):
         twin = copy.deepcopy(state.generator)
-        seed = sample(problem, twin).draw.seed
-        q = int(torch.randint(Q, (1,), generator=torch.Generator().manual_seed(seed)))
+        problem.sample("lower", twin)
+        q = int(torch.randint(Q + 1, (1,), generator=twin))
         with count_calls() as counts:
             state = solver.step(problem, state)
         assert dict(counts) == evaluation(Q, 2, hvp=2 * q)
@@ -300,13 +314,13 @@ def test_sustain_oracle_calls_per_step_follow_the_drawn_neumann_term():
 def test_vrbo_oracle_calls_per_step_and_refresh_period():
     Q, m, R = 4, 2, 5
     counts, _ = counts_per_step(stochastic_quadratic(), "vrbo", 4, neumann_steps=Q, inner_steps=m, period=3,
-                                refresh_batches=R)
+                                refresh_batches=R, neumann_lr=0.5)
     corrections = evaluation(Q, 2 * (m + 1))
     refreshed = {k: v + R * evaluation(Q)[k] for k, v in corrections.items()}
     assert counts == [evaluation(Q, 0), refreshed, corrections, corrections, refreshed]
     # deterministic problem: the refresh is one full-batch evaluation
     counts, _ = counts_per_step(stochastic_quadratic(None), "vrbo", 1, neumann_steps=Q, inner_steps=m,
-                                refresh_batches=R)
+                                refresh_batches=R, neumann_lr=0.5)
     assert counts[1] == {k: v + evaluation(Q)[k] for k, v in corrections.items()}
 
 
@@ -354,7 +368,9 @@ def test_reduces_hypergradient_norm_on_quadratic(name, batch_size):
     ("mrbo", dict(upper_lr=0.0), "upper_lr"),
     ("mrbo", dict(lower_lr=-0.1), "lower_lr"),
     ("mrbo", dict(neumann_lr=math.nan), "neumann_lr"),
-    ("sustain", dict(neumann_steps=0), "neumann_steps"),
+    ("mrbo", dict(neumann_lr="AUTO"), "neumann_lr"),
+    ("vrbo", dict(neumann_lr="1/L"), "neumann_lr"),
+    ("sustain", dict(neumann_steps=-1), "neumann_steps"),
     ("mrbo", dict(eta_decay=-0.5), "eta_decay"),
     ("sustain", dict(upper_lr_decay=math.inf), "upper_lr_decay"),
     ("vrbo", dict(period=0), "period"),
@@ -371,7 +387,10 @@ def test_invalid_hyperparameters_raise(name, hp, field):
 def test_defaults_are_benchopts():
     for name in ("sustain", "mrbo"):
         s = bilevel.make_solver(name)
-        assert (s.upper_lr, s.lower_lr, s.neumann_lr, s.eta, s.neumann_steps) == (0.1, 0.1, 0.1, 0.5, 10)
+        # benchopt's n_shia_steps 10 (MRBO) = 10 products; n_hia_steps 10 (SUSTAIN) draws q in {0..9}
+        assert (s.upper_lr, s.lower_lr, s.neumann_lr, s.eta, s.neumann_steps) == \
+            (0.1, 0.1, "auto", 0.5, 9 if name == "sustain" else 10)
+        assert s.fresh_hessian_batches
         assert (s.lower_lr_decay, s.neumann_lr_decay, s.eta_decay, s.upper_lr_decay) == (1 / 3, 0.0, 2 / 3, 1 / 3)
     v = bilevel.make_solver("vrbo")
-    assert (v.upper_lr, v.lower_lr, v.neumann_lr, v.neumann_steps, v.inner_steps) == (0.1, 0.1, 0.1, 10, 10)
+    assert (v.upper_lr, v.lower_lr, v.neumann_lr, v.neumann_steps, v.inner_steps) == (0.1, 0.1, "auto", 10, 10)
