@@ -41,10 +41,15 @@ State: ``lower.y`` is z, the lower solution (what ``point`` returns and metrics 
 inner_distance see, as benchopt reports); ``estimator`` is the penalized copy y; ``extra`` is
 lambda_t. Both copies start at y_0.
 
-Defaults (benchopt bilevel benchmark f2sa.py, research/peers.md section 3.3): step 0.01, ratio 1
-(upper_lr = lower_lr = 0.01), lambda0 1, delta_lambda 0.1, inner_steps 10; decays 5/7 for the
-penalized copy (benchopt's inner_var), 4/7 for the lower copy (its inner_approx_star), 4/7 outer,
-1/7 for the lambda increments. A step size may instead be a schedule (bilevel.schedules), used
+Defaults: benchopt bilevel benchmark's f2sa.py (github.com/benchopt/benchmark_bilevel) for
+lambda0 1, inner_steps 10 and the decays 5/7 for the penalized copy (benchopt's inner_var), 4/7
+for the lower copy (its inner_approx_star), 4/7 outer, 1/7 for the lambda increments. The steps
+and the increment are the library's: step 0.1, ratio 1 (upper_lr = lower_lr = 0.1) and
+delta_lambda 0.01. Benchopt's solver-file values (step 0.01, delta_lambda 0.1) diverge on a
+well-conditioned quadratic (lower Hessian eigenvalues in [0.5, 1]: ||grad Phi||^2 from 9.5 to
+about 900 in 3000 steps, three seeds), because lambda grows faster than the slowly stepped lower
+copy z converges and h_t carries lambda_t (grad_x g(y) - grad_x g(z)); with the library's values
+the same runs cut ||grad Phi||^2 240x to 880x. A step size may instead be a schedule (bilevel.schedules), used
 as given: a schedule for lower_lr then sets both gamma_t and alpha_t (the decays are ignored).
 
 Cost per iteration: 2 inner_steps + 2 lower gradients, inner_steps + 1 upper gradients, no HVP;
@@ -63,11 +68,11 @@ from bilevel.validation import check_count, check_exponent, check_positive
 @dataclass
 class F2SA(Solver):
     """Penalty method with two lower copies (lower solution and penalized); first order only."""
-    upper_lr: float = 0.01
-    lower_lr: float = 0.01
+    upper_lr: float = 0.1
+    lower_lr: float = 0.1
     inner_steps: int = 10
     lambda0: float = 1.0
-    delta_lambda: float = 0.1
+    delta_lambda: float = 0.01
     lower_lr_decay: float = 4 / 7
     penalty_lr_decay: float = 5 / 7
     upper_lr_decay: float = 4 / 7

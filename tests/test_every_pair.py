@@ -33,6 +33,12 @@ PROBLEM_SETTINGS = {
 }
 
 
+#: Extra overrides of the every-solver run only. cosh: from the preset's x0 = 6 an un-normalized
+#: step of 0.1 on sinh(6) ~ 200 overflows within three steps; that is the problem's point
+#: (tests/test_unbounded_smoothness.py), not a failure to run, so all solvers start at x0 = 1.
+RUN_ONLY = {"cosh": ["problem_options.x0=1.0"]}
+
+
 @pytest.fixture(scope="module")
 def matrix_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
@@ -53,7 +59,7 @@ def test_every_problem_has_tiny_and_paper_presets():
 @pytest.mark.parametrize("problem", sorted(PROBLEM_SETTINGS))
 def test_every_solver_runs_on(problem, matrix_files, tmp_path):
     solvers = SOLVERS.names()
-    settings = [s.format(**matrix_files) for s in PROBLEM_SETTINGS[problem]]
+    settings = [s.format(**matrix_files) for s in PROBLEM_SETTINGS[problem] + RUN_ONLY.get(problem, [])]
     code = cli.main(["run", f"problem={problem}", "preset=tiny", f"solvers=[{','.join(solvers)}]",
                      f"steps={STEPS}", "eval_every=1", "progress=false", "plot=false",
                      f"output_dir={tmp_path}", "name=run", *settings])

@@ -321,7 +321,7 @@ def test_registered_with_papers_and_typed_options():
     assert SOLVERS.options("saba") == dict(upper_lr=0.1, lower_lr=0.1, z_lr=0.1, batch_size=64, memory_init="zero")
     options = SOLVERS.options("f2sa")
     assert (options["upper_lr"], options["lower_lr"], options["inner_steps"], options["lambda0"],
-            options["delta_lambda"]) == (0.01, 0.01, 10, 1.0, 0.1)
+            options["delta_lambda"]) == (0.1, 0.1, 10, 1.0, 0.01)
 
 
 @pytest.mark.parametrize("name, hp, field", [
