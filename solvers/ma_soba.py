@@ -35,7 +35,7 @@ from typing import Optional
 from bilevel import upper
 from bilevel.registry import register_solver
 from bilevel.schedules import StepSize
-from bilevel.single_loop import SingleLoopSolver
+from bilevel.solvers._single_loop import SingleLoopSolver
 from bilevel.validation import check_positive, check_unit
 
 

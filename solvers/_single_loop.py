@@ -19,11 +19,11 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from . import lower, oracles, tree, upper
-from .linear_system import project_ball
-from .schedules import StepSize, at
-from .solver import Solver, State
-from .validation import check_positive
+from bilevel import lower, oracles, tree, upper
+from bilevel.linear_system import project_ball
+from bilevel.schedules import StepSize, at
+from bilevel.solver import Solver, State
+from bilevel.validation import check_positive
 
 
 @dataclass
