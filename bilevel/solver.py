@@ -72,7 +72,8 @@ class Solver(abc.ABC):
         """The numbers of the fields given as "auto": one :func:`bilevel.spectrum.auto_step` at
         (x, y), shared by all of them (its HVPs are counted; it draws one lower batch and the
         power iteration's start from ``generator``). ``None`` when no field is "auto"."""
-        names = [n for n in self.auto_steps if spectrum.is_auto(getattr(self, n, None))]
+        fields = self.hyperparameters()  # a name of auto_steps the solver lacks is never "auto"
+        names = [n for n in self.auto_steps if spectrum.is_auto(fields.get(n))]
         if not names:
             return None
         step = spectrum.auto_step(problem, x, y, generator)
@@ -80,8 +81,7 @@ class Solver(abc.ABC):
 
     def with_resolved(self, state: "State") -> "Solver":
         """This solver with its "auto" fields replaced by the numbers ``state`` holds."""
-        resolved = getattr(state, "resolved", None)
-        return dataclasses.replace(self, **resolved) if resolved else self
+        return dataclasses.replace(self, **state.resolved) if state.resolved else self
 
 
 class ComposedSolver(Solver):
