@@ -12,7 +12,7 @@ the oracles never extend a caller's graph (unrolled differentiation lives in ``h
 Second-order products have two modes:
 
 * ``"reverse"`` (default): reverse-over-reverse (double backward). Fastest on CPU
-  (research/env_and_data.md section 2: about 2 gradients per HVP for linear and MLP models).
+  (about 2 gradients per HVP for linear and MLP models: ``python bench/oracles.py``, bench/README.md).
 * ``"forward"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``. Some CPU kernels
   have no forward-mode rule (oneDNN LSTM); the oracle then retries with oneDNN disabled and, if
   that fails too, falls back to reverse mode with a one-time warning.

@@ -72,7 +72,8 @@ class Solver(abc.ABC):
         """The numbers of the fields given as "auto": one :func:`bilevel.spectrum.auto_step` at
         (x, y), shared by all of them (its HVPs are counted; it draws one lower batch and the
         power iteration's start from ``generator``). ``None`` when no field is "auto"."""
-        names = [n for n in self.auto_steps if spectrum.is_auto(getattr(self, n, None))]
+        fields = self.hyperparameters()  # a name of auto_steps the solver lacks is never "auto"
+        names = [n for n in self.auto_steps if spectrum.is_auto(fields.get(n))]
         if not names:
             return None
         step = spectrum.auto_step(problem, x, y, generator)
@@ -80,8 +81,7 @@ class Solver(abc.ABC):
 
     def with_resolved(self, state: "State") -> "Solver":
         """This solver with its "auto" fields replaced by the numbers ``state`` holds."""
-        resolved = getattr(state, "resolved", None)
-        return dataclasses.replace(self, **resolved) if resolved else self
+        return dataclasses.replace(self, **state.resolved) if state.resolved else self
 
 
 class ComposedSolver(Solver):
@@ -93,10 +93,16 @@ class ComposedSolver(Solver):
 
     Subclasses define :meth:`lower_loop`, :meth:`estimator` and :meth:`upper_update`, and may set
     ``update_lower_first = False`` (single-loop methods evaluating h_t at y_t, then stepping y
-    from y_t) and a ``warm_steps`` field (steps of the lower loop at x_0 in :meth:`init`).
+    from y_t). ``warm_steps`` and ``share_lower_batch`` are class attributes here, not dataclass
+    fields, so that a solver has them as hyperparameters only when it declares them as fields
+    (``warm_steps: int = 3``) and uses them.
     """
 
     update_lower_first = True
+    #: steps of the lower loop at x_0 in :meth:`init` (none unless a subclass declares the field)
+    warm_steps = 0
+    #: the cross product on the first Hessian batch instead of its own (bilevel.estimators.draw)
+    share_lower_batch = False
 
     @abc.abstractmethod
     def lower_loop(self):
@@ -118,9 +124,8 @@ class ComposedSolver(Solver):
     def init(self, problem, x, y, generator):
         loop = self.lower_loop()
         lower_state = loop.init(y)
-        warm_steps = getattr(self, "warm_steps", 0)
-        if warm_steps:
-            lower_state = warm_start(loop, problem, x, lower_state, warm_steps, generator)
+        if self.warm_steps:
+            lower_state = warm_start(loop, problem, x, lower_state, self.warm_steps, generator)
         resolved = self.resolve_steps(problem, x, loop.point(lower_state), generator)
         solver = dataclasses.replace(self, **resolved) if resolved else self
         return State(x=x, lower=lower_state, iteration=0, generator=generator,
@@ -133,7 +138,7 @@ class ComposedSolver(Solver):
         lower_state = s.lower
         if self.update_lower_first:
             lower_state = loop.update(problem, s.x, lower_state, s.generator, s.iteration)
-        sample = draw_for(estimator, problem, s.generator, getattr(self, "share_lower_batch", False))
+        sample = draw_for(estimator, problem, s.generator, self.share_lower_batch)
         h, estimator_state = estimator(problem, s.x, loop.point(lower_state), s.estimator, sample)
         if not self.update_lower_first:
             lower_state = loop.update(problem, s.x, lower_state, s.generator, s.iteration)

@@ -16,7 +16,8 @@ Smoothness. NeurIPS 2024 (arXiv 2409.19212).
         x_{t+1}    = x_t - upper_lr m_t / ||m_t||
 
 The evaluated point is (x_t, yhat_t). Defaults: the official code's deep-AUC settings
-(research/official_algorithms.md section 12.4, AUC column): upper_lr 5e-3, lower_lr 5e-3,
+(github.com/MingruiLiu-ML-Lab/Accelerated-Bilevel-Optimization-Unbounded-Smoothness,
+auc_maximization/): upper_lr 5e-3, lower_lr 5e-3,
 momentum 0.5, averaging 0.5, beta 0.9, neumann_steps 3, warm_steps 3, period 1, inner_steps 1;
 a fresh batch per Hessian product and an independent cross batch (the code draws two train
 batches). neumann_lr "auto" (1/L of a batch Hessian after the warm start, bilevel.spectrum) is

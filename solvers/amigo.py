@@ -16,7 +16,7 @@ Hessian product, as in the paper and benchopt, and the cross product uses an ind
 ``upper_lr_decay`` give lr_t = lr / (t + 1)^decay; any step size may instead be a schedule
 (bilevel.schedules; used as given, its ``*_decay`` then ignored), z_lr resolved at iteration t.
 
-Defaults: benchopt bilevel benchmark (research/peers.md section 3.3): step 0.1 for y, z and x
+Defaults: benchopt bilevel benchmark (github.com/benchopt/benchmark_bilevel): step 0.1 for y, z and x
 (outer_ratio 1), 10 inner steps and 10 z steps (benchopt uses n_inner_steps for both), constant.
 
 Cost per iteration: inner_steps lower gradients, linear_steps HVPs, one cross product, one upper

@@ -37,7 +37,7 @@ gradient, one cross product, and neumann_steps HVPs ("sum"; q for "randomized") 
 from dataclasses import dataclass
 
 from bilevel import lower
-from bilevel.normalized import NormalizedMomentumSolver
+from bilevel.solvers._normalized_momentum import NormalizedMomentumSolver
 from bilevel.registry import register_solver
 from bilevel.validation import check_count
 

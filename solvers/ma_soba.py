@@ -17,8 +17,10 @@ current (x_t, y_t, z_t), as in SOBA:
 Here x moves with the average that already includes D_x of step t; the paper's Algorithm 1 may
 instead step x with the previous average (x_{t+1} = x_t - alpha_t h_t, then h_{t+1} =
 (1 - theta_t) h_t + theta_t D_x), a one-step lag not verified here. The projection is part of
-the paper's analysis; the official code of the unbounded-smoothness papers
-(research/official_algorithms.md sections 1.1, 3.4, 6) has none, hence off by default.
+the paper's analysis; the MA-SOBA baselines in the official code of the unbounded-smoothness
+papers (github.com/MingruiLiu-ML-Lab/Single-Loop-bilevel-Optimizer-under-Unbounded-Smoothness,
+.../Accelerated-Bilevel-Optimization-Unbounded-Smoothness, github.com/jhao6/d3x645) have none,
+hence off by default.
 D_y, the HVP and the cross product come from one double-backward pass on batch i.
 
 Defaults: upper_lr, lower_lr, z_lr 0.1, constant. benchopt has no MA-SOBA: the value 0.1 is
@@ -35,7 +37,7 @@ from typing import Optional
 from bilevel import upper
 from bilevel.registry import register_solver
 from bilevel.schedules import StepSize
-from bilevel.single_loop import SingleLoopSolver
+from bilevel.solvers._single_loop import SingleLoopSolver
 from bilevel.validation import check_positive, check_unit
 
 

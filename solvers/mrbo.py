@@ -41,7 +41,7 @@ share_lower_batch (the cross product on the first Hessian batch).
 from dataclasses import dataclass
 
 from bilevel.estimators import Neumann
-from bilevel.recursive import DoubleMomentum
+from bilevel.solvers._double_momentum import DoubleMomentum
 from bilevel.registry import register_solver
 
 

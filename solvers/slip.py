@@ -30,7 +30,7 @@ neumann_steps HVPs ("sum") or one HVP ("linear_sgd"). init: warm_steps lower gra
 from dataclasses import dataclass
 
 from bilevel import lower
-from bilevel.normalized import NormalizedMomentumSolver
+from bilevel.solvers._normalized_momentum import NormalizedMomentumSolver
 from bilevel.registry import register_solver
 
 

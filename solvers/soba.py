@@ -12,7 +12,7 @@ current (x_t, y_t, z_t):
     y_{t+1} = y_t - lower_lr_t D_y,   z_{t+1} = z_t - z_lr_t D_z,   x_{t+1} = x_t - upper_lr_t D_x
 
 (z here is -v of the paper.) D_y, the HVP and the cross product come from one double-backward
-pass on batch i, as in the benchopt implementation (the loop is bilevel/single_loop.py).
+pass on batch i, as in the benchopt implementation (the loop is solvers/_single_loop.py).
 
 Defaults are benchopt's (benchmark_bilevel solvers/soba.py: step_size 0.1, outer_ratio 1,
 exponents 0.5 for the inner/v step and for the outer step): upper_lr = lower_lr = z_lr =
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from bilevel import upper
 from bilevel.registry import register_solver
 from bilevel.schedules import PolyDecay, StepSize
-from bilevel.single_loop import SingleLoopSolver
+from bilevel.solvers._single_loop import SingleLoopSolver
 
 #: benchopt's SOBA step: 0.1 / sqrt(t + 1) on y, z and x.
 BENCHOPT_STEP = PolyDecay(0.1, 0.5)

@@ -35,7 +35,7 @@ and 20 HVPs for the "auto" step.
 from dataclasses import dataclass
 
 from bilevel.estimators import Neumann
-from bilevel.recursive import DoubleMomentum
+from bilevel.solvers._double_momentum import DoubleMomentum
 from bilevel.registry import register_solver
 
 

@@ -218,7 +218,8 @@ def test_invalid_hyperparameters_raise(option, value):
 
 
 def test_defaults_and_schedules():
-    """Defaults of the AUC experiment (official_algorithms.md 12.4); step sizes may be schedules."""
+    """Defaults of the official code's AUC experiment (AccBO repository, auc_maximization/);
+    step sizes may be schedules."""
     solver = bilevel.make_solver("accbo")
     assert (solver.upper_lr, solver.lower_lr, solver.momentum, solver.averaging, solver.beta, solver.neumann_steps,
             solver.neumann_lr, solver.warm_steps, solver.period, solver.inner_steps) == \

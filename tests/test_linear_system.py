@@ -398,7 +398,8 @@ def test_cg_invalid_steps(system):
 
 
 def test_official_code_neumann_variants_match_their_formulas():
-    """research/official_algorithms.md section 1.1, with u_q = (I - lr A)^q b and Q = steps:
+    """The Neumann combinations in the official SLIP, AccBO and AdamBO repositories (the "code_n*"
+    variants of bilevel.linear_system.neumann_series), with u_q = (I - lr A)^q b and Q = steps:
     N1 lr u_q (q in 1..Q), N2 lr sum_{1..Q} u_q, N3 lr u_Q + sum_{1..Q} u_q, N4 lr (u_Q + sum_{1..Q} u_q)."""
     g = torch.Generator().manual_seed(11)
     m = torch.randn(4, 4, generator=g, dtype=DT)

@@ -168,3 +168,22 @@ def test_composed_solver_warm_start_and_single_loop_order(problem, mats):
         x, y = x - 0.2 * (m["B"] @ x - m["C"] @ v), y - 0.3 * grad_y_g(m, x, y)
         torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-10)
         torch.testing.assert_close(state.y["y"], y, rtol=0, atol=1e-12)
+
+
+def test_family_options_are_fields_only_where_used():
+    """warm_steps, share_lower_batch (ComposedSolver) and z_radius (the SOBA loop) are class
+    attributes with neutral defaults on the bases: a solver lists them as hyperparameters only
+    when it declares and uses them (BO-REP, SLIP, AdamBO, AccBO warm-start; MA-SOBA projects z)."""
+    from bilevel.solvers._normalized_momentum import NormalizedMomentumSolver
+    from bilevel.solvers._single_loop import SingleLoopSolver
+
+    fields = {name: set(bilevel.SOLVERS.options(name))
+              for name in ("bo-rep", "slip", "adambo", "accbo", "stocbio", "aid-cg", "amigo", "soba", "ma-soba")}
+    assert all(set(bilevel.make_solver(n).hyperparameters()) == f for n, f in fields.items())
+    assert {n for n, f in fields.items() if "warm_steps" in f} == {"bo-rep", "slip", "adambo", "accbo"}
+    assert {n for n, f in fields.items() if "z_radius" in f} == {"ma-soba"}
+    assert all("share_lower_batch" in fields[n] for n in ("bo-rep", "stocbio", "aid-cg", "amigo"))
+    assert "share_lower_batch" not in fields["soba"]
+    assert issubclass(bilevel.SOLVERS.get("bo-rep").cls, NormalizedMomentumSolver)
+    assert issubclass(bilevel.SOLVERS.get("soba").cls, SingleLoopSolver)
+    assert bilevel.make_solver("soba").z_radius is None and bilevel.make_solver("stocbio").warm_steps == 0

@@ -5,7 +5,7 @@ directions at the current (x_t, y_t, z_t),
     D_z = d2_yy g(x_t, y_t; i) . z_t - grad_y f(x_t, y_t; j)
     D_x = grad_x f(x_t, y_t; j) - d2_xy g(x_t, y_t; i) . z_t
     y_{t+1} = y_t - lower_lr_t D_y
-    z_{t+1} = Proj_{||z|| <= z_radius}(z_t - z_lr_t D_z)        (when the solver has a z_radius)
+    z_{t+1} = Proj_{||z|| <= z_radius}(z_t - z_lr_t D_z)        (when z_radius is not None)
     x_{t+1} = x_t - upper_update(D_x)                          (upper_lr_t)
 
 with each step size a number or a schedule of t (bilevel.schedules).
@@ -19,11 +19,11 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from . import lower, oracles, tree, upper
-from .linear_system import project_ball
-from .schedules import StepSize, at
-from .solver import Solver, State
-from .validation import check_positive
+from bilevel import lower, oracles, tree, upper
+from bilevel.linear_system import project_ball
+from bilevel.schedules import StepSize, at
+from bilevel.solver import Solver, State
+from bilevel.validation import check_positive
 
 
 @dataclass
@@ -31,6 +31,8 @@ class SingleLoopSolver(Solver):
     upper_lr: StepSize = 0.1
     lower_lr: StepSize = 0.1
     z_lr: StepSize = 0.1
+    #: a class attribute, not a field: no projection of z unless a subclass declares the field
+    z_radius = None
 
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr", "z_lr")
@@ -51,9 +53,8 @@ class SingleLoopSolver(Solver):
         grad_x_f, grad_y_f = oracles.grad_upper(problem, s.x, y, upper_batch)
         t = s.iteration
         z = tree.axpy(-at(self.z_lr, t), tree.sub(hz, grad_y_f), z)
-        radius = getattr(self, "z_radius", None)
-        if radius is not None:
-            z = project_ball(z, radius)
+        if self.z_radius is not None:
+            z = project_ball(z, self.z_radius)
         direction, upper_state = self.upper_update().update(tree.sub(grad_x_f, cross_z), s.upper)
         y = tree.axpy(-at(self.lower_lr, t), grad_y_g, y)
         return s._replace(x=upper.apply(s.x, direction), lower=s.lower._replace(y=y),

@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import upper
-from .estimators import LinearSystemSGD, Neumann
-from .linear_system import NEUMANN_VARIANTS
-from .solver import ComposedSolver
-from .validation import check_choice, check_count, check_positive, check_positive_or_auto, check_unit
+from bilevel import upper
+from bilevel.estimators import LinearSystemSGD, Neumann
+from bilevel.linear_system import NEUMANN_VARIANTS
+from bilevel.solver import ComposedSolver
+from bilevel.validation import check_choice, check_count, check_positive, check_positive_or_auto, check_unit
 
 HYPERGRADIENTS = ("neumann", "linear_sgd")
 
