@@ -8,10 +8,11 @@ against the no-cleaning baseline, step sizes tuned for it) is the base; overridi
 problem- and solver-specific options, and naming a problem or a preset on the command line (no
 CONFIG file) takes that problem's default run for the preset (its ``RUNS[preset]``: solvers,
 their step sizes, steps, eval_every; see :func:`default_run`) when it has one. Overriding
-``solvers`` drops the options of solvers no longer selected. ``solver=NAME`` is a shorthand for ``solvers=[NAME]``. Problem and solver
-options go under ``problem_options.KEY`` and ``solver_options.SOLVER.KEY``; they are checked
-against the problem's constructor and the solver's dataclass fields (names *and* types), so a
-typo fails at once with the list of valid names.
+``solvers`` drops the options of solvers no longer selected. ``solver=NAME`` is a shorthand for
+``solvers=[NAME]``. Problem and solver options go under ``problem_options.KEY`` and
+``solver_options.SOLVER.KEY``; they are checked against the problem's constructor and the
+solver's dataclass fields (names *and* types), so a typo fails at once with the list of valid
+names.
 """
 from __future__ import annotations
 
