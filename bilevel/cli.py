@@ -28,6 +28,9 @@ def _list(args) -> int:
                 print(f"  {'':<20s}   options: {opts}")
                 for preset, values in presets_of(entry.cls).items():
                     print(f"  {'':<20s}   preset={preset}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+                for preset, run in (getattr(entry.cls, "RUNS", None) or {}).items():
+                    print(f"  {'':<20s}   preset={preset} default run: steps={run.get('steps')}, solvers="
+                          f"[{','.join(run.get('solvers', []))}], solver_options={run.get('solver_options', {})}")
         print()
     return 0
 

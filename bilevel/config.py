@@ -5,11 +5,14 @@
 The schema is :class:`RunConfig`. Without a CONFIG file the embedded main job
 (``bilevel/configs/default.yaml``: hyper-cleaning on scikit-learn's digits, five bilevel solvers
 against the no-cleaning baseline, step sizes tuned for it) is the base; overriding ``problem`` drops its
-problem- and solver-specific options, and overriding ``solvers`` drops the options of solvers no
-longer selected. ``solver=NAME`` is a shorthand for ``solvers=[NAME]``. Problem and solver
-options go under ``problem_options.KEY`` and ``solver_options.SOLVER.KEY``; they are checked
-against the problem's constructor and the solver's dataclass fields (names *and* types), so a
-typo fails at once with the list of valid names.
+problem- and solver-specific options, and naming a problem or a preset on the command line (no
+CONFIG file) takes that problem's default run for the preset (its ``RUNS[preset]``: solvers,
+their step sizes, steps, eval_every; see :func:`default_run`) when it has one. Overriding
+``solvers`` drops the options of solvers no longer selected. ``solver=NAME`` is a shorthand for
+``solvers=[NAME]``. Problem and solver options go under ``problem_options.KEY`` and
+``solver_options.SOLVER.KEY``; they are checked against the problem's constructor and the
+solver's dataclass fields (names *and* types), so a typo fails at once with the list of valid
+names.
 """
 from __future__ import annotations
 
@@ -94,6 +97,12 @@ def load(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfi
         if path is None and "problem" in given and given.problem != base.get("problem"):
             for key in ("preset", "problem_options", "solver_options", "metrics"):  # they belong to its problem
                 base.pop(key, None)
+        if path is None and ("problem" in given or "preset" in given):
+            run = default_run(given.get("problem", base.get("problem")), given.get("preset", base.get("preset")))
+            if run:  # the problem's own default run for this preset replaces the main job's
+                for key in ("solvers", "solver_options", "steps", "eval_every"):
+                    base.pop(key, None)
+                base = OmegaConf.merge(base, OmegaConf.create(run))
         cfg = OmegaConf.merge(_schema(), base, given)
         if "solvers" in given:
             explicit = set(given.get("solver_options") or {})
@@ -231,6 +240,29 @@ def resolve_problem(name: str):
             raise ConfigError(f"problem {name!r}: {class_name} is not a subclass of bilevel.BilevelProblem")
         PROBLEMS.register(name)(cls)
     return PROBLEMS.get(name)
+
+
+def default_run(problem: str, preset: Optional[str]) -> Dict[str, Any]:
+    """The default run of ``problem`` at ``preset``: its class's ``RUNS[preset]`` (keys among
+    solvers, solver_options, steps, eval_every), or {} (unknown problem, no such entry).
+
+    Used by :func:`load` when the command line names a problem or a preset without a config
+    file: ``bilevel run problem=cosh preset=tiny`` runs cosh's own solver set, step sizes and
+    step count instead of the main job's, which are tuned for hyper-cleaning on digits.
+    Explicit ``solvers=``, ``steps=``, ``solver_options.S.K=`` still override it.
+    """
+    if preset is None:
+        return {}
+    try:
+        cls = resolve_problem(problem).cls
+    except (KeyError, ConfigError):  # reported by validate()
+        return {}
+    run = dict((getattr(cls, "RUNS", None) or {}).get(preset) or {})
+    unknown = sorted(set(run) - {"solvers", "solver_options", "steps", "eval_every"})
+    if unknown:
+        raise ConfigError(f"problem {problem!r}: RUNS[{preset!r}] has unknown key(s) {unknown}; "
+                          "valid: solvers, solver_options, steps, eval_every")
+    return run
 
 
 def merged_problem_options(name: str, preset: Optional[str], options) -> Dict[str, Any]:

@@ -45,6 +45,22 @@ class Cosh(BilevelProblem):
     #: "tiny": the deterministic 1-d case; "paper": the noisy 3-d case of the unbounded-smoothness tests.
     PRESETS = {"tiny": {"dim": 1, "noise": None}, "paper": {"dim": 3, "noise": 0.1}}
 
+    #: Default run of ``bilevel run problem=cosh preset=tiny`` (bilevel.config.default_run). At
+    #: x0 = 6, cosh'' = cosh(6) = 202: a gradient step is stable only for upper_lr < 2/202, hence
+    #: 0.005 for the SGD-type solvers (their default 0.1 overflows: the point of this problem);
+    #: normalized steps of length 0.05 need no such care. Measured (seed 0): ||Phi'||^2 4.1e4
+    #: (lower-only) -> 0.01-0.7.
+    RUNS = {
+        "tiny": dict(steps=200, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
+                     solver_options={
+                         "lower-only": dict(lower_lr=0.5),
+                         "soba": dict(upper_lr=0.005, lower_lr=0.5, z_lr=0.5),
+                         "stocbio": dict(upper_lr=0.005, lower_lr=0.5),
+                         "aid-cg": dict(upper_lr=0.005, lower_lr=0.5),
+                         "bo-rep": dict(upper_lr=0.05, lower_lr=0.5),
+                         "slip": dict(upper_lr=0.05, lower_lr=0.5)}),
+    }
+
     def __init__(self, dim: int = 3, x0: float = 6.0, noise: Optional[float] = 0.1, n_noise: int = 1000,
                  seed: int = 0, dtype: str = "float64", lower_condition: float = 1.0):
         """dim: size of x and y; x0: initial value of every x_i and y_i; noise: standard deviation

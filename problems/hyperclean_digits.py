@@ -63,6 +63,21 @@ class HypercleanDigits(LinearClassifierProblem):
         "paper": {"n_train": 1000, "n_val": 300, "n_test": 497, "noise_rate": 0.5},
     }
 
+    #: Default run of ``bilevel run preset=tiny`` (bilevel.config.default_run): the main job's
+    #: solvers for 200 steps; upper_lr 10 instead of the main job's 50 because the hypergradient
+    #: entries scale as 1/n_train (200 here, 1000 there). Measured (seed 0): test accuracy 0.46
+    #: (lower-only) -> 0.56-0.74, detection F1 0 -> 0.72-0.87.
+    RUNS = {
+        "tiny": dict(steps=200, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
+                     solver_options={
+                         "lower-only": dict(lower_lr=0.5),
+                         "soba": dict(upper_lr=10.0, lower_lr=0.5, z_lr=0.5),
+                         "stocbio": dict(upper_lr=10.0, lower_lr=0.5, inner_steps=5, neumann_steps=5, neumann_lr=0.5),
+                         "aid-cg": dict(upper_lr=10.0, lower_lr=0.5, inner_steps=5, cg_steps=5),
+                         "bo-rep": dict(upper_lr=0.3, lower_lr=0.5, neumann_lr=0.5),
+                         "slip": dict(upper_lr=0.3, lower_lr=0.5, neumann_lr=0.5)}),
+    }
+
     def __init__(self, n_train: int = 1000, n_val: int = 300, n_test: int = 497, noise_rate: float = 0.5,
                  reg: float = 1e-3, batch_size: Optional[int] = 128, val_batch_size: Optional[int] = 128,
                  seed: int = 0, dtype: str = "float32", flag_threshold: float = 0.5, sampling: str = "blocks"):

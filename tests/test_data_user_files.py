@@ -303,3 +303,32 @@ def test_modules_do_not_import_datasets_at_import_time():
             "print(sorted(m for m in ('datasets', 'pandas', 'pyarrow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("content, line, rule", [
+    # the last row lost its last field (a download cut off mid-row)
+    ('text,label,id\n"good film",pos,1\n"bad film",neg,2\n"so-so",neg\n', 4, r"2 field\(s\) where the header has 3"),
+    ('text,label\n"good film",pos\nbad,neg\n"so-so"\n', 4, r"1 field\(s\) where the header has 2"),
+    # an unterminated quoted field at the end of the file
+    ('text,label\n"good film",pos\n"bad film",neg\n"so-so, and then', 4, r"a quoted field opened on this line is never closed"),
+])
+def test_table_truncated_csv_is_an_error_naming_file_and_line(tmp_path, hf_cache, content, line, rule):
+    path = tmp_path / "cut.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"cut\.csv, line {line}: {rule}.*truncated"):
+        load_table(path, "text", "label", cache_dir=hf_cache)
+
+
+def test_table_csv_with_multiline_quotes_and_blank_lines_is_complete(tmp_path, hf_cache):
+    path = tmp_path / "ok.csv.gz"
+    import gzip
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write('text,label\n"two\nlines, one field",pos\n\n"bad film",neg\n')
+    data = load_table(path, "text", "label", cache_dir=hf_cache)
+    assert data.texts == ["two\nlines, one field", "bad film"] and data.labels.tolist() == [1, 0]
+    cut = tmp_path / "cut.tsv.bz2"
+    import bz2
+    with bz2.open(cut, "wt", encoding="utf-8") as fh:
+        fh.write("text\tlabel\nhello\ta\nbye\n")
+    with pytest.raises(ValueError, match=r"cut\.tsv\.bz2, line 3: 1 field\(s\) where the header has 2"):
+        load_table(cut, "text", "label", cache_dir=hf_cache)

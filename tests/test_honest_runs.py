@@ -188,6 +188,8 @@ def test_user_problem_errors(user_module, name, message):
 
 def test_inf_metric_and_exploding_iterates_are_diverged_not_ok(tmp_path):
     code, stdout, stderr = run_main(["run", "problem=cosh", "preset=tiny", "solvers=[aid-cg,lower-only]", "steps=200",
+                                     # aid-cg's own defaults, not cosh's tiny run (upper_lr 0.005 is stable)
+                                     "solver_options.aid-cg.upper_lr=0.1", "solver_options.aid-cg.lower_lr=0.1",
                                      "eval_every=100", f"output_dir={tmp_path}", "name=c", "progress=false",
                                      "plot=false"])
     assert code == 1

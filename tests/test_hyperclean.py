@@ -238,7 +238,7 @@ def test_soba_raises_test_accuracy_on_fixture_data(files, case):
 
 def test_tiny_preset_builds_through_the_registry(files):
     problem = make_problem("hyperclean", preset="tiny", data_path=files["rotten-tomatoes"])
-    assert isinstance(problem, Hyperclean) and problem.n_train == 150 and problem.model == "lstm"
+    assert isinstance(problem, Hyperclean) and problem.n_train == 150 and problem.model == "rnn"
     assert problem.n_samples("lower") == 150 and problem.n_samples("upper") == 70
     batch = problem.sample("lower", torch.Generator().manual_seed(0))
     assert batch.dtype == torch.long and batch.shape[0] in (32, 150 % 32) and int(batch.max()) < 150  # a block

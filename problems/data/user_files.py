@@ -20,6 +20,8 @@ name the file: ``FileNotFoundError`` (with the expected layout) for a missing fi
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
@@ -283,6 +285,58 @@ def _table_format(path: str) -> str:
                      f"{sorted(_FORMATS)} (optionally compressed: {list(_COMPRESSION)}) or pass format=")
 
 
+def _open_text(path: str):
+    """``path`` as text, decompressing .gz / .bz2 / .xz; None for another compression."""
+    name = path.lower()
+    if name.endswith(".gz"):
+        import gzip
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    if name.endswith(".bz2"):
+        import bz2
+        return bz2.open(path, "rt", encoding="utf-8", newline="")
+    if name.endswith(".xz"):
+        import lzma
+        return lzma.open(path, "rt", encoding="utf-8", newline="")
+    if name.endswith((".zst", ".zip")):
+        return None
+    return open(path, "r", encoding="utf-8", newline="")
+
+
+def check_csv_complete(path: str, delimiter: str = ",", quotechar: str = '"') -> None:
+    """Raise ``ValueError`` naming ``path`` and the line when the csv file looks truncated.
+
+    pandas (behind ``datasets``) fills the missing fields of a short row with nulls and reports
+    an unterminated quote only as "EOF inside string", so a file cut off mid-row would otherwise
+    load with a silently incomplete last row. Two defects are caught here, with the 1-based
+    line where the record starts: a record with fewer fields than the header, and a quoted field
+    still open at the end of the file. Blank lines are skipped (pandas skips them too); a file
+    this reader cannot parse for another reason is left to ``datasets`` to report.
+    """
+    handle = _open_text(path)
+    if handle is None:
+        return
+    with handle:
+        reader = csv.reader(handle, delimiter=delimiter, quotechar=quotechar, strict=True)
+        header, start = None, 1
+        try:
+            for record in reader:
+                line, start = start, reader.line_num + 1
+                if not record:
+                    continue
+                if header is None:
+                    header = record
+                elif len(record) < len(header):
+                    raise ValueError(
+                        f"{path}, line {line}: {len(record)} field(s) where the header has {len(header)} "
+                        f"({', '.join(header)}); the file looks truncated or the row is malformed")
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                raise ValueError(f"{path}, line {start}: a quoted field opened on this line is never closed; "
+                                 f"the file looks truncated") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
+
+
 def _import_datasets():
     """Import ``datasets`` in offline mode (local files only; no Hub look-ups)."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -315,8 +369,9 @@ def load_table(path: Union[PathLike, Mapping[str, PathLike]], text_column: str, 
 
     Errors: ``ImportError`` if ``datasets`` is missing, ``FileNotFoundError`` for a missing file,
     :class:`MissingFieldError` (a ``KeyError``) naming a missing column and listing the columns,
-    ``ValueError`` naming the file for an unreadable table, an empty text/label cell (with its
-    row) or a label outside ``label_names``.
+    ``ValueError`` naming the file for an unreadable table, a truncated csv (a last row short of
+    fields or an unterminated quoted field: :func:`check_csv_complete`, with its line), an empty
+    text/label cell (with its row) or a label outside ``label_names``.
     """
     if isinstance(path, Mapping):
         files = {str(k): os.fspath(v) for k, v in path.items()}
@@ -340,6 +395,9 @@ def load_table(path: Union[PathLike, Mapping[str, PathLike]], text_column: str, 
         raise ValueError(f"format must be 'csv', 'json' or 'parquet', got {fmt!r}")
     if fmt == "csv" and _strip_compression(file).endswith(".tsv"):
         load_kwargs.setdefault("delimiter", "\t")
+    if fmt == "csv":
+        check_csv_complete(file, load_kwargs.get("delimiter", load_kwargs.get("sep", ",")),
+                           load_kwargs.get("quotechar", '"'))
     datasets = _import_datasets()
     try:
         table = datasets.load_dataset(fmt, data_files={split: file}, split=split,
