@@ -39,6 +39,11 @@ class Registry:
             return cls
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (a no-op when it is not registered), e.g. a user class registered by
+        ``problem=MODULE:CLASS`` whose module is gone."""
+        self._entries.pop(name, None)
+
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True

@@ -111,12 +111,12 @@ class HyperRepresentation(BilevelProblem):
         "tiny": dict(dataset="mnist-5k", encoder="mlp", held_out="samples", labels="original", test_share=0.3,
                      n_way=5, k_support=3, k_query=3, n_train_tasks=60, n_test_tasks=20, tasks_per_batch=4,
                      enc_dim=16, hidden=32, layers=1, head_hidden=0, adapt_steps=10, adapt_lr=0.5),
-        # SLIP hyper-representation (official_algorithms.md section 3.3): SNLI (data_path = an
+        # SLIP hyper-representation (its official code's hyper-representation folder): SNLI (data_path = an
         # InferSent directory), 2 of the 3 labels per task, 10 support + 10 query per label,
         # 500 train / 100 test tasks, 20 tasks per step, the original 3-way labels, 2-layer Elman
         # RNN with 300-d embeddings (GloVe through glove_path), a 1-step test adaptation at 10x
         # the inner lr (0.5). Differs: encoder 256 instead of 4096 and one hidden head layer of
-        # 128 instead of 1024 -> 1024 (section 10); squared 1e-4 ||y||^2 instead of 1e-4 ||y||;
+        # 128 instead of 1024 -> 1024 (reduced to one CPU); squared 1e-4 ||y||^2 instead of 1e-4 ||y||;
         # test tasks come from a held-out 25% of SNLI train instead of SNLI test; the pair
         # features have no Linear(16384 -> 4096) layer; y is never mutated by testing.
         "paper": dict(dataset="snli", encoder="rnn", labels="original", n_way=2, k_support=10, k_query=10,

@@ -12,6 +12,7 @@ import torch
 import bilevel
 from bilevel import FunctionProblem, cli, solve
 from bilevel.problem import ProblemError
+from bilevel.registry import PROBLEMS
 
 Q = ["problem=quadratic", "preset=tiny", "solver=soba", "steps=4", "eval_every=2", "progress=false"]
 
@@ -158,6 +159,8 @@ def user_module(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "usermod", raising=False)
     yield tmp_path
     sys.modules.pop("usermod", None)
+    for name in [n for n in PROBLEMS.names() if n.startswith("usermod:")]:
+        PROBLEMS.unregister(name)  # later tests iterate over every registered problem
     with contextlib.suppress(ValueError):
         sys.path.remove(str(tmp_path))
 
