@@ -163,10 +163,28 @@ def grad_lower_y(problem, x: Tree, y: Tree, batch: Any) -> Tree:
     return _grad_one(problem.lower_loss, "lower_loss", x, y, batch, "y")
 
 
-def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
+def _reverse_graph(problem, x, y, batch):
+    """Leaves (x, y) and grad_y g at them with its graph kept (create_graph): every later
+    product d/d(x, y) <grad_y g, v> is one backward pass through it, no new forward."""
     xl, yl = _leaves(x), _leaves(y)
     loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
-    gy = _grad(loss, yl, create_graph=True)
+    return xl, yl, _grad(loss, yl, create_graph=True)
+
+
+def _vjp_retained(outputs: Tree, inputs: Tree, cotangent: Tree) -> Tree:
+    """:func:`_vjp` keeping the graph of ``outputs`` for the next product."""
+    keys = [k for k, v in outputs.items() if v.requires_grad]
+    if not keys:
+        return {k: torch.zeros_like(v) for k, v in inputs.items()}
+    values = torch.autograd.grad(
+        [outputs[k] for k in keys], list(inputs.values()), grad_outputs=[cotangent[k] for k in keys],
+        retain_graph=True, allow_unused=True, materialize_grads=True,
+    )
+    return {k: v.detach() for k, v in zip(inputs.keys(), values)}
+
+
+def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
+    xl, yl, gy = _reverse_graph(problem, x, y, batch)
     inputs = {**({("y", k): t for k, t in yl.items()} if want_hvp else {}),
               **({("x", k): t for k, t in xl.items()} if want_cross else {})}
     out = _vjp(gy, inputs, v)
@@ -251,6 +269,54 @@ def _second_order(problem, x, y, v, batch, mode, want_hvp, want_cross):
         hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
         return hv, cr
     return _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+
+
+class LowerProducts:
+    """Second-order products of g at one point (x, y) on one batch, sharing one gradient graph.
+
+    Reverse mode builds grad_y g(x, y; batch) once, with its graph (one lower forward and one
+    create_graph backward), on first use; then every product is one backward pass through it,
+
+        hvp(v)   = d/dy <grad_y g, v> = d2_yy g . v,      cross(v) = d/dx <grad_y g, v> = d2_xy g . v,
+
+    with the graph retained until this object is dropped. The values are those of :func:`hvp` and
+    :func:`cross` bit for bit (the same kernels on the same graph); a K-product CG hypergradient
+    runs one lower forward instead of K + 1. Forward mode (``"forward"``) runs one
+    ``torch.func.jvp`` of ``torch.func.grad`` per product, as :func:`hvp` does: a linearization
+    reused across products (``torch.func.linearize``) traces the gradient once per point, which
+    costs about 0.5 s on CPU, far more than the products it would save (bench/README.md).
+    Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
+    """
+
+    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph")
+
+    def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: str = "reverse"):
+        if mode not in HVP_MODES:
+            raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+        self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
+        self._graph = None
+
+    def _products(self, v: Tree, want_hvp: bool, want_cross: bool):
+        if self.mode == "forward":
+            return _forward_second_order(self.problem, self.x, self.y, v, self.batch, want_hvp, want_cross)
+        if self._graph is None:
+            self._graph = _reverse_graph(self.problem, self.x, self.y, self.batch)
+        xl, yl, gy = self._graph
+        inputs = {**({("y", k): t for k, t in yl.items()} if want_hvp else {}),
+                  **({("x", k): t for k, t in xl.items()} if want_cross else {})}
+        out = _vjp_retained(gy, inputs, v)
+        return ({k: out[("y", k)] for k in yl} if want_hvp else None,
+                {k: out[("x", k)] for k in xl} if want_cross else None)
+
+    def hvp(self, v: Tree) -> Tree:
+        """d2_yy g . v. Counts one ``hvp``."""
+        _record("hvp")
+        return self._products(v, True, False)[0]
+
+    def cross(self, v: Tree) -> Tree:
+        """d2_xy g . v, shaped like x. Counts one ``cross``."""
+        _record("cross")
+        return self._products(v, False, True)[1]
 
 
 def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: str = "reverse") -> Tree:
