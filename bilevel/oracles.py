@@ -171,18 +171,6 @@ def _reverse_graph(problem, x, y, batch):
     return xl, yl, _grad(loss, yl, create_graph=True)
 
 
-def _vjp_retained(outputs: Tree, inputs: Tree, cotangent: Tree) -> Tree:
-    """:func:`_vjp` keeping the graph of ``outputs`` for the next product."""
-    keys = [k for k, v in outputs.items() if v.requires_grad]
-    if not keys:
-        return {k: torch.zeros_like(v) for k, v in inputs.items()}
-    values = torch.autograd.grad(
-        [outputs[k] for k in keys], list(inputs.values()), grad_outputs=[cotangent[k] for k in keys],
-        retain_graph=True, allow_unused=True, materialize_grads=True,
-    )
-    return {k: v.detach() for k, v in zip(inputs.keys(), values)}
-
-
 def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
     xl, yl, gy = _reverse_graph(problem, x, y, batch)
     inputs = {**({("y", k): t for k, t in yl.items()} if want_hvp else {}),
@@ -296,27 +284,37 @@ class LowerProducts:
         self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
         self._graph = None
 
-    def _products(self, v: Tree, want_hvp: bool, want_cross: bool):
-        if self.mode == "forward":
-            return _forward_second_order(self.problem, self.x, self.y, v, self.batch, want_hvp, want_cross)
-        if self._graph is None:
-            self._graph = _reverse_graph(self.problem, self.x, self.y, self.batch)
-        xl, yl, gy = self._graph
-        inputs = {**({("y", k): t for k, t in yl.items()} if want_hvp else {}),
-                  **({("x", k): t for k, t in xl.items()} if want_cross else {})}
-        out = _vjp_retained(gy, inputs, v)
-        return ({k: out[("y", k)] for k in yl} if want_hvp else None,
-                {k: out[("x", k)] for k in xl} if want_cross else None)
+    def _build(self):
+        """(outputs, their keys, y leaves, x leaves): the parts of grad_y g's graph that the
+        products pass to ``torch.autograd.grad``, as lists built once."""
+        xl, yl, gy = _reverse_graph(self.problem, self.x, self.y, self.batch)
+        keys = [k for k, t in gy.items() if t.requires_grad]
+        self._graph = ([gy[k] for k in keys], keys, yl, xl)
+        return self._graph
+
+    def _reverse(self, v: Tree, wrt: str) -> Tree:
+        outputs, keys, yl, xl = self._graph or self._build()
+        inputs = yl if wrt == "y" else xl
+        if not keys:  # grad_y g independent of (x, y): every product is zero
+            return {k: torch.zeros_like(t) for k, t in inputs.items()}
+        # Gradients of a graph-free backward (no create_graph) never require grad: no detach.
+        values = torch.autograd.grad(outputs, list(inputs.values()), grad_outputs=[v[k] for k in keys],
+                                     retain_graph=True, allow_unused=True, materialize_grads=True)
+        return dict(zip(inputs, values))
 
     def hvp(self, v: Tree) -> Tree:
         """d2_yy g . v. Counts one ``hvp``."""
         _record("hvp")
-        return self._products(v, True, False)[0]
+        if self.mode == "forward":
+            return _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
+        return self._reverse(v, "y")
 
     def cross(self, v: Tree) -> Tree:
         """d2_xy g . v, shaped like x. Counts one ``cross``."""
         _record("cross")
-        return self._products(v, False, True)[1]
+        if self.mode == "forward":
+            return _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
+        return self._reverse(v, "x")
 
 
 def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: str = "reverse") -> Tree:
