@@ -117,7 +117,8 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
     p = tree.clone(r)
     rr = tree.sq_norm(r)
     eps = torch.finfo(rr.dtype).eps
-    threshold = (max(tol, eps) * tree.norm(b)) ** 2
+    b_norm = rr.sqrt() if init is None else tree.norm(b)  # cold: r = b, so ||b|| = sqrt(rr) exactly
+    threshold = (max(tol, eps) * b_norm) ** 2
     if host_sync is None:
         host_sync = tol > 0 or all(t.device.type == "cpu" for t in b.values())
     if not host_sync:

@@ -112,8 +112,8 @@ def _scalar(value: Tensor, which: str) -> Tensor:
 def _grad_both(loss_fn, which: str, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
     xl, yl = _leaves(x), _leaves(y)
     loss = _scalar(loss_fn(xl, yl, batch), which)
-    g = _grad(loss, {**{("x", k): v for k, v in xl.items()}, **{("y", k): v for k, v in yl.items()}})
-    return ({k: g[("x", k)] for k in x}, {k: g[("y", k)] for k in y})
+    grads = torch.autograd.grad(loss, [*xl.values(), *yl.values()], allow_unused=True, materialize_grads=True)
+    return dict(zip(xl, grads[:len(xl)])), dict(zip(yl, grads[len(xl):]))
 
 
 def grad_upper(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
