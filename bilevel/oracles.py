@@ -276,13 +276,14 @@ class LowerProducts:
     Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
     """
 
-    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph")
+    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse")
 
     def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: str = "reverse"):
         if mode not in HVP_MODES:
             raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
         self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
         self._graph = None
+        self._sparse = set()  # "x" / "y" when some of those leaves do not enter grad_y g
 
     def _build(self):
         """(outputs, their keys, y leaves, x leaves): the parts of grad_y g's graph that the
@@ -298,8 +299,18 @@ class LowerProducts:
         if not keys:  # grad_y g independent of (x, y): every product is zero
             return {k: torch.zeros_like(t) for k, t in inputs.items()}
         # Gradients of a graph-free backward (no create_graph) never require grad: no detach.
-        values = torch.autograd.grad(outputs, list(inputs.values()), grad_outputs=[v[k] for k in keys],
-                                     retain_graph=True, allow_unused=True, materialize_grads=True)
+        # Every leaf is assumed to enter the graph (the cheaper call) until one does not; then
+        # unused leaves get zeros for the rest of this graph's products.
+        leaves, cotangents = list(inputs.values()), [v[k] for k in keys]
+        if wrt not in self._sparse:
+            try:
+                return dict(zip(inputs, torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)))
+            except RuntimeError as error:
+                if "not have been used in the graph" not in str(error):
+                    raise
+                self._sparse.add(wrt)
+        values = torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True, allow_unused=True,
+                                     materialize_grads=True)
         return dict(zip(inputs, values))
 
     def hvp(self, v: Tree) -> Tree:

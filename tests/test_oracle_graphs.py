@@ -304,3 +304,23 @@ def test_masked_cg_keeps_truncation_semantics(diag, at, host_sync):
         assert_same_bits(got, b)
     with pytest.raises(ValueError, match="non-positive curvature"):
         linear_system.conjugate_gradient(mv, b, steps=3, host_sync=host_sync)
+
+
+def test_products_with_leaves_outside_the_gradient_graph_are_zero_there():
+    """g = 1/2 ||a||^2 + <x_1, a> + 3 sum(b): grad_b g is constant and grad_a g = a + x_1 does not
+    involve b or x_2, so d2_yy g . v = (v_a, 0) and d2_xy g . v = (v_a, 0)."""
+    from bilevel.oracles import LowerProducts
+    from bilevel.problem import FunctionProblem
+
+    problem = FunctionProblem(
+        upper_loss=lambda x, y, b: (y["a"] ** 2).sum(),
+        lower_loss=lambda x, y, b: 0.5 * (y["a"] ** 2).sum() + x["x1"] @ y["a"] + 3 * y["b"].sum(),
+        x0={"x1": torch.ones(2, dtype=DT), "x2": torch.ones(3, dtype=DT)},
+        y0={"a": torch.ones(2, dtype=DT), "b": torch.ones(4, dtype=DT)})
+    x, y = problem.init(None)
+    v = {"a": torch.tensor([2.0, -1.0], dtype=DT), "b": torch.arange(4, dtype=DT)}
+    products = LowerProducts(problem, x, y, None)
+    for _ in range(2):  # the second call takes the remembered sparse path
+        hv, cr = products.hvp(v), products.cross(v)
+        assert_same_bits(hv, {"a": v["a"], "b": torch.zeros(4, dtype=DT)})
+        assert_same_bits(cr, {"x1": v["a"], "x2": torch.zeros(3, dtype=DT)})
