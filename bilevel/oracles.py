@@ -18,6 +18,9 @@ Second-order products have two modes:
   that fails too, falls back to reverse mode with a one-time warning.
 
 Calls are counted in every active :func:`count_calls` context, so solvers need no bookkeeping.
+
+:class:`LowerProducts` holds one lower-gradient graph at a point and batch and takes any number
+of products from it; :func:`bilevel.hypergrad.implicit` uses one per distinct batch.
 """
 from __future__ import annotations
 
