@@ -54,6 +54,10 @@ def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cr
     given a :class:`PerProduct`, the k-th product its k-th batch; a ValueError when the solver
     asks for more products than there are batches) and the cross product ``cross_batch``
     (independent draws unless the caller passes the same one).
+    Each distinct batch object gets one lower-gradient graph
+    (:class:`~bilevel.oracles.LowerProducts`): all products on one shared batch, and the cross
+    product when it is that batch, cost one lower forward; the values and oracle counts are
+    those of one :func:`~bilevel.oracles.hvp` / :func:`~bilevel.oracles.cross` call per product.
     Returns ``(hypergradient, v)``.
     """
     gx_f, gy_f = grad_upper(problem, x, y, upper_batch)
@@ -86,6 +90,7 @@ def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cr
         return products_on(batch).hvp(u)
 
     v = solve(matvec, gy_f)
+    kept[:] = [entry for entry in kept if entry[0] is cross_batch]  # free the Hessian batch's graph first
     return tree.sub(gx_f, products_on(cross_batch).cross(v)), v
 
 
