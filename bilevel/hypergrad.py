@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import linear_system, tree
-from .oracles import _leaves, _record, _scalar, cross, grad_upper, hvp
+from .oracles import LowerProducts, _leaves, _record, _scalar, grad_upper
 from .tree import Tree
 
 LinearSolver = Callable[..., Tree]
@@ -54,10 +54,28 @@ def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cr
     given a :class:`PerProduct`, the k-th product its k-th batch; a ValueError when the solver
     asks for more products than there are batches) and the cross product ``cross_batch``
     (independent draws unless the caller passes the same one).
+    Each distinct batch object gets one lower-gradient graph
+    (:class:`~bilevel.oracles.LowerProducts`): all products on one shared batch, and the cross
+    product when it is that batch, cost one lower forward; the values and oracle counts are
+    those of one :func:`~bilevel.oracles.hvp` / :func:`~bilevel.oracles.cross` call per product.
     Returns ``(hypergradient, v)``.
     """
     gx_f, gy_f = grad_upper(problem, x, y, upper_batch)
     per_product = isinstance(hessian_batch, PerProduct)
+    # One gradient graph per distinct batch object: every product on the shared Hessian batch
+    # (and the cross product when it is the same batch) comes from one lower forward. A
+    # per-product batch used by no other product gets a graph of its own, dropped after use.
+    kept = []
+
+    def products_on(batch) -> LowerProducts:
+        for held, products in kept:
+            if held is batch:
+                return products
+        products = LowerProducts(problem, x, y, batch, hvp_mode)
+        if batch is cross_batch or not per_product:
+            kept.append((batch, products))
+        return products
+
     used = 0
 
     def matvec(u: Tree) -> Tree:
@@ -69,10 +87,11 @@ def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cr
                                  f"draw holds {len(hessian_batch)} per-product batches")
             batch = hessian_batch[used]
         used += 1
-        return hvp(problem, x, y, u, batch, mode=hvp_mode)
+        return products_on(batch).hvp(u)
 
     v = solve(matvec, gy_f)
-    return tree.sub(gx_f, cross(problem, x, y, v, cross_batch, mode=hvp_mode)), v
+    kept[:] = [entry for entry in kept if entry[0] is cross_batch]  # free the Hessian batch's graph first
+    return tree.sub(gx_f, products_on(cross_batch).cross(v)), v
 
 
 #: Largest dense [d2_yy g, d2_yx g] block ``exact`` builds (bytes); larger problems get an error.
@@ -234,8 +253,19 @@ def method_options(method: str) -> Dict[str, Any]:
     """The options ``method`` accepts, with their defaults (``inspect.Parameter.empty``: required)."""
     if method not in METHODS:
         raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")
-    params = list(inspect.signature(METHODS[method]).parameters.values())[5:]
-    return {p.name: p.default for p in params}
+    return dict(_options_of(METHODS[method]))
+
+
+_OPTIONS: Dict[Callable[..., Tree], Dict[str, Any]] = {}
+
+
+def _options_of(function: Callable[..., Tree]) -> Dict[str, Any]:
+    """The keyword options of a METHODS entry, read from its signature once per function."""
+    options = _OPTIONS.get(function)
+    if options is None:
+        params = list(inspect.signature(function).parameters.values())[5:]
+        options = _OPTIONS[function] = {p.name: p.default for p in params}
+    return options
 
 
 def hypergradient(problem, x: Tree, y: Tree, upper_batch: Any = None, lower_batch: Any = None,

@@ -49,7 +49,7 @@ def truncation_warnings() -> Iterator[TruncationLog]:
         _RUNS.remove(log)
 
 
-def _report_truncation(curvature, iteration: int) -> None:
+def _report_truncation(curvature, iteration: int, stacklevel: int = 3) -> None:
     runs = _RUNS[-1:]
     first = not runs or runs[0].count == 0
     for log in runs:
@@ -61,11 +61,12 @@ def _report_truncation(curvature, iteration: int) -> None:
             f"conjugate gradient truncated at non-positive curvature <p, A p> = {float(curvature):.3e} "
             f"(iteration {iteration}): the lower-level Hessian is not positive definite here; returning "
             f"{fallback}. Reported once per run; later truncations are counted silently.",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning, stacklevel=stacklevel)
 
 
 def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Optional[Tree] = None,
-                       tol: float = 0.0, negative_curvature: str = "raise") -> Tree:
+                       tol: float = 0.0, negative_curvature: str = "raise",
+                       host_sync: Optional[bool] = None) -> Tree:
     """Conjugate gradient, at most ``steps`` products, stopping when ||r|| <= max(tol, eps) ||b||
     (eps: the dtype's machine epsilon, below which the recursion only amplifies round-off).
 
@@ -97,6 +98,16 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
       The warm start is then discarded and the cold answer b returned.
 
     Either way a RuntimeWarning is issued, once per run inside :func:`truncation_warnings`.
+
+    ``host_sync`` chooses how the stopping and curvature tests are read. ``True``: into Python at
+    every iteration, stopping at the first one that holds (fewest products). ``False``: as masks
+    (``torch.where``) on the device, all ``steps`` products always computed, a finished or
+    truncated iterate frozen by zero step sizes, and one read at the end (to raise or warn): no
+    host synchronisation per iteration, the choice on an accelerator, where each read waits for
+    the device. Both return the same v (bit for bit in float64 while no test fires; after a
+    stop the masked loop's extra products are discarded but counted). ``None`` (default): per
+    iteration when ``tol > 0`` or ``b`` lives on the CPU (where reading a scalar costs no
+    synchronisation), masked otherwise.
     """
     _check_steps(steps)
     if negative_curvature not in NEGATIVE_CURVATURE:
@@ -106,27 +117,70 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
     p = tree.clone(r)
     rr = tree.sq_norm(r)
     eps = torch.finfo(rr.dtype).eps
-    threshold = (max(tol, eps) * tree.norm(b)) ** 2
+    b_norm = rr.sqrt() if init is None else tree.norm(b)  # cold: r = b, so ||b|| = sqrt(rr) exactly
+    threshold = (max(tol, eps) * b_norm) ** 2
+    if host_sync is None:
+        host_sync = tol > 0 or all(t.device.type == "cpu" for t in b.values())
+    if not host_sync:
+        return _masked_cg(matvec, b, v, r, p, rr, threshold, steps, negative_curvature)
     for k in range(steps):
         if rr <= threshold:
             break
         ap = matvec(p)
         curvature = tree.dot(p, ap)
         if curvature <= 0:
-            if negative_curvature == "truncate":
-                _report_truncation(curvature, k)
-                if k == 0:
-                    v = tree.clone(b)
-                break
-            raise ValueError(
-                f"conjugate gradient met non-positive curvature <p, A p> = {float(curvature):.3e}: "
-                "the lower-level Hessian is not positive definite at this point")
+            _non_positive(curvature, k, negative_curvature, depth=2)
+            if k == 0:
+                v = tree.clone(b)
+            break
         alpha = rr / curvature
         v = tree.axpy(alpha, p, v)
         r = tree.axpy(-alpha, ap, r)
         rr_new = tree.sq_norm(r)
         p = tree.axpy(rr_new / rr, p, r)
         rr = rr_new
+    return v
+
+
+def _non_positive(curvature, iteration: int, negative_curvature: str, depth: int) -> None:
+    """Warn (truncate) or raise at non-positive curvature met at ``iteration``; ``depth``: frames
+    between here and the caller of :func:`conjugate_gradient`, whom the warning names."""
+    if negative_curvature == "truncate":
+        _report_truncation(curvature, iteration, depth + 2)
+        return
+    raise ValueError(
+        f"conjugate gradient met non-positive curvature <p, A p> = {float(curvature):.3e}: "
+        "the lower-level Hessian is not positive definite at this point")
+
+
+def _masked_cg(matvec, b, v, r, p, rr, threshold, steps, negative_curvature):
+    """The CG loop of :func:`conjugate_gradient` without host reads: ``active`` is a 0-d bool
+    tensor; once the residual test or a non-positive curvature switches it off, alpha = beta = 0
+    freeze v. The first non-positive curvature and its iteration are kept as tensors and read
+    once after the loop."""
+    active = torch.ones((), dtype=torch.bool, device=rr.device)
+    zero = torch.zeros((), dtype=rr.dtype, device=rr.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=rr.device)
+    bad_curvature = zero
+    for k in range(steps):
+        active = active & (rr > threshold)
+        ap = matvec(p)
+        curvature = tree.dot(p, ap)
+        bad = active & (curvature <= 0)
+        first_bad = torch.where(bad, k, first_bad)
+        bad_curvature = torch.where(bad, curvature, bad_curvature)
+        active = active & ~bad
+        alpha = torch.where(active, rr / curvature, zero)
+        v = tree.axpy(alpha, p, v)
+        r = tree.axpy(-alpha, ap, r)
+        rr_new = tree.sq_norm(r)
+        p = tree.axpy(torch.where(active, rr_new / rr, zero), p, r)
+        rr = torch.where(active, rr_new, rr)
+    iteration = int(first_bad)  # the one host read
+    if iteration >= 0:
+        _non_positive(bad_curvature, iteration, negative_curvature, depth=3)
+        if iteration == 0:
+            v = tree.clone(b)
     return v
 
 
@@ -183,24 +237,20 @@ def neumann_series(matvec: Matvec, b: Tree, *, steps: int = 10, lr: float,
         if variant == "randomized":
             return tree.scale(power(tree.clone(b), q), (steps + 1) * lr)
         return tree.scale(power(tree.clone(b), q + 1), lr)
-    terms = [tree.clone(b)]
+    # Running sums, not a list of terms: memory stays flat in Q. Same additions in the same order
+    # as summing the list u_0, ..., u_Q left to right, so the values are unchanged bit for bit.
+    u = tree.clone(b)
+    total = u if variant == "sum" else None  # "sum": sum_{q=0}^{Q} u_q; else tail sum_{q=1}^{Q} u_q
     for _ in range(steps):
-        terms.append(power(terms[-1], 1))
+        u = power(u, 1)
+        total = u if total is None else tree.add(total, u)
     if variant == "sum":
-        return tree.scale(_sum(terms), lr)
-    tail = _sum(terms[1:])  # sum_{q=1}^{Q} u_q
+        return tree.scale(total, lr)
     if variant == "code_n2":
-        return tree.scale(tail, lr)
+        return tree.scale(total, lr)
     if variant == "code_n3":
-        return tree.axpy(lr, terms[-1], tail)
-    return tree.scale(tree.add(terms[-1], tail), lr)  # code_n4
-
-
-def _sum(trees):
-    total = trees[0]
-    for t in trees[1:]:
-        total = tree.add(total, t)
-    return total
+        return tree.axpy(lr, u, total)
+    return tree.scale(tree.add(u, total), lr)  # code_n4
 
 
 def _term_bound(steps: int, variant: str) -> int:

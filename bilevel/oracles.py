@@ -18,6 +18,9 @@ Second-order products have two modes:
   that fails too, falls back to reverse mode with a one-time warning.
 
 Calls are counted in every active :func:`count_calls` context, so solvers need no bookkeeping.
+
+:class:`LowerProducts` holds one lower-gradient graph at a point and batch and takes any number
+of products from it; :func:`bilevel.hypergrad.implicit` uses one per distinct batch.
 """
 from __future__ import annotations
 
@@ -112,8 +115,8 @@ def _scalar(value: Tensor, which: str) -> Tensor:
 def _grad_both(loss_fn, which: str, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
     xl, yl = _leaves(x), _leaves(y)
     loss = _scalar(loss_fn(xl, yl, batch), which)
-    g = _grad(loss, {**{("x", k): v for k, v in xl.items()}, **{("y", k): v for k, v in yl.items()}})
-    return ({k: g[("x", k)] for k in x}, {k: g[("y", k)] for k in y})
+    grads = torch.autograd.grad(loss, [*xl.values(), *yl.values()], allow_unused=True, materialize_grads=True)
+    return dict(zip(xl, grads[:len(xl)])), dict(zip(yl, grads[len(xl):]))
 
 
 def grad_upper(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
@@ -163,10 +166,16 @@ def grad_lower_y(problem, x: Tree, y: Tree, batch: Any) -> Tree:
     return _grad_one(problem.lower_loss, "lower_loss", x, y, batch, "y")
 
 
-def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
+def _reverse_graph(problem, x, y, batch):
+    """Leaves (x, y) and grad_y g at them with its graph kept (create_graph): every later
+    product d/d(x, y) <grad_y g, v> is one backward pass through it, no new forward."""
     xl, yl = _leaves(x), _leaves(y)
     loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
-    gy = _grad(loss, yl, create_graph=True)
+    return xl, yl, _grad(loss, yl, create_graph=True)
+
+
+def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
+    xl, yl, gy = _reverse_graph(problem, x, y, batch)
     inputs = {**({("y", k): t for k, t in yl.items()} if want_hvp else {}),
               **({("x", k): t for k, t in xl.items()} if want_cross else {})}
     out = _vjp(gy, inputs, v)
@@ -251,6 +260,75 @@ def _second_order(problem, x, y, v, batch, mode, want_hvp, want_cross):
         hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
         return hv, cr
     return _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+
+
+class LowerProducts:
+    """Second-order products of g at one point (x, y) on one batch, sharing one gradient graph.
+
+    Reverse mode builds grad_y g(x, y; batch) once, with its graph (one lower forward and one
+    create_graph backward), on first use; then every product is one backward pass through it,
+
+        hvp(v)   = d/dy <grad_y g, v> = d2_yy g . v,      cross(v) = d/dx <grad_y g, v> = d2_xy g . v,
+
+    with the graph retained until this object is dropped. The values are those of :func:`hvp` and
+    :func:`cross` bit for bit (the same kernels on the same graph); a K-product CG hypergradient
+    runs one lower forward instead of K + 1. Forward mode (``"forward"``) runs one
+    ``torch.func.jvp`` of ``torch.func.grad`` per product, as :func:`hvp` does: a linearization
+    reused across products (``torch.func.linearize``) traces the gradient once per point, which
+    costs about 0.5 s on CPU, far more than the products it would save (bench/README.md).
+    Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
+    """
+
+    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse")
+
+    def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: str = "reverse"):
+        if mode not in HVP_MODES:
+            raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+        self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
+        self._graph = None
+        self._sparse = set()  # "x" / "y" when some of those leaves do not enter grad_y g
+
+    def _build(self):
+        """(outputs, their keys, y leaves, x leaves): the parts of grad_y g's graph that the
+        products pass to ``torch.autograd.grad``, as lists built once."""
+        xl, yl, gy = _reverse_graph(self.problem, self.x, self.y, self.batch)
+        keys = [k for k, t in gy.items() if t.requires_grad]
+        self._graph = ([gy[k] for k in keys], keys, yl, xl)
+        return self._graph
+
+    def _reverse(self, v: Tree, wrt: str) -> Tree:
+        outputs, keys, yl, xl = self._graph or self._build()
+        inputs = yl if wrt == "y" else xl
+        if not keys:  # grad_y g independent of (x, y): every product is zero
+            return {k: torch.zeros_like(t) for k, t in inputs.items()}
+        # Gradients of a graph-free backward (no create_graph) never require grad: no detach.
+        # Every leaf is assumed to enter the graph (the cheaper call) until one does not; then
+        # unused leaves get zeros for the rest of this graph's products.
+        leaves, cotangents = list(inputs.values()), [v[k] for k in keys]
+        if wrt not in self._sparse:
+            try:
+                return dict(zip(inputs, torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)))
+            except RuntimeError as error:
+                if "not have been used in the graph" not in str(error):
+                    raise
+                self._sparse.add(wrt)
+        values = torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True, allow_unused=True,
+                                     materialize_grads=True)
+        return dict(zip(inputs, values))
+
+    def hvp(self, v: Tree) -> Tree:
+        """d2_yy g . v. Counts one ``hvp``."""
+        _record("hvp")
+        if self.mode == "forward":
+            return _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
+        return self._reverse(v, "y")
+
+    def cross(self, v: Tree) -> Tree:
+        """d2_xy g . v, shaped like x. Counts one ``cross``."""
+        _record("cross")
+        if self.mode == "forward":
+            return _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
+        return self._reverse(v, "x")
 
 
 def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: str = "reverse") -> Tree:
