@@ -42,7 +42,7 @@ from . import report
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .logging import JsonlLogger, ProgressBar, WandbLogger, _jsonable
 from .problem import ProblemError, validate
-from .registry import make_problem, make_solver
+from .registry import make_problem
 from .solve import Callback, NonFiniteError, Result, metric_values, solve
 
 #: Record keys that are always present besides the problem's metrics.

@@ -21,7 +21,6 @@ name the file: ``FileNotFoundError`` (with the expected layout) for a missing fi
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
