@@ -7,7 +7,7 @@ error by (1 - lr mu) per product: lr = 1/L is the usual safe and fast choice (Gh
 user rarely knows, so a step given as ``"auto"`` is estimated here at the solver's initial point.
 
 Power iteration on the Hessian of ONE lower batch, ``iterations`` Hessian-vector products
-through :func:`bilevel.oracles.hvp` (so they are counted as oracle calls like any other):
+through one :class:`bilevel.oracles.LowerProducts` graph (counted as oracle calls like any other):
 
     u_0 ~ N(0, I) (from the run's generator),   w_k = H u_k,   u_{k+1} = w_k / ||w_k||
     L_hat = max_k ||w_k||         (<= max |eigenvalue of H|, >= the Rayleigh quotient <u_k, w_k>)
@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from . import tree
-from .oracles import hvp
+from .oracles import LowerProducts
 from .tree import Tree
 
 #: Hessian-vector products of the power iteration behind an "auto" step.
@@ -54,9 +54,9 @@ def largest_eigenvalue(problem, x: Tree, y: Tree, batch: Any, *, iterations: int
         raise ValueError(f"power iterations must be an integer >= 1, got {iterations!r}")
     u = _normal_like(y, generator)
     u = tree.scale(u, 1.0 / float(tree.norm(u)))
-    estimate = 0.0
+    products, estimate = LowerProducts(problem, x, y, batch, mode=hvp_mode), 0.0
     for _ in range(iterations):
-        w = hvp(problem, x, y, u, batch, mode=hvp_mode)
+        w = products.hvp(u)
         size = float(tree.norm(w))
         if not torch.isfinite(torch.tensor(size)):
             raise ValueError(f"power iteration on the lower Hessian gave a non-finite product norm ({size})")
