@@ -20,9 +20,9 @@ Sources and readers (each returns a list of :class:`Document`, ordered as in the
 Planted noise (:func:`plant_noise`): low-quality documents with a ground-truth label ``noise``,
 each derived from a clean pool document (``origin``): ``shuffled`` (its tokens permuted),
 ``random`` (uniform tokens from the pool's vocabulary), ``spam`` (one of its n-grams repeated),
-``markup`` (its tokens buried in raw wiki markup). This follows the synthetic-corruption protocol
-used to evaluate data selection (e.g. Grangier et al., "Bilevel Data Selection for Language Model
-Pretraining"/BLISS line of work; Xie et al. 2023, DSIR), where selection should down-weight them.
+``markup`` (its tokens buried in raw wiki markup). The labels are a ground truth that a data
+selection method (e.g. BLISS, "A Lightweight Bilevel Influence Scoring Method for Data Selection
+in Language Model Pretraining", arXiv:2510.06048) should learn to down-weight.
 
 Splits (:func:`make_splits`), disjoint by document id:
 
