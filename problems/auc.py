@@ -58,6 +58,7 @@ from .batches import sampling_option, select
 from .options import check_int, check_real
 from .text_classifier import (TextClassifierProblem, batch_tokens, build_classifier, check_common_options,
                               check_model_options, encode_splits, load_text, predict)
+from .runs import default_run
 
 NAME = "auc"
 DATASETS = ("rotten-tomatoes", "sent140", "table")
@@ -160,15 +161,14 @@ class DeepAUC(TextClassifierProblem):
     #: Measured (seed 0, real Rotten Tomatoes): test AUC 0.528 (lower-only, which only fits
     #: alpha) -> 0.542-0.551.
     RUNS = {
-        "tiny": dict(steps=60, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
-                     solver_options={
-                         "lower-only": dict(lower_lr=0.1),
-                         "soba": dict(upper_lr=dict(value=0.1, decay=0.5), lower_lr=dict(value=0.1, decay=0.5),
-                                      z_lr=dict(value=0.1, decay=0.5)),
-                         "stocbio": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=2, neumann_steps=3, neumann_lr=0.1),
-                         "aid-cg": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=2, cg_steps=3),
-                         "bo-rep": dict(upper_lr=0.01, lower_lr=0.1, neumann_steps=3, neumann_lr=0.1),
-                         "slip": dict(upper_lr=0.01, lower_lr=0.1, neumann_steps=3, neumann_lr=0.1)}),
+        "tiny": default_run(steps=60, eval_every=20, solver_options={
+            "lower-only": dict(lower_lr=0.1),
+            "soba": dict(upper_lr=dict(value=0.1, decay=0.5), lower_lr=dict(value=0.1, decay=0.5),
+                         z_lr=dict(value=0.1, decay=0.5)),
+            "stocbio": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=2, neumann_steps=3, neumann_lr=0.1),
+            "aid-cg": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=2, cg_steps=3),
+            "bo-rep": dict(upper_lr=0.01, lower_lr=0.1, neumann_steps=3, neumann_lr=0.1),
+            "slip": dict(upper_lr=0.01, lower_lr=0.1, neumann_steps=3, neumann_lr=0.1)}),
     }
 
     def __init__(self, dataset: str = "rotten-tomatoes", data_path: Optional[str] = None,

@@ -32,6 +32,7 @@ from bilevel.problem import BilevelProblem, check_level
 from bilevel.registry import register_problem
 
 from .options import check_dtype, check_int, check_real
+from .runs import default_run
 
 NAME = "cosh"
 
@@ -51,14 +52,13 @@ class Cosh(BilevelProblem):
     #: normalized steps of length 0.05 need no such care. Measured (seed 0): ||Phi'||^2 4.1e4
     #: (lower-only) -> 0.01-0.7.
     RUNS = {
-        "tiny": dict(steps=200, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
-                     solver_options={
-                         "lower-only": dict(lower_lr=0.5),
-                         "soba": dict(upper_lr=0.005, lower_lr=0.5, z_lr=0.5),
-                         "stocbio": dict(upper_lr=0.005, lower_lr=0.5),
-                         "aid-cg": dict(upper_lr=0.005, lower_lr=0.5),
-                         "bo-rep": dict(upper_lr=0.05, lower_lr=0.5),
-                         "slip": dict(upper_lr=0.05, lower_lr=0.5)}),
+        "tiny": default_run(steps=200, eval_every=20, solver_options={
+            "lower-only": dict(lower_lr=0.5),
+            "soba": dict(upper_lr=0.005, lower_lr=0.5, z_lr=0.5),
+            "stocbio": dict(upper_lr=0.005, lower_lr=0.5),
+            "aid-cg": dict(upper_lr=0.005, lower_lr=0.5),
+            "bo-rep": dict(upper_lr=0.05, lower_lr=0.5),
+            "slip": dict(upper_lr=0.05, lower_lr=0.5)}),
     }
 
     def __init__(self, dim: int = 3, x0: float = 6.0, noise: Optional[float] = 0.1, n_noise: int = 1000,

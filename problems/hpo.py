@@ -57,6 +57,7 @@ from .batches import sampling_option
 from .digits import load_digits_arrays, load_sklearn_bundled, split_indices, standardize
 from .linear_classifier import LinearClassifierProblem, logits, select
 from .options import check_choice, check_dtype, check_int, check_real, option_error
+from .runs import default_run
 
 NAME = "hpo"
 REGULARIZATIONS = ("per-feature", "per-class")
@@ -107,14 +108,13 @@ class HyperparameterOptimization(LinearClassifierProblem):
     #: lower SGD overflows once the penalties grow). Measured (seed 0): val_loss 0.210
     #: (lower-only) -> 0.13-0.20.
     RUNS = {
-        "tiny": dict(steps=200, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
-                     solver_options={
-                         "lower-only": dict(lower_lr=0.5),
-                         "soba": dict(upper_lr=1.0, lower_lr=0.5, z_lr=0.5),
-                         "stocbio": dict(upper_lr=1.0, lower_lr=0.5, inner_steps=5, neumann_steps=5),
-                         "aid-cg": dict(upper_lr=1.0, lower_lr=0.5, inner_steps=5, cg_steps=5),
-                         "bo-rep": dict(upper_lr=0.05, lower_lr=0.05),
-                         "slip": dict(upper_lr=0.05, lower_lr=0.05)}),
+        "tiny": default_run(steps=200, eval_every=20, solver_options={
+            "lower-only": dict(lower_lr=0.5),
+            "soba": dict(upper_lr=1.0, lower_lr=0.5, z_lr=0.5),
+            "stocbio": dict(upper_lr=1.0, lower_lr=0.5, inner_steps=5, neumann_steps=5),
+            "aid-cg": dict(upper_lr=1.0, lower_lr=0.5, inner_steps=5, cg_steps=5),
+            "bo-rep": dict(upper_lr=0.05, lower_lr=0.05),
+            "slip": dict(upper_lr=0.05, lower_lr=0.05)}),
     }
 
     def __init__(self, dataset: str = "breast-cancer", regularization: Optional[str] = None,

@@ -42,6 +42,7 @@ from .models import squared_norm
 from .options import check_int, check_real
 from .text_classifier import (TextClassifierProblem, batch_tokens, build_classifier, check_common_options,
                               check_model_options, encode_splits, load_text, predict)
+from .runs import default_run
 
 NAME = "hpo-rnn"
 DATASETS = ("rotten-tomatoes", "sent140", "amazon", "table")
@@ -81,14 +82,13 @@ class RecurrentHPO(TextClassifierProblem):
     #: val_loss 0.717 (lower-only) -> 0.690 (aid-cg, bo-rep, slip), but 0.725 (stocbio) and
     #: 0.736 (soba); test accuracy stays near the majority rate 0.545 (200 training reviews).
     RUNS = {
-        "tiny": dict(steps=60, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
-                     solver_options={
-                         "lower-only": dict(lower_lr=0.5),
-                         "soba": dict(upper_lr=20.0, lower_lr=0.5, z_lr=0.5),
-                         "stocbio": dict(upper_lr=50.0, lower_lr=0.5, inner_steps=2, neumann_steps=3, neumann_lr=0.1),
-                         "aid-cg": dict(upper_lr=5.0, lower_lr=0.5, inner_steps=2, cg_steps=3),
-                         "bo-rep": dict(upper_lr=0.1, lower_lr=0.5, neumann_steps=3, neumann_lr=0.1),
-                         "slip": dict(upper_lr=0.1, lower_lr=0.5, neumann_steps=3, neumann_lr=0.1)}),
+        "tiny": default_run(steps=60, eval_every=20, solver_options={
+            "lower-only": dict(lower_lr=0.5),
+            "soba": dict(upper_lr=20.0, lower_lr=0.5, z_lr=0.5),
+            "stocbio": dict(upper_lr=50.0, lower_lr=0.5, inner_steps=2, neumann_steps=3, neumann_lr=0.1),
+            "aid-cg": dict(upper_lr=5.0, lower_lr=0.5, inner_steps=2, cg_steps=3),
+            "bo-rep": dict(upper_lr=0.1, lower_lr=0.5, neumann_steps=3, neumann_lr=0.1),
+            "slip": dict(upper_lr=0.1, lower_lr=0.5, neumann_steps=3, neumann_lr=0.1)}),
     }
 
     def __init__(self, dataset: str = "rotten-tomatoes", data_path: Optional[str] = None,

@@ -69,6 +69,7 @@ from .digits import corrupt_labels, split_indices, standardize
 from .cleaning import check_cleaning_options, detection_auc, detection_scores
 from .models import MLP, Classifier, FunctionalModel, PairEncoder, RecurrentEncoder, cross_entropy, squared_norm
 from .options import check_choice, check_dtype, check_int
+from .runs import default_run
 
 FEATURE_DATASETS = ("digits", "mnist-5k")
 TEXT_DATASETS = ("rotten-tomatoes", "sent140", "snli", "table")
@@ -122,14 +123,13 @@ class Hyperclean(IndexBatches, BilevelProblem):
     #: predictions flip between the two classes. Measured (seed 0, real Rotten Tomatoes, 70 test
     #: reviews): test accuracy 0.56 (lower-only) -> 0.44-0.56, detection F1 0 -> 0-0.60.
     RUNS = {
-        "tiny": dict(steps=40, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
-                     solver_options={
-                         "lower-only": dict(lower_lr=2.0),
-                         "soba": dict(upper_lr=10.0, lower_lr=2.0, z_lr=0.1),
-                         "stocbio": dict(upper_lr=10.0, lower_lr=2.0, inner_steps=2, neumann_steps=3, neumann_lr=0.5),
-                         "aid-cg": dict(upper_lr=10.0, lower_lr=2.0, inner_steps=2, cg_steps=3),
-                         "bo-rep": dict(upper_lr=0.5, lower_lr=2.0, neumann_steps=3, neumann_lr=0.5),
-                         "slip": dict(upper_lr=0.5, lower_lr=2.0, neumann_steps=3, neumann_lr=0.5)}),
+        "tiny": default_run(steps=40, eval_every=20, solver_options={
+            "lower-only": dict(lower_lr=2.0),
+            "soba": dict(upper_lr=10.0, lower_lr=2.0, z_lr=0.1),
+            "stocbio": dict(upper_lr=10.0, lower_lr=2.0, inner_steps=2, neumann_steps=3, neumann_lr=0.5),
+            "aid-cg": dict(upper_lr=10.0, lower_lr=2.0, inner_steps=2, cg_steps=3),
+            "bo-rep": dict(upper_lr=0.5, lower_lr=2.0, neumann_steps=3, neumann_lr=0.5),
+            "slip": dict(upper_lr=0.5, lower_lr=2.0, neumann_steps=3, neumann_lr=0.5)}),
     }
 
     def __init__(self, dataset: str = "rotten-tomatoes", model: str = "lstm", data_path: Optional[str] = None,

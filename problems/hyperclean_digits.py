@@ -38,6 +38,7 @@ from .digits import N_CLASSES, N_SAMPLES, corrupt_labels, load_digits_arrays, sp
 from .linear_classifier import LinearClassifierProblem, accuracy, logits, select
 from .cleaning import check_cleaning_options, detection_auc, detection_scores
 from .options import check_dtype, check_int
+from .runs import default_run
 
 NAME = "hyperclean-digits"
 
@@ -68,14 +69,13 @@ class HypercleanDigits(LinearClassifierProblem):
     #: entries scale as 1/n_train (200 here, 1000 there). Measured (seed 0): test accuracy 0.46
     #: (lower-only) -> 0.56-0.74, detection F1 0 -> 0.72-0.87.
     RUNS = {
-        "tiny": dict(steps=200, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
-                     solver_options={
-                         "lower-only": dict(lower_lr=0.5),
-                         "soba": dict(upper_lr=10.0, lower_lr=0.5, z_lr=0.5),
-                         "stocbio": dict(upper_lr=10.0, lower_lr=0.5, inner_steps=5, neumann_steps=5, neumann_lr=0.5),
-                         "aid-cg": dict(upper_lr=10.0, lower_lr=0.5, inner_steps=5, cg_steps=5),
-                         "bo-rep": dict(upper_lr=0.3, lower_lr=0.5, neumann_lr=0.5),
-                         "slip": dict(upper_lr=0.3, lower_lr=0.5, neumann_lr=0.5)}),
+        "tiny": default_run(steps=200, eval_every=20, solver_options={
+            "lower-only": dict(lower_lr=0.5),
+            "soba": dict(upper_lr=10.0, lower_lr=0.5, z_lr=0.5),
+            "stocbio": dict(upper_lr=10.0, lower_lr=0.5, inner_steps=5, neumann_steps=5, neumann_lr=0.5),
+            "aid-cg": dict(upper_lr=10.0, lower_lr=0.5, inner_steps=5, cg_steps=5),
+            "bo-rep": dict(upper_lr=0.3, lower_lr=0.5, neumann_lr=0.5),
+            "slip": dict(upper_lr=0.3, lower_lr=0.5, neumann_lr=0.5)}),
     }
 
     def __init__(self, n_train: int = 1000, n_val: int = 300, n_test: int = 497, noise_rate: float = 0.5,

@@ -78,6 +78,7 @@ from .episodes import SPLIT_MODES, Episodes, split_episodes
 from .models import (MLP, ConvEncoder, FunctionalModel, PairEncoder, RecurrentEncoder, TransformerEncoder,
                      cross_entropy, squared_norm)
 from .options import check_choice, check_dtype, check_int, check_real, option_error
+from .runs import default_run
 
 DATASETS = ("mnist-5k", "rotten-tomatoes", "amazon", "snli", "table")
 IMAGE_ENCODERS = ("mlp", "cnn")
@@ -130,15 +131,14 @@ class HyperRepresentation(BilevelProblem):
     #: accuracy near chance, 0.02 works. Measured (seed 0, real MNIST-5k): adapted test accuracy
     #: 0.53 (lower-only) -> 0.83-0.90.
     RUNS = {
-        "tiny": dict(steps=100, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
-                     solver_options={
-                         "lower-only": dict(lower_lr=0.1),
-                         "soba": dict(upper_lr=dict(value=0.1, decay=0.5), lower_lr=dict(value=0.1, decay=0.5),
-                                      z_lr=dict(value=0.1, decay=0.5)),
-                         "stocbio": dict(upper_lr=0.05, lower_lr=0.1, inner_steps=5, neumann_steps=5),
-                         "aid-cg": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=5, cg_steps=5),
-                         "bo-rep": dict(upper_lr=0.02, lower_lr=0.1),
-                         "slip": dict(upper_lr=0.02, lower_lr=0.1)}),
+        "tiny": default_run(steps=100, eval_every=20, solver_options={
+            "lower-only": dict(lower_lr=0.1),
+            "soba": dict(upper_lr=dict(value=0.1, decay=0.5), lower_lr=dict(value=0.1, decay=0.5),
+                         z_lr=dict(value=0.1, decay=0.5)),
+            "stocbio": dict(upper_lr=0.05, lower_lr=0.1, inner_steps=5, neumann_steps=5),
+            "aid-cg": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=5, cg_steps=5),
+            "bo-rep": dict(upper_lr=0.02, lower_lr=0.1),
+            "slip": dict(upper_lr=0.02, lower_lr=0.1)}),
     }
 
     def __init__(self, dataset: str = "mnist-5k", encoder: Optional[str] = None, data_path: Optional[str] = None,

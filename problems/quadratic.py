@@ -32,6 +32,7 @@ from bilevel.registry import register_problem
 from bilevel.sampling import SAMPLINGS, draw_indices
 
 from .options import check_choice, check_dtype, check_int, check_real
+from .runs import default_run
 
 NAME = "quadratic"
 MAX_TRIES = 20
@@ -160,15 +161,14 @@ class Quadratic(BilevelProblem):
     #: decaying step length (a constant 0.05 ends oscillating above lower-only's ||grad h||^2).
     #: Measured (seed 0): ||grad h(x)||^2 1.30 (lower-only) -> 0.03-0.15 for every bilevel solver.
     RUNS = {
-        "tiny": dict(steps=200, eval_every=20, solvers=["lower-only", "soba", "stocbio", "aid-cg", "bo-rep", "slip"],
-                     solver_options={
-                         "lower-only": dict(lower_lr=0.5),
-                         "soba": dict(upper_lr=dict(value=0.1, decay=0.5), lower_lr=dict(value=0.1, decay=0.5),
-                                      z_lr=dict(value=0.1, decay=0.5)),
-                         "stocbio": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=5, neumann_steps=10),
-                         "aid-cg": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=5, cg_steps=5),
-                         "bo-rep": dict(upper_lr=dict(value=0.1, decay=0.5), lower_lr=0.5),
-                         "slip": dict(upper_lr=0.01, lower_lr=0.5)}),
+        "tiny": default_run(steps=200, eval_every=20, solver_options={
+            "lower-only": dict(lower_lr=0.5),
+            "soba": dict(upper_lr=dict(value=0.1, decay=0.5), lower_lr=dict(value=0.1, decay=0.5),
+                         z_lr=dict(value=0.1, decay=0.5)),
+            "stocbio": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=5, neumann_steps=10),
+            "aid-cg": dict(upper_lr=0.1, lower_lr=0.1, inner_steps=5, cg_steps=5),
+            "bo-rep": dict(upper_lr=dict(value=0.1, decay=0.5), lower_lr=0.5),
+            "slip": dict(upper_lr=0.01, lower_lr=0.5)}),
     }
 
     def __init__(self, n_samples_inner: int = 1024, n_samples_outer: int = 1024, dim_inner: int = 100,

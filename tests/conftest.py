@@ -401,3 +401,14 @@ def data_files(tmp_path_factory):
             "snli": str(write_snli(d / "snli")),
             "amazon": str(write_amazon(d / "dataset.json")),
             "table": str(write_table(d / "trec.csv"))}
+
+
+@pytest.fixture(scope="session")
+def run_files(tmp_path_factory):
+    """The data files of the whole-run tests (every solver on every problem, default tiny runs):
+    900 Rotten Tomatoes sentences at 70% positives and 20 MNIST images per class, by the keys
+    their option templates use, "{rt}" and "{mnist}"."""
+    from data_fixtures import write_mnist_5k, write_rotten_tomatoes
+    folder = tmp_path_factory.mktemp("run_files")
+    return {"rt": str(write_rotten_tomatoes(folder / "rt.csv.bz2", n=900, positive_rate=0.7)),
+            "mnist": str(write_mnist_5k(folder / "mnist.csv.gz", n_per_class=20))}

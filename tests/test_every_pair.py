@@ -14,7 +14,6 @@ import pytest
 from bilevel import cli
 from bilevel.logging import read_jsonl
 from bilevel.registry import PROBLEMS, SOLVERS
-from data_fixtures import write_mnist_5k, write_rotten_tomatoes
 
 STEPS = 2
 
@@ -40,13 +39,6 @@ PROBLEM_SETTINGS = {
 RUN_ONLY = {"cosh": ["problem_options.x0=1.0"]}
 
 
-@pytest.fixture(scope="module")
-def matrix_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    return {"rt": str(write_rotten_tomatoes(folder / "rt.csv.bz2", n=900, positive_rate=0.7)),
-            "mnist": str(write_mnist_5k(folder / "mnist.csv.gz", n_per_class=20))}
-
-
 def test_settings_cover_every_registered_problem():
     assert sorted(PROBLEM_SETTINGS) == sorted(PROBLEMS.names())
 
@@ -58,9 +50,9 @@ def test_every_problem_has_tiny_and_paper_presets():
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEM_SETTINGS))
-def test_every_solver_runs_on(problem, matrix_files, tmp_path):
+def test_every_solver_runs_on(problem, run_files, tmp_path):
     solvers = SOLVERS.names()
-    settings = [s.format(**matrix_files) for s in PROBLEM_SETTINGS[problem] + RUN_ONLY.get(problem, [])]
+    settings = [s.format(**run_files) for s in PROBLEM_SETTINGS[problem] + RUN_ONLY.get(problem, [])]
     code = cli.main(["run", f"problem={problem}", "preset=tiny", f"solvers=[{','.join(solvers)}]",
                      f"steps={STEPS}", "eval_every=1", "progress=false", "plot=false",
                      f"output_dir={tmp_path}", "name=run", *settings])
@@ -96,13 +88,13 @@ def test_improvement_table_covers_every_registered_problem():
 
 
 @pytest.mark.parametrize("problem", sorted(IMPROVES))
-def test_tiny_preset_a_few_steps_improve_the_upper_metric(problem, matrix_files):
+def test_tiny_preset_a_few_steps_improve_the_upper_metric(problem, run_files):
     from bilevel import solve
     from bilevel.config import merged_problem_options
     from bilevel.registry import make_problem
 
     solver, hyperparameters, steps, metric, change = IMPROVES[problem]
-    settings = dict(s.split("=", 1) for s in (x.format(**matrix_files) for x in PROBLEM_SETTINGS[problem]))
+    settings = dict(s.split("=", 1) for s in (x.format(**run_files) for x in PROBLEM_SETTINGS[problem]))
     options = {key.removeprefix("problem_options."): value for key, value in settings.items()}
     assert merged_problem_options(problem, "tiny", options)  # the preset exists
     result = solve(make_problem(problem, preset="tiny", **options), solver, steps=steps, eval_every=steps,

@@ -18,7 +18,6 @@ import pytest
 from bilevel import cli
 from bilevel.config import load
 from bilevel.registry import PROBLEMS
-from data_fixtures import write_mnist_5k, write_rotten_tomatoes
 
 #: problem -> overrides pointing a data problem at a fixture file ({rt}, {mnist}).
 DATA = {
@@ -29,13 +28,6 @@ DATA = {
     "hyperclean": ["problem_options.data_path={rt}"],
 }
 SLOW = {"hyperrep", "auc", "hpo-rnn", "hyperclean"}
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    return {"rt": str(write_rotten_tomatoes(folder / "rt.csv.bz2", n=900, positive_rate=0.7)),
-            "mnist": str(write_mnist_5k(folder / "mnist.csv.gz", n_per_class=20))}
 
 
 def test_every_problem_has_a_default_tiny_run():
@@ -70,8 +62,8 @@ def test_problem_and_preset_select_the_problems_default_run():
 
 
 @pytest.mark.parametrize("problem", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW else p for p in sorted(DATA)])
-def test_default_tiny_run_finishes_ok(problem, files, tmp_path):
-    settings = [s.format(**files) for s in DATA[problem]]
+def test_default_tiny_run_finishes_ok(problem, run_files, tmp_path):
+    settings = [s.format(**run_files) for s in DATA[problem]]
     code = cli.main(["run", f"problem={problem}", "preset=tiny", "progress=false", "plot=false",
                      f"output_dir={tmp_path}", "name=run", *settings])
     with open(tmp_path / "run" / "summary.csv", newline="") as fh:
