@@ -47,11 +47,6 @@ def sgd_steps(problem, x: Tree, y: Tree, *, lr: float, steps: int, generator: to
     return y
 
 
-#: ``lr`` at outer iteration ``iteration`` (a number, or a schedule called with it): the one
-#: resolver of step sizes, :func:`bilevel.schedules.at`, under its former name.
-step_size = at
-
-
 @dataclass(frozen=True)
 class SGD:
     """``steps`` SGD steps per outer iteration with step size ``lr`` (number or schedule)."""
@@ -62,7 +57,7 @@ class SGD:
         return LowerState(y=tree.clone(y))
 
     def update(self, problem, x, state: LowerState, generator, iteration: int = 0) -> LowerState:
-        lr = step_size(self.lr, iteration)
+        lr = at(self.lr, iteration)
         return state._replace(y=sgd_steps(problem, x, state.y, lr=lr, steps=self.steps, generator=generator))
 
     def point(self, state: LowerState) -> Tree:
@@ -92,7 +87,7 @@ class Nesterov:
 
     def update(self, problem, x, state: LowerState, generator, iteration: int = 0) -> LowerState:
         y, y_prev, y_avg = state
-        lr = step_size(self.lr, iteration)
+        lr = at(self.lr, iteration)
         for _ in range(self.steps):
             w = tree.map(lambda a, b: a + self.momentum * (a - b), y, y_prev)
             y_prev, y = y, sgd_step(problem, x, w, lr, generator)

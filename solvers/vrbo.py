@@ -47,7 +47,7 @@ from bilevel.estimators import Neumann
 from bilevel.lower import LowerState
 from bilevel.recursive import recursive_update, refresh, sample
 from bilevel.registry import register_solver
-from bilevel.schedules import at as step_size
+from bilevel.schedules import at
 from bilevel.solver import Solver, State
 from bilevel.validation import check_count, check_positive, check_positive_or_auto
 
@@ -73,7 +73,7 @@ class VRBO(Solver):
         check_count(self, "neumann_steps", minimum=0)
 
     def estimator(self, iteration):
-        return Neumann(lr=step_size(self.neumann_lr, iteration), steps=self.neumann_steps, variant="sum",
+        return Neumann(lr=at(self.neumann_lr, iteration), steps=self.neumann_steps, variant="sum",
                        resample=self.fresh_hessian_batches)
 
     def init(self, problem, x, y, generator):
@@ -83,7 +83,7 @@ class VRBO(Solver):
     def step(self, problem, s):
         t, x, y, d = s.iteration, s.x, s.y, s.estimator
         estimator = self.with_resolved(s).estimator(t)
-        upper_lr, lower_lr = step_size(self.upper_lr, t), step_size(self.lower_lr, t)
+        upper_lr, lower_lr = at(self.upper_lr, t), at(self.lower_lr, t)
 
         def correct(new, old, d):
             return recursive_update(problem, estimator, new, old, d, 1.0,
