@@ -79,9 +79,13 @@ class Solver(abc.ABC):
         step = spectrum.auto_step(problem, x, y, generator)
         return {n: step for n in names}
 
+    def with_steps(self, resolved: Optional[dict]) -> "Solver":
+        """This solver with the fields of ``resolved`` (the "auto" ones) replaced by its numbers."""
+        return dataclasses.replace(self, **resolved) if resolved else self
+
     def with_resolved(self, state: "State") -> "Solver":
         """This solver with its "auto" fields replaced by the numbers ``state`` holds."""
-        return dataclasses.replace(self, **state.resolved) if state.resolved else self
+        return self.with_steps(state.resolved)
 
 
 class ComposedSolver(Solver):
@@ -127,7 +131,7 @@ class ComposedSolver(Solver):
         if self.warm_steps:
             lower_state = warm_start(loop, problem, x, lower_state, self.warm_steps, generator)
         resolved = self.resolve_steps(problem, x, loop.point(lower_state), generator)
-        solver = dataclasses.replace(self, **resolved) if resolved else self
+        solver = self.with_steps(resolved)
         return State(x=x, lower=lower_state, iteration=0, generator=generator,
                      estimator=solver.estimator_at(0).init(x, y), upper=solver.upper_update().init(x),
                      resolved=resolved)

@@ -6,7 +6,6 @@ hypergradient estimator. Defaults are the benchopt bilevel benchmark's SUSTAIN a
 from __future__ import annotations
 
 import abc
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +74,7 @@ class DoubleMomentum(Solver):
 
     def init(self, problem, x, y, generator):
         resolved = self.resolve_steps(problem, x, y, generator)
-        solver = dataclasses.replace(self, **resolved) if resolved else self
+        solver = self.with_steps(resolved)
         estimator = solver.estimator(0)
         estimates = evaluate(problem, estimator, x, y, sample(problem, generator, self.share_lower_batch, estimator))
         if self.zero_start:
