@@ -129,9 +129,21 @@ class Solver(abc.ABC):
         return self.with_steps(state.resolved)
 
 
+def _stored(estimator_state: Any) -> Any:
+    """An estimator's state as a state field: ``()`` (no leaves) for a stateless estimator's None,
+    since torch.utils._pytree counts None as a (non-tensor) leaf."""
+    return () if estimator_state is None else estimator_state
+
+
+def _loaded(field: Any) -> Any:
+    """The inverse of :func:`_stored`: what the estimator is given back."""
+    return None if isinstance(field, tuple) and len(field) == 0 else field
+
+
 class ComposedState(NamedTuple):
     """A :class:`ComposedSolver`'s variables: x, the lower loop's state, the estimator's state
-    (z of linear-system SGD, v of CG, None for a stateless estimator) and the upper transform's."""
+    (z of linear-system SGD, v of CG once computed, ``()`` for a stateless estimator or a CG
+    without a v yet) and the upper transform's."""
     x: Tree
     lower: Any
     estimator: Any
@@ -186,7 +198,7 @@ class ComposedSolver(Solver):
             lower_state = warm_start(loop, problem, x, lower_state, self.warm_steps, generator)
         resolved = self.resolve_steps(problem, x, loop.point(lower_state), generator)
         solver = self.with_steps(resolved)
-        core = ComposedState(x=x, lower=lower_state, estimator=solver.estimator_at(0).init(x, y),
+        core = ComposedState(x=x, lower=lower_state, estimator=_stored(solver.estimator_at(0).init(x, y)),
                              upper=solver.upper_update().init(x))
         return self.start(core, generator, resolved)
 
@@ -205,11 +217,11 @@ class ComposedSolver(Solver):
         lower_state = s.lower
         if self.update_lower_first:
             lower_state = loop.update(problem, s.x, lower_state, batches.lower)
-        h, estimator_state = estimator(problem, s.x, loop.point(lower_state), s.estimator, batches.draw)
+        h, estimator_state = estimator(problem, s.x, loop.point(lower_state), _loaded(s.estimator), batches.draw)
         if not self.update_lower_first:
             lower_state = loop.update(problem, s.x, lower_state, batches.lower)
         direction, upper_state = self.upper_update().update(h, s.upper, t=batches.t)
-        return ComposedState(x=upper.apply(s.x, direction), lower=lower_state, estimator=estimator_state,
+        return ComposedState(x=upper.apply(s.x, direction), lower=lower_state, estimator=_stored(estimator_state),
                              upper=upper_state)
 
     def point(self, state) -> Tuple[Tree, Tree]:
