@@ -19,7 +19,10 @@ Under ``torch.func.vmap`` the copies of a run share t: close over it (``batches.
 inside the vmapped function) or give ``in_dims=None`` for it.
 
 Each solver's record is a NamedTuple whose first field is ``t``; the records of the families are
-here, one-solver records beside their solver.
+here, one-solver records beside their solver. The records nest the estimator's
+:class:`~bilevel.estimators.Draw` (one hypergradient's batches and Neumann term, drawn by the
+estimator's ``draw``: the seam with :mod:`bilevel.estimators`), whose Hessian batches may be a
+:class:`~bilevel.hypergrad.PerProduct`, and the recursions' :class:`Sample`.
 """
 from __future__ import annotations
 
@@ -43,6 +46,14 @@ class LowerBatches(NamedTuple):
     steps: Tuple[Any, ...]
 
 
+class Sample(NamedTuple):
+    """The samples of one evaluation of G = (grad_y g, hypergradient) in the variance-reduced
+    recursions (:mod:`bilevel.recursive`): a lower batch for grad_y g and a Draw for the
+    hypergradient."""
+    lower: Any
+    draw: Draw
+
+
 class ComposedBatches(NamedTuple):
     """One iteration of a :class:`~bilevel.solver.ComposedSolver`: the lower loop's batches and
     the estimator's draw (drawn in the order the algorithm uses them)."""
@@ -58,4 +69,4 @@ class SingleLoopBatches(NamedTuple):
     upper: Any
 
 
-__all__ = ["LowerBatches", "ComposedBatches", "SingleLoopBatches", "Draw", "PerProduct"]
+__all__ = ["LowerBatches", "Sample", "ComposedBatches", "SingleLoopBatches", "Draw", "PerProduct"]

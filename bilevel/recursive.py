@@ -28,12 +28,13 @@ Used by the single-loop STORM solvers (solvers/_double_momentum.py: SUSTAIN, MRB
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 
 from . import tree
-from .estimators import Draw, draw_for
+from .batches import Sample
+from .estimators import draw_for
 from .hypergrad import PerProduct
 from .oracles import grad_lower_y
 from .tree import Tree
@@ -46,12 +47,6 @@ class Estimates(NamedTuple):
     """Running estimates at one point: ``lower`` of grad_y g, ``upper`` of the hypergradient."""
     lower: Tree
     upper: Tree
-
-
-class Sample(NamedTuple):
-    """The samples of one evaluation of G: a lower batch for grad_y g, a Draw for the hypergradient."""
-    lower: Any
-    draw: Draw
 
 
 def sample(problem, generator: torch.Generator, share_lower_batch: bool = False, estimator=None) -> Sample:

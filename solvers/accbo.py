@@ -32,7 +32,7 @@ Cost per iteration: inner_steps lower gradients (when t % period == 0) and two h
 one cross product.
 """
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from bilevel import lower, tree, upper
 from bilevel.batches import ComposedBatches
