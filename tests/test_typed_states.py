@@ -14,7 +14,7 @@ import bilevel
 import bilevel.solvers  # noqa: F401  (registers the solvers)
 from bilevel.sampling import copy_generator, run_generator
 from bilevel.solver import State
-from problems.quadratic import Quadratic
+from bilevel.problems.quadratic import Quadratic
 
 #: Every solver converted to typed states, with small settings (fixed steps: no "auto").
 SOLVERS = {
