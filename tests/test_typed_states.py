@@ -104,15 +104,19 @@ def test_update_is_pure_and_step_is_update_of_sample(name):
     assert generator_state(reference.generator)[0].equal(after[0])
 
 
-def test_update_reads_no_generator():
-    """update never draws: with a problem whose sample() raises, update on presampled batches runs."""
-    problem, solver, state = started("bo-rep")
-    batches = solver.sample(problem, 0, state.generator)
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_update_draws_nothing(name):
+    """update never draws: with a problem whose sample() raises, update on presampled batches runs
+    (t = 0 and t = 1: first-iteration cases and a periodic loop's active and idle iterations)."""
+    problem, solver, state = started(name)
+    batches = [solver.sample(problem, t, state.generator) for t in (0, 1)]
 
     def refuse(*args, **kwargs):
         raise AssertionError("update drew a batch")
     problem.sample = refuse
-    solver.update(problem, state.core, batches)
+    core = state.core
+    for b in batches:
+        core = solver.update(problem, core, b)
 
 
 def _stack(*trees):
