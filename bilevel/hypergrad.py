@@ -24,7 +24,6 @@ from their run's generator.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -135,8 +134,10 @@ def exact(problem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any,
     else:
         def cross_flat(xv, yv):
             return _scalar(problem.lower_loss(tree.unflatten(xv, x), tree.unflatten(yv, y), cross_batch), "lower_loss")
-        hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), chunk_size=JACOBIAN_CHUNK)(xf, yf)
-        cross_jac = torch.func.jacrev(torch.func.grad(cross_flat, argnums=1), chunk_size=JACOBIAN_CHUNK)(xf, yf)
+        hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=1,
+                                    chunk_size=JACOBIAN_CHUNK)(xf, yf)
+        cross_jac = torch.func.jacrev(torch.func.grad(cross_flat, argnums=1), argnums=0,
+                                      chunk_size=JACOBIAN_CHUNK)(xf, yf)
     gx_f, gy_f = grad_upper(problem, x, y, upper_batch)
     try:
         v = torch.linalg.solve(hessian, tree.flatten(gy_f))
