@@ -28,6 +28,7 @@ and schedules before it builds the estimator.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -383,17 +384,36 @@ def entry_options(method: str) -> Dict[str, Any]:
 def from_options(method: str, options: Dict[str, Any]) -> Tuple[Estimator, Any, Optional[torch.Generator]]:
     """(estimator, init state, generator) for :func:`bilevel.hypergradient`'s ``method`` and
     ``options``. Unknown or missing options: TypeError naming them and the valid ones; values
-    are checked by the estimator's constructor (ValueError naming field and rule)."""
-    accepted = entry_options(method)
-    unknown = sorted(set(options) - set(accepted))
+    are checked by the estimator's constructor (ValueError naming field and rule). The object
+    for hashable option values is built once and reused (they are immutable)."""
+    cls = METHODS.get(method)
+    inputs = cls.ENTRY_INPUTS if cls is not None else ()
+    # the type in the key: 1, 1.0 and True hash alike, but only some of them are valid
+    values = tuple(sorted(((k, type(v).__name__, v) for k, v in options.items() if k not in inputs),
+                          key=lambda item: item[0]))
+    try:
+        estimator = _build_cached(method, values)
+    except TypeError as error:
+        if "unhashable" not in str(error):
+            raise
+        estimator = _build(method, values)  # e.g. a tensor step size
+    return estimator, options.get("init"), options.get("generator")
+
+
+@functools.lru_cache(maxsize=256)
+def _build_cached(method: str, values: Tuple[Tuple[str, str, Any], ...]) -> Estimator:
+    return _build(method, values)
+
+
+def _build(method: str, values: Tuple[Tuple[str, str, Any], ...]) -> Estimator:
+    accepted, given = entry_options(method), {name: value for name, _, value in values}
+    cls = METHODS[method]
+    unknown = sorted(set(given) - set(accepted))
     if unknown:
         raise TypeError(f"hypergradient method {method!r} got unknown option(s) {unknown}; "
                         f"valid: {sorted(accepted)}")
-    missing = sorted(k for k, d in accepted.items() if d is inspect.Parameter.empty and k not in options)
+    missing = sorted(k for k, d in accepted.items() if d is inspect.Parameter.empty and k not in given)
     if missing:
         raise TypeError(f"hypergradient method {method!r} needs option(s) {missing} "
                         "(lr: a step size below 2/L, L the largest eigenvalue of d2_yy g on lower_batch)")
-    cls = METHODS[method]
-    values = {k: v for k, v in options.items() if k not in cls.ENTRY_INPUTS}
-    estimator = cls(**{**cls.ENTRY_DEFAULTS, **values, **cls.ENTRY_FIXED})
-    return estimator, options.get("init"), options.get("generator")
+    return cls(**{**cls.ENTRY_DEFAULTS, **given, **cls.ENTRY_FIXED})

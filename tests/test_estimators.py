@@ -277,3 +277,16 @@ def test_cli_hvp_mode_reaches_the_products(tmp_path, forward_calls, capsys):
     assert len(forward_calls) > 0
     assert cli.main([*args, "name=bad", "hvp_mode=sideways"]) == 2
     assert "hvp_mode" in capsys.readouterr().err
+
+
+def test_entry_reuses_objects_but_checks_every_value(quad):
+    """The entry builds one object per distinct hashable options (frozen, so shared safely), yet
+    a value equal to a cached one but of another type (True == 1) is still checked."""
+    first, _, _ = estimators.from_options("cg", {"steps": 1})
+    assert estimators.from_options("cg", {"steps": 1})[0] is first
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        estimators.from_options("cg", {"steps": True})
+    lr = torch.tensor(0.1, dtype=DT)  # unhashable-by-value options are built afresh, still checked
+    assert estimators.from_options("neumann", {"lr": lr})[0].lr is lr
+    with pytest.raises(ValueError, match="variant"):
+        estimators.from_options("neumann", {"lr": 0.1, "variant": ["sum"]})
