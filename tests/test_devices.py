@@ -328,3 +328,21 @@ def test_solve_runs_on_the_device_and_keeps_its_generator_there(device):
     assert result.state.generator.device.type == device
     assert all(t.device.type == device for t in (*result.x.values(), *result.y.values()))
     assert math.isfinite(result.final["grad_norm_sq"])
+
+
+# -- the GPU check script ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_gpu_check_quick_runs_every_problem_on_the_cpu():
+    """bench/gpu_check.py --quick: every problem's tiny preset runs (about 30 s here, so slow)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for name in bilevel.registry.PROBLEMS.names():
+        assert sum(line.startswith(f"{name} ") and line.endswith("ok") for line in lines) == 2, name
+    assert "HVP cost in gradients" in done.stdout
+    if not torch.cuda.is_available():
+        assert "no GPU" in lines[0]
