@@ -205,6 +205,22 @@ def test_losses_and_second_order_oracles_read_nothing_back_to_the_host(case, run
     assert all(t.device == META for t in (*hv.values(), *cross.values(), *gy.values()))
 
 
+@pytest.mark.parametrize("case", sorted(TINY))
+def test_hypergradient_on_the_device_matches_the_cpu(case, run_files, device):
+    """The same point and batches moved to ``device``: the same hypergradient (on a CUDA machine
+    this compares CUDA with the CPU, kernels differing in rounding only; 1e-3 relative)."""
+    problem = tiny_problem(case, run_files, device="cpu")
+    generator = run_generator(0)
+    x, y = problem.init(generator)
+    batches = [problem.sample(level, generator) for level in ("upper", "lower")]
+    reference = bilevel.hypergradient(problem, x, y, *batches, method="neumann", steps=3, lr=0.05)
+    on_device = to_device((problem, x, y, batches), device)
+    estimate = bilevel.hypergradient(*on_device[:3], *on_device[3], method="neumann", steps=3, lr=0.05)
+    assert all(t.device.type == device for t in estimate.values())
+    difference = torch.cat([(estimate[k].cpu() - reference[k]).reshape(-1) for k in reference]).norm()
+    assert difference <= 1e-3 * torch.cat([t.reshape(-1) for t in reference.values()]).norm() + 1e-8, difference
+
+
 # -- kernels that can be differentiated twice ----------------------------------------------------
 
 def _attention_problem(fused: bool):
