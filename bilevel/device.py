@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import types
 from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
@@ -76,7 +77,10 @@ def same_device(a: DeviceLike, b: DeviceLike) -> bool:
 # -- moving every tensor a problem holds -----------------------------------------------------------
 
 _MODULE_SLOTS = ("_parameters", "_buffers", "_modules")  # moved by nn.Module.to
-_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Generator)
+#: Never entered nor moved: plain values, and code (functions, methods, Python modules), whose
+#: attributes reach far beyond the problem (a function's globals, a module's namespace).
+_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Generator,
+           types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
 
 
 def _module_device(module: nn.Module) -> Optional[torch.device]:

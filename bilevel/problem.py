@@ -10,8 +10,8 @@ handed back, untouched, to the losses.
 
 Devices: a problem lives on one device (:mod:`bilevel.device`): ``problem.to("cuda")`` moves
 every tensor and module it holds, once. ``init`` and ``sample`` make their tensors on the
-generator's device (``device=generator.device``): the run's generator lives on the problem's
-device.
+problem's device; a random draw passes ``device=generator.device`` (the run's generator lives on
+the problem's device).
 """
 from __future__ import annotations
 

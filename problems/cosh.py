@@ -94,7 +94,7 @@ class Cosh(BilevelProblem):
         return (u * eigenvalues) @ u.T
 
     def init(self, generator):
-        start = torch.full((self.dim,), self.x0, dtype=self.dtype, device=generator.device)
+        start = torch.full((self.dim,), self.x0, dtype=self.dtype, device=self.tables["lower"].device)
         return {"x": start.clone()}, {"y": start.clone()}
 
     def sample(self, level, generator):

@@ -199,7 +199,7 @@ class HyperparameterOptimization(LinearClassifierProblem):
 
     def init(self, generator: torch.Generator):
         """x0: every log-penalty equal to the ``x0`` option; y0 = 0 (all logits equal)."""
-        like = dict(dtype=self.dtype, device=generator.device)
+        like = dict(dtype=self.dtype, device=self.train_features.device)  # where the problem lives
         x = {"log_penalty": torch.full((self.dim_x,), self.x0, **like)}
         y = {"W": torch.zeros(self.n_features, self.n_classes, **like), "b": torch.zeros(self.n_classes, **like)}
         return x, y

@@ -216,7 +216,7 @@ class Quadratic(BilevelProblem):
     # -- protocol ------------------------------------------------------------------------------
 
     def init(self, generator: torch.Generator):
-        device = generator.device
+        device = self._chol.device  # where the problem lives (the generator is not needed)
         return ({"x": torch.full((self.dim_outer,), -2.0, dtype=self.dtype, device=device)},
                 {"z": torch.zeros(self.dim_inner, dtype=self.dtype, device=device)})
 
