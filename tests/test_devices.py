@@ -161,6 +161,15 @@ def test_every_random_draw_passes_its_generators_device():
     assert not offenders, "draws not on their generator's device:\n" + "\n".join(offenders)
 
 
+def test_batches_are_drawn_and_made_on_the_generators_device(device):
+    from bilevel.sampling import draw_indices
+    generator = run_generator(0, device)
+    for sampling in ("blocks", "replacement"):
+        for _ in range(5):  # across an epoch boundary (4 blocks of 10 samples by 3)
+            indices = draw_indices(10, 3, "lower", generator, sampling)
+            assert indices.device.type == device and indices.dtype == torch.long
+
+
 # -- nothing read back to the host inside a loss -------------------------------------------------
 
 #: tiny problems and the options that point them at fixture data; "{rt}" / "{mnist}" are files.
