@@ -349,7 +349,7 @@ class DataSelection(IndexBatches, BilevelProblem):
         with torch.no_grad():
             s = torch.cat([self.scores({k: v.detach() for k, v in x.items()}, t, m)
                            for t, m in zip(self.pool.tokens[:n].split(64), self.pool.mask[:n].split(64))])
-        noise = self.pool.is_noise[:n]
+        s, noise = s.cpu(), self.pool.is_noise[:n]
         out["noise_auroc"] = detection_auc(s, noise)
         out["score_std"] = float(s.std()) if n > 1 else 0.0
         return out
