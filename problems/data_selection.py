@@ -109,7 +109,7 @@ def sample_weights(scores: Tensor, log_normalizer: Optional[Tensor] = None) -> T
 def _shuffled(seqs: Sequences, keep: Optional[int], generator: torch.Generator) -> Sequences:
     """The sequences in a seeded random order (index batches need a mixed order; consecutive
     chunks of one document are alike), the first ``keep`` of them when given."""
-    order = torch.randperm(len(seqs), generator=generator)
+    order = torch.randperm(len(seqs), generator=generator, device=generator.device).cpu()
     return seqs.subset(order[:keep] if keep is not None else order)
 
 

@@ -191,11 +191,11 @@ def score_params_from_lm(score: ScoreModel, lm_params: Tree, generator: Optional
             out[name] = lm_params[source].detach().clone()
     bound = 1.0 / score.head.in_features ** 0.5
     # drawn where the generator lives, then put beside the backbone (the problem's device)
-    where = dict(generator=generator, dtype=score.head.weight.dtype,
-                 device=generator.device if generator is not None else None)
+    drawn_on = generator.device if generator is not None else None
+    dtype = score.head.weight.dtype
     device = next(iter(out.values())).device if out else score.head.weight.device
-    w = torch.rand(score.head.weight.shape, **where) * 2 - 1
-    b = torch.rand(score.head.bias.shape, **where) * 2 - 1
+    w = torch.rand(score.head.weight.shape, generator=generator, dtype=dtype, device=drawn_on) * 2 - 1
+    b = torch.rand(score.head.bias.shape, generator=generator, dtype=dtype, device=drawn_on) * 2 - 1
     out["head.weight"], out["head.bias"] = (w * bound).to(device), (b * bound).to(device)
     return out
 
@@ -217,7 +217,8 @@ def train_lm(model: "GPTNeoXForCausalLM", params: Tree, tokens: Tensor, mask: Te
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     optimizer = torch.optim.AdamW(list(leaves.values()), lr=lr, betas=betas, weight_decay=weight_decay)
     for _ in range(steps):
-        index = torch.randint(tokens.shape[0], (batch_size,), generator=generator, device=tokens.device)
+        index = torch.randint(tokens.shape[0], (batch_size,), generator=generator,
+                              device=generator.device).to(tokens.device)
         loss = sequence_ce(model, leaves, tokens[index], mask[index]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
