@@ -1,0 +1,271 @@
+"""Compiled solver steps: ``solve(..., compile=True)`` runs each outer iteration through
+``torch.compile``.
+
+A solver step is split in two:
+
+    batches = sample(state, generator)        eager: every use of the run's generator
+    state   = update(state, batches)          compiled: a pure function of tensors
+
+so the generator never enters the compiled region and a seed gives the same batches compiled or
+not. Two ways to get that split:
+
+* the solver's own ``sample(problem, state, generator) -> batches`` and
+  ``update(problem, state, batches) -> state`` when it defines both (typed solver states);
+* otherwise *replay*: the first step runs eagerly through a problem wrapper that records the
+  levels of its ``problem.sample`` calls; every later step draws batches for those levels
+  up front (eagerly, from the run's generator, in the same order) and runs ``solver.step``
+  compiled, on a wrapper whose ``sample`` hands them back in order. The trace checks that the
+  step asks for exactly those levels in that order and uses no generator of its own.
+
+Second-order oracles (``torch.autograd.grad(create_graph=True)``) are traced by dynamo on
+torch >= 2.9 with ``torch._dynamo.config.trace_autograd_ops`` (set here, only for the compiled
+call): the whole step, double backward included, is one graph. Oracle calls inside that graph
+are counted through :data:`bilevel.oracles.DEFERRED` (replayed appends drained after each call).
+
+Recompiles: a Python int that changes between calls (the iteration, a transform's counter) is
+specialized on the first compiled call and made dynamic by dynamo at the second (one recompile),
+so schedules c / (t + 1)^e cost no further compiles. Recompiles are capped
+(``recompile_limit``): past it, or when the step cannot be traced in one graph (a ``.item()``,
+data-dependent control flow, an untraceable side effect, a generator used outside
+``problem.sample``), the run continues eagerly from the same state and generator, with ONE
+:class:`CompileFallback` warning naming the reason. An error that the eager step raises too is a
+genuine error and propagates.
+
+Compiled steps are cached by (solver class, its fields, problem object), so runs of several
+seeds compile once. Results equal the eager steps' up to floating-point reassociation (the
+compiled kernels fuse and reorder operations).
+"""
+from __future__ import annotations
+
+import collections
+import time
+import types
+import warnings
+import weakref
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+import torch._dynamo.utils
+
+from . import oracles
+
+#: Most recompiles of one compiled step before it falls back to eager (the iteration becoming
+#: dynamic costs one; a lower loop with a period two: one graph per branch).
+RECOMPILE_LIMIT = 4
+#: Compiled steps kept (a least-recently-used cache over solver settings and problems).
+CACHE_SIZE = 16
+
+
+#: Stands for the run's generator inside the compiled region: any use of it fails the trace.
+_NO_GENERATOR = object()
+
+
+class CompileFallback(UserWarning):
+    """A compiled step could not be traced and the run continues eagerly (once per step cache entry)."""
+
+
+class ReplayMismatch(RuntimeError):
+    """The step asked for batches other than those drawn for it (levels, order or number)."""
+
+
+class _Recorder:
+    """The problem, recording the level of every ``sample`` call (the first, eager step)."""
+
+    def __init__(self, problem):
+        self._problem, self.levels = problem, []
+
+    def sample(self, level, generator):
+        self.levels.append(level)
+        return self._problem.sample(level, generator)
+
+    def __getattr__(self, name):
+        return getattr(self._problem, name)
+
+
+class _Replay:
+    """The problem, handing back pre-drawn batches in order (built inside the compiled call)."""
+
+    def __init__(self, problem, levels: Tuple[str, ...], batches: Tuple[Any, ...]):
+        self._problem, self._levels, self._batches, self._next = problem, levels, batches, 0
+
+    def sample(self, level, generator):
+        k = self._next
+        if k >= len(self._levels) or self._levels[k] != level:
+            raise ReplayMismatch(f"sample call {k + 1} asks for a {level!r} batch, the first step drew "
+                                 f"{list(self._levels)}: the step's sampling changes between iterations")
+        self._next = k + 1
+        return self._batches[k]
+
+    def finish(self):
+        if self._next != len(self._levels):
+            raise ReplayMismatch(f"the step used {self._next} of the {len(self._levels)} batches its first "
+                                 "iteration drew: the step's sampling changes between iterations")
+
+    def __getattr__(self, name):
+        return getattr(self._problem, name)
+
+
+def _own_code(fn):
+    """``fn`` with a private copy of its code object: dynamo keeps compiled graphs (and counts
+    recompiles) per code object, so each cache entry needs its own."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _snapshot(generator):
+    streams = getattr(generator, "streams", None)
+    return generator.get_state(), (dict(streams) if streams is not None else None)
+
+
+def _restore(generator, snapshot) -> None:
+    state, streams = snapshot
+    generator.set_state(state)
+    if streams is not None:
+        generator.streams = streams
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines()[:3] if line.strip())
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _drain_counts() -> None:
+    calls, oracles.DEFERRED[:] = list(oracles.DEFERRED), []
+    for kind, n in calls:
+        oracles._record(kind, n)
+
+
+def has_split(solver) -> bool:
+    """Whether the solver defines its own ``sample`` and ``update`` (the split step)."""
+    return callable(getattr(solver, "sample", None)) and callable(getattr(solver, "update", None))
+
+
+class CompiledStep:
+    """One outer iteration of ``solver`` on ``problem``, compiled; ``step(state) -> state``.
+
+    ``reason`` is None while compiled, else why it runs eagerly; ``compile_seconds`` the wall
+    time of the calls that traced and compiled a graph (their step included); ``compiles`` how
+    many graphs were compiled.
+    """
+
+    def __init__(self, solver, problem, *, recompile_limit: int = RECOMPILE_LIMIT, backend: str = "inductor",
+                 mode: Optional[str] = None):
+        if isinstance(recompile_limit, bool) or not isinstance(recompile_limit, int) or recompile_limit < 1:
+            raise ValueError(f"recompile_limit must be an integer >= 1, got {recompile_limit!r}")
+        self.solver, self.problem = solver, problem
+        self.recompile_limit = recompile_limit
+        self.split = has_split(solver)
+        self.levels: Optional[Tuple[str, ...]] = None
+        self.reason: Optional[str] = None
+        self.compile_seconds, self.compiles = 0.0, 0
+        self._warned = False
+        if self.split:
+            def update(state, batches):
+                return solver.update(problem, state, batches)
+        else:
+            def update(state, batches):
+                replay = _Replay(problem, self.levels, batches)
+                new_state = solver.step(replay, state)
+                replay.finish()
+                return new_state
+        self._compiled = torch.compile(_own_code(update), fullgraph=True, backend=backend, mode=mode)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def __call__(self, state):
+        if self.reason is not None:
+            return self._eager(state)
+        generator = state.generator
+        if not self.split and self.levels is None:  # first step: eager, learning the sampling
+            return self._record(state)
+        snapshot = _snapshot(generator)
+        if self.split:
+            batches = self.solver.sample(self.problem, state, generator)
+        else:
+            batches = tuple(self.problem.sample(level, generator) for level in self.levels)
+        oracles.DEFERRED.clear()
+        frames = _compiled_frames()
+        started = time.perf_counter()
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True, recompile_limit=self.recompile_limit):
+                new_state = self._compiled(state._replace(generator=_NO_GENERATOR), batches)
+        except Exception as error:  # not traceable: this step and the rest of the run eagerly
+            oracles.DEFERRED.clear()
+            _restore(generator, snapshot)
+            new_state = self._eager(state)  # a genuine error raises here
+            self._fall_back(_reason(error))
+            return new_state
+        if _compiled_frames() != frames:
+            self.compiles += 1
+            self.compile_seconds += time.perf_counter() - started
+        _drain_counts()
+        return new_state._replace(generator=generator)
+
+    def _record(self, state):
+        """The first step, eagerly, through a :class:`_Recorder`; then a check that the levels it
+        sampled account for all its use of the generator (drawing them again from a copy of the
+        generator as it was must leave the same generator state)."""
+        from .sampling import copy_generator
+        generator = state.generator
+        before = copy_generator(generator)
+        recorder = _Recorder(self.problem)
+        new_state = self.solver.step(recorder, state)
+        self.levels = tuple(recorder.levels)
+        for level in self.levels:
+            self.problem.sample(level, before)
+        if not (torch.equal(before.get_state(), generator.get_state())
+                and getattr(before, "streams", None) == getattr(generator, "streams", None)):
+            self._fall_back("the step draws from the run's generator outside problem.sample (e.g. a SAGA "
+                            "block index or a randomized Neumann term); compiling it needs the solver's own "
+                            "sample/update split")
+        return new_state
+
+    def _eager(self, state):
+        return self.solver.step(self.problem, state)
+
+    def _fall_back(self, reason: str) -> None:
+        self.reason = reason
+        if not self._warned:
+            self._warned = True
+            name = getattr(type(self.solver), "registry_name", type(self.solver).__name__)
+            warnings.warn(f"compile=True: {name} on {getattr(self.problem, 'name', type(self.problem).__name__)} "
+                          f"runs eagerly, its step could not be compiled ({reason})", CompileFallback, stacklevel=3)
+
+
+def _compiled_frames() -> int:
+    """Graphs dynamo compiled so far in this process (a counter that moves when a call compiles)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: one CompiledStep per (solver class and fields, problem object).
+
+_CACHE: "collections.OrderedDict[Tuple[Any, ...], Tuple[weakref.ref, CompiledStep]]" = collections.OrderedDict()
+
+
+def compiled_step(solver, problem) -> CompiledStep:
+    """The cached :class:`CompiledStep` of an equal solver on this problem object, or a new one.
+
+    A cached step that fell back to eager warns again (one warning per run) and stays eager."""
+    key = (type(solver), repr(solver), id(problem))
+    entry = _CACHE.get(key)
+    if entry is not None and entry[0]() is problem:
+        _CACHE.move_to_end(key)
+        step = entry[1]
+        step._warned = False
+        if step.reason is not None:
+            step._fall_back(step.reason)
+        return step
+    step = CompiledStep(solver, problem)
+    try:
+        ref = weakref.ref(problem)
+    except TypeError:  # not weak-referenceable: not cached
+        return step
+    _CACHE[key] = (ref, step)
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return step
+
+
+def clear_cache() -> None:
+    """Forget every cached compiled step (dynamo's own caches are left alone)."""
+    _CACHE.clear()
