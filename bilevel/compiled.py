@@ -52,6 +52,9 @@ from . import oracles
 #: Most recompiles of one compiled step before it falls back to eager (the iteration becoming
 #: dynamic costs one; a lower loop with a period two: one graph per branch).
 RECOMPILE_LIMIT = 4
+#: torch.compile backend of :func:`compiled_step` ("inductor": generated kernels; "aot_eager" or
+#: "eager" trace the same graph without code generation, much faster to compile, for tests).
+BACKEND = "inductor"
 #: Compiled steps kept (a least-recently-used cache over solver settings and problems).
 CACHE_SIZE = 16
 
@@ -124,8 +127,19 @@ def _restore(generator, snapshot) -> None:
 
 
 def _reason(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines()[:3] if line.strip())
-    return f"{type(error).__name__}: {text[:300]}"
+    """The error's type and first line, and the innermost user frame dynamo reports (``from user
+    code:``), e.g. the problem's line that reads a tensor into Python."""
+    lines = str(error).splitlines()
+    first = next((line.strip() for line in lines if line.strip()), "")
+    where = ""
+    if "from user code:" in lines:
+        frames = [k for k, line in enumerate(lines) if line.strip().startswith("File ")]
+        frames = [k for k in frames if k > lines.index("from user code:")]
+        if frames:
+            k = frames[-1]
+            code = lines[k + 1].strip() if k + 1 < len(lines) else ""
+            where = f"; at {lines[k].strip()}" + (f": {code}" if code else "")
+    return f"{type(error).__name__}: {first[:240]}{where}"
 
 
 def _drain_counts() -> None:
@@ -246,7 +260,7 @@ def compiled_step(solver, problem) -> CompiledStep:
     """The cached :class:`CompiledStep` of an equal solver on this problem object, or a new one.
 
     A cached step that fell back to eager warns again (one warning per run) and stays eager."""
-    key = (type(solver), repr(solver), id(problem))
+    key = (type(solver), repr(solver), id(problem), BACKEND)
     entry = _CACHE.get(key)
     if entry is not None and entry[0]() is problem:
         _CACHE.move_to_end(key)
@@ -255,7 +269,7 @@ def compiled_step(solver, problem) -> CompiledStep:
         if step.reason is not None:
             step._fall_back(step.reason)
         return step
-    step = CompiledStep(solver, problem)
+    step = CompiledStep(solver, problem, backend=BACKEND)
     try:
         ref = weakref.ref(problem)
     except TypeError:  # not weak-referenceable: not cached

@@ -72,6 +72,9 @@ class RunConfig:
     #: default: the problems here are small, and several threads were 3x slower for three
     #: concurrent runs and 25x slower under outside load (measured; README, "Threads").
     threads: Optional[int] = 1
+    #: Run each solver step through torch.compile (bilevel.compiled); a step that cannot be
+    #: traced runs eagerly with one warning naming the reason.
+    compile: bool = False
     #: Metrics for the table and the plot; empty: the problem's ``headline_metrics`` or all.
     metrics: List[str] = field(default_factory=list)
     wandb: WandbConfig = field(default_factory=WandbConfig)
