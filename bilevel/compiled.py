@@ -18,8 +18,10 @@ not. Two ways to get that split:
   step asks for exactly those levels in that order and uses no generator of its own.
 
 Second-order oracles (``torch.autograd.grad(create_graph=True)``) are traced by dynamo on
-torch >= 2.9 with ``torch._dynamo.config.trace_autograd_ops`` (set here, only for the compiled
-call): the whole step, double backward included, is one graph. Oracle calls inside that graph
+torch 2.13 with ``torch._dynamo.config.trace_autograd_ops = True`` (set for the process by the
+first :class:`CompiledStep`; without it dynamo graph-breaks at ``autograd.grad`` and aot_autograd
+then refuses the double backward): the whole step, double backward included, is one graph, so no
+``torch.func`` path is needed in the oracles. Oracle calls inside that graph
 are counted through :data:`bilevel.oracles.DEFERRED` (replayed appends drained after each call).
 
 Recompiles: a Python int that changes between calls (the iteration, a transform's counter) is
@@ -49,8 +51,8 @@ import torch._dynamo.utils
 
 from . import oracles
 
-#: Most recompiles of one compiled step before it falls back to eager (the iteration becoming
-#: dynamic costs one; a lower loop with a period two: one graph per branch).
+#: Most graphs one compiled step may compile before it falls back to eager (the iteration
+#: becoming dynamic costs one more; a lower loop with a period one more per branch).
 RECOMPILE_LIMIT = 4
 #: torch.compile backend of :func:`compiled_step` ("inductor": generated kernels; "aot_eager" or
 #: "eager" trace the same graph without code generation, much faster to compile, for tests).
@@ -163,8 +165,13 @@ class CompiledStep:
 
     def __init__(self, solver, problem, *, recompile_limit: int = RECOMPILE_LIMIT, backend: str = "inductor",
                  mode: Optional[str] = None):
-        if isinstance(recompile_limit, bool) or not isinstance(recompile_limit, int) or recompile_limit < 1:
-            raise ValueError(f"recompile_limit must be an integer >= 1, got {recompile_limit!r}")
+        if isinstance(recompile_limit, bool) or not isinstance(recompile_limit, int) or not 1 <= recompile_limit < 8:
+            raise ValueError(f"recompile_limit must be an integer from 1 to 7 (dynamo's own limit is 8), "
+                             f"got {recompile_limit!r}")
+        # Lets dynamo trace torch.autograd.grad (double backward included) into the graph. Set for
+        # the process, not per call (a config patch costs 15-60 us, as much as a small step); it
+        # only widens what torch.compile traces.
+        torch._dynamo.config.trace_autograd_ops = True
         self.solver, self.problem = solver, problem
         self.recompile_limit = recompile_limit
         self.split = has_split(solver)
@@ -200,17 +207,19 @@ class CompiledStep:
         frames = _compiled_frames()
         started = time.perf_counter()
         try:
-            with torch._dynamo.config.patch(trace_autograd_ops=True, recompile_limit=self.recompile_limit):
-                new_state = self._compiled(state._replace(generator=_NO_GENERATOR), batches)
+            new_state = self._compiled(state._replace(generator=_NO_GENERATOR), batches)
+            if _compiled_frames() != frames:
+                self.compiles += 1
+                self.compile_seconds += time.perf_counter() - started
+                if self.compiles > self.recompile_limit:
+                    raise RuntimeError(f"recompiled {self.compiles - 1} times, more than recompile_limit="
+                                       f"{self.recompile_limit} (TORCH_LOGS=recompiles shows the guard that failed)")
         except Exception as error:  # not traceable: this step and the rest of the run eagerly
             oracles.DEFERRED.clear()
             _restore(generator, snapshot)
             new_state = self._eager(state)  # a genuine error raises here
             self._fall_back(_reason(error))
             return new_state
-        if _compiled_frames() != frames:
-            self.compiles += 1
-            self.compile_seconds += time.perf_counter() - started
         _drain_counts()
         return new_state._replace(generator=generator)
 

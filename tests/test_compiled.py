@@ -137,8 +137,9 @@ def test_compile_must_be_a_bool(quad):
 
 
 def test_recompile_limit_is_checked(quad):
-    with pytest.raises(ValueError, match="recompile_limit must be an integer >= 1, got 0"):
-        compiled.CompiledStep(make_solver("soba"), quad, recompile_limit=0)
+    for bad in (0, 8, True, 2.0):
+        with pytest.raises(ValueError, match=f"recompile_limit must be an integer from 1 to 7.*got {bad!r}"):
+            compiled.CompiledStep(make_solver("soba"), quad, recompile_limit=bad)
 
 
 def test_config_and_command_line_key(tmp_path, monkeypatch):
