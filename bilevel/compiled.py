@@ -160,7 +160,8 @@ class CompiledStep:
 
     ``reason`` is None while compiled, else why it runs eagerly; ``compile_seconds`` the wall
     time of the calls that traced and compiled a graph (their step included); ``compiles`` how
-    many graphs were compiled.
+    many graphs were compiled (``run_compiles``: in the current run, capped by
+    ``recompile_limit``).
     """
 
     def __init__(self, solver, problem, *, recompile_limit: int = RECOMPILE_LIMIT, backend: str = "inductor",
@@ -177,7 +178,7 @@ class CompiledStep:
         self.split = has_split(solver)
         self.levels: Optional[Tuple[str, ...]] = None
         self.reason: Optional[str] = None
-        self.compile_seconds, self.compiles = 0.0, 0
+        self.compile_seconds, self.compiles, self.run_compiles = 0.0, 0, 0
         self._warned = False
         if self.split:
             def update(state, batches):
@@ -210,9 +211,10 @@ class CompiledStep:
             new_state = self._compiled(state._replace(generator=_NO_GENERATOR), batches)
             if _compiled_frames() != frames:
                 self.compiles += 1
+                self.run_compiles += 1
                 self.compile_seconds += time.perf_counter() - started
-                if self.compiles > self.recompile_limit:
-                    raise RuntimeError(f"recompiled {self.compiles - 1} times, more than recompile_limit="
+                if self.run_compiles > self.recompile_limit:
+                    raise RuntimeError(f"compiled {self.run_compiles} graphs in this run, more than recompile_limit="
                                        f"{self.recompile_limit} (TORCH_LOGS=recompiles shows the guard that failed)")
         except Exception as error:  # not traceable: this step and the rest of the run eagerly
             oracles.DEFERRED.clear()
@@ -274,7 +276,7 @@ def compiled_step(solver, problem) -> CompiledStep:
     if entry is not None and entry[0]() is problem:
         _CACHE.move_to_end(key)
         step = entry[1]
-        step._warned = False
+        step._warned, step.run_compiles = False, 0
         if step.reason is not None:
             step._fall_back(step.reason)
         return step

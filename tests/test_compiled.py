@@ -166,3 +166,25 @@ def test_inductor_compiled_soba_equals_eager(quad):
         warnings.simplefilter("error", CompileFallback)
         comp = bilevel.solve(quad, "soba", 5, seed=2, compile=True)
     _assert_same_run(eager, comp, rtol=1e-10)  # fused kernels reorder float64 sums
+
+
+def test_recompiles_past_the_limit_fall_back_to_eager(quad):
+    # SOBA compiles one graph with the iteration as a constant, then one with it dynamic: a
+    # limit of one graph per run is exceeded at the third step and the run goes on eagerly
+    from bilevel.sampling import run_generator
+    torch._dynamo.reset()  # forget the ints other tests' runs made dynamic (kept per code location)
+    solver = make_solver("soba")
+
+    def start():
+        generator = run_generator(5)
+        x, y = quad.init(generator)
+        return solver.init(quad, x, y, generator)
+    eager, state = start(), start()
+    step = compiled.CompiledStep(solver, quad, recompile_limit=1, backend="eager")
+    with pytest.warns(CompileFallback, match="compiled 2 graphs in this run, more than recompile_limit=1") as caught:
+        for _ in range(5):
+            eager, state = solver.step(quad, eager), step(state)
+    assert len([w for w in caught if issubclass(w.category, CompileFallback)]) == 1
+    assert step.compiles == 2 and step.reason is not None
+    for u, v in zip(_state_leaves(eager), _state_leaves(state)):
+        torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-12)
