@@ -40,6 +40,7 @@ compiled kernels fuse and reorder operations).
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 import types
 import warnings
@@ -110,10 +111,17 @@ class _Replay:
         return getattr(self._problem, name)
 
 
+_CODE_COPIES = itertools.count()
+
+
 def _own_code(fn):
-    """``fn`` with a private copy of its code object: dynamo keeps compiled graphs (and counts
-    recompiles) per code object, so each cache entry needs its own."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    """``fn`` with a private, uniquely named copy of its code object: dynamo keeps compiled graphs
+    (and counts recompiles) per code object, and remembers which inputs varied (automatic dynamic
+    shapes) per code *name and location*; a shared name would make one solver's varying fields
+    dynamic in another solver's first graph."""
+    name = f"{fn.__name__}_{next(_CODE_COPIES)}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def _snapshot(generator):
