@@ -1,21 +1,13 @@
 """Compiled solver steps: ``solve(..., compile=True)`` runs each outer iteration through
 ``torch.compile``.
 
-A solver step is split in two:
+Each solver splits an outer iteration in two (:mod:`bilevel.batches`):
 
-    batches = sample(state, generator)        eager: every use of the run's generator
-    state   = update(state, batches)          compiled: a pure function of tensors
+    batches = solver.sample(problem, t, generator)    eager: every use of the run's generator
+    core    = solver.update(problem, core, batches)   compiled: a pure function of the typed state
 
-so the generator never enters the compiled region and a seed gives the same batches compiled or
-not. Two ways to get that split:
-
-* the solver's own ``sample(problem, state, generator) -> batches`` and
-  ``update(problem, state, batches) -> state`` when it defines both (typed solver states);
-* otherwise *replay*: the first step runs eagerly through a problem wrapper that records the
-  levels of its ``problem.sample`` calls; every later step draws batches for those levels
-  up front (eagerly, from the run's generator, in the same order) and runs ``solver.step``
-  compiled, on a wrapper whose ``sample`` hands them back in order. The trace checks that the
-  step asks for exactly those levels in that order and uses no generator of its own.
+so the generator never enters the compiled region and a seed draws the same batches compiled or
+not. The iteration t reaches the update as ``batches.t``, a Python int.
 
 Second-order oracles (``torch.autograd.grad(create_graph=True)``) are traced by dynamo on
 torch 2.13 with ``torch._dynamo.config.trace_autograd_ops = True`` (set for the process by the
@@ -28,8 +20,7 @@ Recompiles: a Python int that changes between calls (the iteration, a transform'
 specialized on the first compiled call and made dynamic by dynamo at the second (one recompile),
 so schedules c / (t + 1)^e cost no further compiles. Recompiles are capped
 (``recompile_limit``): past it, or when the step cannot be traced in one graph (a ``.item()``,
-data-dependent control flow, an untraceable side effect, a generator used outside
-``problem.sample``), the run continues eagerly from the same state and generator, with ONE
+data-dependent control flow, an untraceable side effect), the run continues eagerly from the same state and generator, with ONE
 :class:`CompileFallback` warning naming the reason. An error that the eager step raises too is a
 genuine error and propagates.
 
@@ -62,53 +53,8 @@ BACKEND = "inductor"
 CACHE_SIZE = 16
 
 
-#: Stands for the run's generator inside the compiled region: any use of it fails the trace.
-_NO_GENERATOR = object()
-
-
 class CompileFallback(UserWarning):
     """A compiled step could not be traced and the run continues eagerly (once per step cache entry)."""
-
-
-class ReplayMismatch(RuntimeError):
-    """The step asked for batches other than those drawn for it (levels, order or number)."""
-
-
-class _Recorder:
-    """The problem, recording the level of every ``sample`` call (the first, eager step)."""
-
-    def __init__(self, problem):
-        self._problem, self.levels = problem, []
-
-    def sample(self, level, generator):
-        self.levels.append(level)
-        return self._problem.sample(level, generator)
-
-    def __getattr__(self, name):
-        return getattr(self._problem, name)
-
-
-class _Replay:
-    """The problem, handing back pre-drawn batches in order (built inside the compiled call)."""
-
-    def __init__(self, problem, levels: Tuple[str, ...], batches: Tuple[Any, ...]):
-        self._problem, self._levels, self._batches, self._next = problem, levels, batches, 0
-
-    def sample(self, level, generator):
-        k = self._next
-        if k >= len(self._levels) or self._levels[k] != level:
-            raise ReplayMismatch(f"sample call {k + 1} asks for a {level!r} batch, the first step drew "
-                                 f"{list(self._levels)}: the step's sampling changes between iterations")
-        self._next = k + 1
-        return self._batches[k]
-
-    def finish(self):
-        if self._next != len(self._levels):
-            raise ReplayMismatch(f"the step used {self._next} of the {len(self._levels)} batches its first "
-                                 "iteration drew: the step's sampling changes between iterations")
-
-    def __getattr__(self, name):
-        return getattr(self._problem, name)
 
 
 _CODE_COPIES = itertools.count()
@@ -158,13 +104,9 @@ def _drain_counts() -> None:
         oracles._record(kind, n)
 
 
-def has_split(solver) -> bool:
-    """Whether the solver defines its own ``sample`` and ``update`` (the split step)."""
-    return callable(getattr(solver, "sample", None)) and callable(getattr(solver, "update", None))
-
-
 class CompiledStep:
-    """One outer iteration of ``solver`` on ``problem``, compiled; ``step(state) -> state``.
+    """One outer iteration of ``solver`` on ``problem``, compiled; ``step(state) -> state`` on
+    the run record (:class:`bilevel.solver.State`), as ``solver.step(problem, state)``.
 
     ``reason`` is None while compiled, else why it runs eagerly; ``compile_seconds`` the wall
     time of the calls that traced and compiled a graph (their step included); ``compiles`` how
@@ -183,40 +125,38 @@ class CompiledStep:
         torch._dynamo.config.trace_autograd_ops = True
         self.solver, self.problem = solver, problem
         self.recompile_limit = recompile_limit
-        self.split = has_split(solver)
-        self.levels: Optional[Tuple[str, ...]] = None
         self.reason: Optional[str] = None
         self.compile_seconds, self.compiles, self.run_compiles = 0.0, 0, 0
         self._warned = False
-        if self.split:
-            def update(state, batches):
-                return solver.update(problem, state, batches)
-        else:
-            def update(state, batches):
-                replay = _Replay(problem, self.levels, batches)
-                new_state = solver.step(replay, state)
-                replay.finish()
-                return new_state
+        self._resolved = {}  # the solver with its "auto" steps filled in, per resolved values
+
+        def update(solver, core, batches):
+            return solver.update(problem, core, batches)
         self._compiled = torch.compile(_own_code(update), fullgraph=True, backend=backend, mode=mode)
+
+    def resolved_solver(self, state):
+        """``solver.with_resolved(state)``, one object per resolved values (a new object per call
+        would fail dynamo's guards on it at every step)."""
+        if not state.resolved:
+            return self.solver
+        key = tuple(sorted(state.resolved.items()))
+        if key not in self._resolved:
+            self._resolved[key] = self.solver.with_resolved(state)
+        return self._resolved[key]
 
     # -- the step ------------------------------------------------------------------------------
 
     def __call__(self, state):
         if self.reason is not None:
             return self._eager(state)
-        generator = state.generator
-        if not self.split and self.levels is None:  # first step: eager, learning the sampling
-            return self._record(state)
+        solver, generator = self.resolved_solver(state), state.generator
         snapshot = _snapshot(generator)
-        if self.split:
-            batches = self.solver.sample(self.problem, state, generator)
-        else:
-            batches = tuple(self.problem.sample(level, generator) for level in self.levels)
+        batches = solver.sample(self.problem, state.iteration, generator)
         oracles.DEFERRED.clear()
         frames = _compiled_frames()
         started = time.perf_counter()
         try:
-            new_state = self._compiled(state._replace(generator=_NO_GENERATOR), batches)
+            core = self._compiled(solver, state.core, batches)
             if _compiled_frames() != frames:
                 self.compiles += 1
                 self.run_compiles += 1
@@ -231,26 +171,7 @@ class CompiledStep:
             self._fall_back(_reason(error))
             return new_state
         _drain_counts()
-        return new_state._replace(generator=generator)
-
-    def _record(self, state):
-        """The first step, eagerly, through a :class:`_Recorder`; then a check that the levels it
-        sampled account for all its use of the generator (drawing them again from a copy of the
-        generator as it was must leave the same generator state)."""
-        from .sampling import copy_generator
-        generator = state.generator
-        before = copy_generator(generator)
-        recorder = _Recorder(self.problem)
-        new_state = self.solver.step(recorder, state)
-        self.levels = tuple(recorder.levels)
-        for level in self.levels:
-            self.problem.sample(level, before)
-        if not (torch.equal(before.get_state(), generator.get_state())
-                and getattr(before, "streams", None) == getattr(generator, "streams", None)):
-            self._fall_back("the step draws from the run's generator outside problem.sample (e.g. a SAGA "
-                            "block index or a randomized Neumann term); compiling it needs the solver's own "
-                            "sample/update split")
-        return new_state
+        return state._replace(core=core, iteration=state.iteration + 1)
 
     def _eager(self, state):
         return self.solver.step(self.problem, state)

@@ -31,7 +31,7 @@ def quad():
 
 
 def _state_leaves(state):
-    """Every tensor of a state (x, lower, estimator, upper, extra), in a fixed order."""
+    """Every tensor of a run record's typed state, in a fixed order."""
     out = []
 
     def walk(node):
@@ -43,7 +43,7 @@ def _state_leaves(state):
         elif isinstance(node, (tuple, list)):
             for v in node:
                 walk(v)
-    walk((state.x, state.lower, state.estimator, state.upper, state.extra))
+    walk(tuple(state.core))
     return out
 
 
@@ -110,13 +110,26 @@ def test_untraceable_problem_falls_back_with_one_warning(eager_backend):
     _assert_same_run(eager, comp, rtol=0)  # eager from the failed step on: bit for bit
 
 
-def test_generator_use_outside_sample_falls_back_with_one_warning(quad, eager_backend):
-    # SABA draws its SAGA block from the run's generator itself, not through problem.sample
-    eager = bilevel.solve(quad, "saba", 4, seed=0, batch_size=16)
-    with pytest.warns(CompileFallback, match="generator outside problem.sample") as caught:
-        comp = bilevel.solve(quad, "saba", 4, seed=0, batch_size=16, compile=True)
+class _LoggingQuadratic(type(make_problem("quadratic", preset="tiny"))):
+    """The tiny quadratic writing a line to a text log at each upper loss (a Python side effect
+    on a C-implemented object, which dynamo does not trace)."""
+
+    def upper_loss(self, x, y, batch):
+        self.log.write("upper loss\n")
+        return super().upper_loss(x, y, batch)
+
+
+def test_problem_with_a_side_effect_falls_back_with_one_warning(eager_backend):
+    import io
+    problem = _LoggingQuadratic(**make_problem("quadratic").PRESETS["tiny"], dtype="float64")
+    problem.log = io.StringIO()
+    eager = bilevel.solve(problem, "soba", 4, seed=0)
+    lines = problem.log.getvalue().count("\n")
+    with pytest.warns(CompileFallback, match="runs eagerly.*in upper_loss: self.log.write") as caught:
+        comp = bilevel.solve(problem, "soba", 4, seed=0, compile=True)
     assert len([w for w in caught if issubclass(w.category, CompileFallback)]) == 1
     _assert_same_run(eager, comp, rtol=0)
+    assert problem.log.getvalue().count("\n") == 2 * lines  # every eager step logged once, none twice
 
 
 def test_genuine_errors_still_raise_in_compiled_mode(eager_backend):
