@@ -132,18 +132,16 @@ def time_steps(problem, name, steps, warmup=3):
     if step.reason is None:
         out["compiled"] = compiled_ms
         # the parts of a compiled step: the eager draws, then the compiled call on fixed batches
-        generator = state.generator
-        out["sample"], _ = _median_ms(lambda g: [problem.sample(level, g) for level in step.levels] and g,
-                                      generator, steps)
-        batches = tuple(problem.sample(level, generator) for level in step.levels)
-        bare = state._replace(generator=compiled._NO_GENERATOR)
+        solver, generator = step.resolved_solver(state), state.generator
+        out["sample"], _ = _median_ms(lambda g: solver.sample(problem, state.iteration, g) and g, generator, steps)
+        batches = solver.sample(problem, state.iteration, generator)
         deferred = compiled.oracles.DEFERRED
 
-        def call(s):
+        def call(core):
             deferred.clear()  # as CompiledStep does (its guard: the list is empty on entry)
-            step._compiled(s, batches)
-            return s
-        out["call"], _ = _median_ms(call, bare, steps)
+            step._compiled(solver, core, batches)
+            return core
+        out["call"], _ = _median_ms(call, state.core, steps)
         deferred.clear()
     return out
 
