@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import re
 import time
 import types
 import warnings
@@ -163,7 +164,7 @@ class CompiledStep:
                 self.compile_seconds += time.perf_counter() - started
                 if self.run_compiles > self.recompile_limit:
                     raise RuntimeError(f"compiled {self.run_compiles} graphs in this run, more than recompile_limit="
-                                       f"{self.recompile_limit} (TORCH_LOGS=recompiles shows the guard that failed)")
+                                       f"{self.recompile_limit}{self._last_guard_failure()}")
         except Exception as error:  # not traceable: this step and the rest of the run eagerly
             oracles.DEFERRED.clear()
             _restore(generator, snapshot)
@@ -172,6 +173,16 @@ class CompiledStep:
             return new_state
         _drain_counts()
         return state._replace(core=core, iteration=state.iteration + 1)
+
+    def _last_guard_failure(self) -> str:
+        """The guard whose failure caused the last recompile, as dynamo recorded it."""
+        failures = [str(f).strip() for f in
+                    torch._dynamo.utils.guard_failures.get(self._compiled.__wrapped__.__code__) or []]
+        numbered = [(int(m.group(1)), f) for f in failures if (m := re.match(r"\d+/(\d+):", f))]
+        if not numbered:
+            return " (TORCH_LOGS=recompiles shows the guards that failed)"
+        latest = max(numbered)[1].splitlines()[0]  # the newest graph's guard that failed
+        return f"; the newest graph's failed guard: {' '.join(latest.split())[:240]}"
 
     def _eager(self, state):
         return self.solver.step(self.problem, state)
