@@ -31,9 +31,9 @@ SOLVERS = {
     "vrbo": {"neumann_lr": 0.5, "neumann_steps": 2, "inner_steps": 2, "period": 2, "refresh_batches": 2},
     "f2sa": {"inner_steps": 2}, "itd-bio": {"lower_lr": 0.3, "inner_steps": 3}, "lower-only": {"inner_steps": 2},
 }
-#: Solvers whose typed state changes structure after the first step: CG's warm start v is None
-#: until the first solve (bilevel.estimators.ConjugateGradient.init).
-STRUCTURE_CHANGES = {"aid-cg"}
+#: Solvers whose typed state changes structure after the first step: none (CG's warm start v is
+#: zeros from bilevel.estimators.ConjugateGradient.init, no longer None until the first solve).
+STRUCTURE_CHANGES = set()
 
 
 def quadratic():
