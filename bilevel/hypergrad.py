@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import linear_system, tree
-from .oracles import LowerProducts, _leaves, _record, _scalar, grad_upper, resolve_mode
+from .oracles import LowerProducts, _leaves, _record, _scalar, grad_upper, resolve_mode, second_order
 from .tree import Tree
 
 LinearSolver = Callable[..., Tree]
@@ -128,16 +128,17 @@ def exact(problem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any,
     def lower_flat(xv, yv):
         return _scalar(problem.lower_loss(tree.unflatten(xv, x), tree.unflatten(yv, y), lower_batch), "lower_loss")
 
-    if cross_batch is _SAME or cross_batch is lower_batch:
-        cross_jac, hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=(0, 1),
-                                               chunk_size=JACOBIAN_CHUNK)(xf, yf)
-    else:
-        def cross_flat(xv, yv):
-            return _scalar(problem.lower_loss(tree.unflatten(xv, x), tree.unflatten(yv, y), cross_batch), "lower_loss")
-        hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=1,
-                                    chunk_size=JACOBIAN_CHUNK)(xf, yf)
-        cross_jac = torch.func.jacrev(torch.func.grad(cross_flat, argnums=1), argnums=0,
-                                      chunk_size=JACOBIAN_CHUNK)(xf, yf)
+    with second_order(problem):  # twice-differentiable kernels (attention, RNNs)
+        if cross_batch is _SAME or cross_batch is lower_batch:
+            cross_jac, hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=(0, 1),
+                                                   chunk_size=JACOBIAN_CHUNK)(xf, yf)
+        else:
+            def cross_flat(xv, yv):
+                return _scalar(problem.lower_loss(tree.unflatten(xv, x), tree.unflatten(yv, y), cross_batch), "lower_loss")
+            hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=1,
+                                        chunk_size=JACOBIAN_CHUNK)(xf, yf)
+            cross_jac = torch.func.jacrev(torch.func.grad(cross_flat, argnums=1), argnums=0,
+                                          chunk_size=JACOBIAN_CHUNK)(xf, yf)
     gx_f, gy_f = grad_upper(problem, x, y, upper_batch)
     try:
         v = torch.linalg.solve(hessian, tree.flatten(gy_f))
@@ -172,9 +173,10 @@ def itd(problem, x: Tree, y: Tree, upper_batch: Any, lower_batches: Sequence[Any
         if differentiate:
             _record("hvp"), _record("cross")
             y_in = {n: (v if v.requires_grad else v.detach().requires_grad_(True)) for n, v in y_k.items()}
-            loss = _scalar(problem.lower_loss(xl, y_in, batch), "lower_loss")
-            gy = torch.autograd.grad(loss, list(y_in.values()), create_graph=True, allow_unused=True,
-                                     materialize_grads=True)
+            with second_order(problem):  # twice-differentiable kernels (attention, RNNs)
+                loss = _scalar(problem.lower_loss(xl, y_in, batch), "lower_loss")
+                gy = torch.autograd.grad(loss, list(y_in.values()), create_graph=True, allow_unused=True,
+                                         materialize_grads=True)
             y_k = {n: y_in[n] - lr * g for n, g in zip(y_in, gy)}
         else:
             y_in = _leaves(y_k)
@@ -208,8 +210,10 @@ def fixed_point(problem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any, *
         if lr is None:
             raise ValueError("fixed_point needs lr (the step of T = y - lr grad_y g) unless the problem defines lower_map")
         _record("grad_lower")
-        loss = _scalar(problem.lower_loss(xl, yl, lower_batch), "lower_loss")
-        gy = torch.autograd.grad(loss, list(yl.values()), create_graph=True, allow_unused=True, materialize_grads=True)
+        with second_order(problem):  # twice-differentiable kernels (attention, RNNs)
+            loss = _scalar(problem.lower_loss(xl, yl, lower_batch), "lower_loss")
+            gy = torch.autograd.grad(loss, list(yl.values()), create_graph=True, allow_unused=True,
+                                     materialize_grads=True)
         mapped = {k: yl[k] - lr * g for k, g in zip(yl, gy)}
     outputs = list(mapped.values())
 

@@ -262,7 +262,8 @@ def draw_neumann_term(steps: int, generator: Optional[torch.Generator], variant:
     Uniform{0, ..., steps - 1} (meaning q + 1 products) for "code_n1"."""
     if variant not in RANDOMIZED_NEUMANN:
         raise ValueError(f"only the variants {RANDOMIZED_NEUMANN} draw a Neumann term, got {variant!r}")
-    return int(torch.randint(_term_bound(steps, variant), (1,), generator=generator))
+    device = None if generator is None else generator.device  # draw where the generator lives
+    return int(torch.randint(_term_bound(steps, variant), (1,), generator=generator, device=device))
 
 
 def neumann_products(steps: int, variant: str, term: Optional[int] = None) -> int:
@@ -295,9 +296,11 @@ def linear_sgd(matvec: Matvec, b: Tree, *, steps: int = 1, lr: float, init: Opti
 
 
 def project_ball(z: Tree, radius: float) -> Tree:
-    """Euclidean projection of the whole tree onto {||z|| <= radius}."""
-    n = float(tree.norm(z))
-    return tree.scale(z, radius / n) if n > radius else z
+    """Euclidean projection of the whole tree onto {||z|| <= radius}: z min(1, radius / ||z||), the
+    factor chosen with ``torch.where`` (no host read of the norm, so a solver step holding it can
+    be vmapped or compiled)."""
+    n = tree.norm(z)
+    return tree.scale(z, torch.where(n > radius, radius / n, torch.ones_like(n)))
 
 
 def _check_steps(steps: int, minimum: int = 1) -> None:

@@ -23,6 +23,12 @@ A mode of ``None`` (the default of every product here and of the estimators'
 
 Calls are counted in every active :func:`count_calls` context, so solvers need no bookkeeping.
 
+Every second-order product is taken inside :func:`second_order`, which selects kernels that
+can be differentiated twice: the math implementation of ``scaled_dot_product_attention`` (the
+fused flash / memory-efficient kernels, on CUDA and on CPU, have no double backward and no
+forward-mode rule), and, for problems holding a recurrent module, no cuDNN (cuDNN RNNs have no
+double backward). First-order oracles keep the fast kernels.
+
 :class:`LowerProducts` holds one lower-gradient graph at a point and batch and takes any number
 of products from it; :func:`bilevel.hypergrad.implicit` uses one per distinct batch.
 """
@@ -117,6 +123,68 @@ def resolve_mode(mode: Optional[str]) -> str:
     if mode not in HVP_MODES:
         raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
     return mode
+
+
+# -- kernels that can be differentiated twice -------------------------------------------------------
+
+_RECURRENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def has_recurrent_model(problem) -> bool:
+    """Whether ``problem`` runs a recurrent network: its ``recurrent`` attribute when it sets one
+    (a problem calling RNN kernels functionally), else whether it holds an ``nn.RNNBase``
+    module (found once per problem object, by :func:`bilevel.device.holds_module`)."""
+    declared = getattr(problem, "recurrent", None)
+    if declared is not None:
+        return bool(declared)
+    try:
+        return _RECURRENT[problem]
+    except (KeyError, TypeError):
+        pass
+    from .device import holds_module
+    found = holds_module(problem, torch.nn.RNNBase)
+    try:
+        _RECURRENT[problem] = found
+    except TypeError:  # not weak-referenceable: decide again next time
+        pass
+    return found
+
+
+@contextlib.contextmanager
+def second_order(problem) -> Iterator[None]:
+    """Kernels with double-backward and forward-mode rules, for the forward pass and the
+    ``create_graph`` backward of a second-order product of ``problem``'s lower loss:
+
+    * attention by the math implementation of ``F.scaled_dot_product_attention``
+      (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``): the flash kernels have no double
+      backward (CPU: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+      is not implemented"; CUDA alike) and no forward-mode AD;
+    * cuDNN off (``torch.backends.cudnn.enabled = False``) when the problem holds a
+      recurrent network (:func:`has_recurrent_model`): cuDNN RNNs have no double backward. Only
+      here: gradients elsewhere keep cuDNN (about 4x faster for an RNN on a GPU). On the CPU,
+      where cuDNN is never used, this flag changes nothing.
+
+    The kernels are chosen when the graph is recorded, so the context covers the lower forward
+    and the create_graph backward; later backward passes through the recorded graph need none.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if has_recurrent_model(problem):
+            stack.enter_context(_cudnn_disabled())
+        yield
+
+
+@contextlib.contextmanager
+def _cudnn_disabled() -> Iterator[None]:
+    """cuDNN off, every other cuDNN setting untouched (``torch.backends.cudnn.flags`` would also
+    reset benchmark, deterministic and allow_tf32 to its defaults inside the block)."""
+    previous = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = previous
 
 
 def _record(kind: str, n: int = 1) -> None:
@@ -240,8 +308,9 @@ def _reverse_graph(problem, x, y, batch):
     """Leaves (x, y) and grad_y g at them with its graph kept (create_graph): every later
     product d/d(x, y) <grad_y g, v> is one backward pass through it, no new forward."""
     xl, yl = _leaves(x), _leaves(y)
-    loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
-    return xl, yl, _grad(loss, yl, create_graph=True)
+    with second_order(problem):
+        loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
+        return xl, yl, _grad(loss, yl, create_graph=True)
 
 
 def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
@@ -294,6 +363,10 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
         return _scalar(problem.lower_loss(xx, yy, batch), "lower_loss")
 
     def compute():
+        with second_order(problem):
+            return products()
+
+    def products():
         if want_cross:
             (_, gy), (cr, hv) = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=(0, 1))(xd, yy), (yd,), (vd,))
             return (hv if want_hvp else None), cr, gy

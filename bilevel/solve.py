@@ -146,8 +146,16 @@ def _resumable(state: State, generator: torch.Generator, calls: OracleCounts, el
     return state._replace(generator=copy_generator(generator), calls=dict(calls), elapsed=elapsed)
 
 
+def _synchronizer(device: torch.device):
+    """A function that waits for ``device``'s queued work (CUDA runs asynchronously: a step's
+    time is only known once its kernels finished); a no-op on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callbacks, counts, history, elapsed,
-              label, initial_eval=True, step=None):
+              label, initial_eval=True, sync=lambda: None, step=None):
     """The loop proper: appends evaluation records to ``history``; returns (state, elapsed).
     ``step(state) -> state`` is one outer iteration (default: ``solver.step`` on ``problem``).
     Records count from the state's cumulative calls and time (non-zero when resuming). On any
@@ -173,6 +181,7 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
         for t in range(steps):
             started = time.perf_counter()
             state = step(state)  # sample from the run's generator, then the pure update
+            sync()
             elapsed += time.perf_counter() - started
             problem_found = _non_finite(label, state)
             if problem_found:
@@ -196,7 +205,7 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
 def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "soba", steps: int = 1000, *,
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
           progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
-          initial_eval: bool = True, hvp_mode: Optional[str] = None, compile: bool = False,
+          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None, compile: bool = False,
           **hyperparameters) -> Result:
     """Run ``solver`` on ``problem`` for ``steps`` outer iterations.
 
@@ -226,6 +235,10 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         hvp_mode: "reverse" or "forward": how every Hessian-vector and cross product of the run
             is taken (:func:`bilevel.oracles.second_order_mode`; an estimator built with its own
             ``hvp_mode`` keeps it); None: reverse, or the enclosing block's.
+        device: where the run happens ("cpu", "cuda", "cuda:N"). A problem name is built there
+            (None: cuda when available, else cpu); a problem object is moved there
+            (:meth:`~bilevel.problem.BilevelProblem.to`; None: it stays where it is). The run's
+            generator is created on that device; step times wait for the device's queued work.
         compile: run the solver step through ``torch.compile`` (:mod:`bilevel.compiled`): the
             batches are drawn eagerly, the update compiled; results equal the eager run's up to
             floating-point rounding. A step that cannot be traced runs eagerly, with one
@@ -233,8 +246,12 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         **hyperparameters: solver options, e.g. ``upper_lr=0.05``; unknown names raise TypeError.
     """
     from .checkpoint import Checkpoint, check_compatible
+    from .device import problem_device, resolve_device, same_device, to_device
     if isinstance(problem, str):
-        problem = make_problem(problem)
+        problem = make_problem(problem, device=device)
+    elif device is not None:
+        problem = to_device(problem, device)
+    run_device = resolve_device(device) if device is not None else problem_device(problem)
     solver = _resolve_solver(solver, hyperparameters)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
@@ -254,7 +271,10 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         check_compatible(state, solver=solver, problem=problem)
         state = state.state
 
-    generator = run_generator(seed)
+    if state is not None and not same_device(state.generator.device, run_device):
+        raise ValueError(f"state: its generator is on {state.generator.device} but this run is on {run_device}; "
+                         f"resume on the device it was saved on (device={str(state.generator.device)!r})")
+    generator = run_generator(seed, run_device)
     history: List[Dict[str, Any]] = []
     elapsed = state.elapsed if state is not None else 0.0
     started_at = elapsed
@@ -277,7 +297,8 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
             step = compiled_step(solver, problem)
         try:
             state, elapsed = _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callbacks,
-                                       counts, history, elapsed, f"{name} on {problem_name}", initial_eval, step)
+                                       counts, history, elapsed, f"{name} on {problem_name}", initial_eval,
+                                       _synchronizer(run_device), step)
         except BaseException as error:
             for cb in callbacks:
                 cb.on_error(error)

@@ -50,10 +50,11 @@ def test_every_problem_has_tiny_and_paper_presets():
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEM_SETTINGS))
-def test_every_solver_runs_on(problem, run_files, tmp_path):
+def test_every_solver_runs_on(problem, run_files, tmp_path, device):
+    """On every device present (the ``device`` fixture: the CPU, and CUDA when there is one)."""
     solvers = SOLVERS.names()
     settings = [s.format(**run_files) for s in PROBLEM_SETTINGS[problem] + RUN_ONLY.get(problem, [])]
-    code = cli.main(["run", f"problem={problem}", "preset=tiny", f"solvers=[{','.join(solvers)}]",
+    code = cli.main(["run", f"problem={problem}", "preset=tiny", f"solvers=[{','.join(solvers)}]", f"device={device}",
                      f"steps={STEPS}", "eval_every=1", "progress=false", "plot=false",
                      f"output_dir={tmp_path}", "name=run", *settings])
     with open(tmp_path / "run" / "summary.csv", newline="") as fh:
