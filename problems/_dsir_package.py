@@ -1,0 +1,43 @@
+"""DSIR through the PyPI ``data-selection`` package (Xie et al. 2023, ``p-lambda/dsir``).
+
+Imported only by :func:`bilevel.problems.selection_baselines.dsir_scores`; an ``ImportError``
+here (package or its ``nltk`` dependency missing) makes it fall back to our own implementation.
+The package reads jsonl files and writes its weights under a cache folder, so the texts are
+written to a temporary folder first; one process (``num_proc=1``) keeps the weights in pool
+order (the package interleaves examples across its virtual shards).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+
+from data_selection import HashedNgramDSIR  # noqa: F401  (ImportError when not installed)
+
+
+def _write_jsonl(path: str, texts: Sequence[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+
+
+def package_log_weights(pool_texts: Sequence[str], target_texts: Sequence[str], num_buckets: int = 10000,
+                        target_smoothing: float = 1.0, workdir: Optional[str] = None) -> np.ndarray:
+    """The package's log importance weight of every pool text against the target texts (its
+    ``fit_importance_estimator(num_tokens_to_fit="all")`` then ``compute_importance_weights()``)."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        raw, target = os.path.join(tmp, "pool.jsonl"), os.path.join(tmp, "target.jsonl")
+        _write_jsonl(raw, pool_texts)
+        _write_jsonl(target, target_texts)
+        dsir = HashedNgramDSIR([raw], [target], cache_dir=os.path.join(tmp, "cache"), num_proc=1,
+                               ngrams=2, num_buckets=num_buckets, tokenizer="wordpunct",
+                               target_laplace_smoothing=target_smoothing)
+        dsir.fit_importance_estimator(num_tokens_to_fit="all")
+        dsir.compute_importance_weights()
+        weights = np.load(os.path.join(tmp, "cache", "log_importance_weights", "0.npy"))
+    if weights.shape[0] != len(pool_texts):
+        raise RuntimeError(f"data-selection returned {weights.shape[0]} weights for {len(pool_texts)} pool texts")
+    return np.asarray(weights, dtype=np.float64)
