@@ -46,8 +46,11 @@ __all__ = ["SelectConfig", "load_select_config", "run_select", "comparison_table
 
 @dataclass
 class SelectConfig:
-    #: "text-pool" (the offline pool of bilevel.problems.data.text_pool) or "files".
-    data: str = "text-pool"
+    #: "text-pool" (the fetched offline pool of bilevel.problems.data.text_pool: Wikipedia, Lee news,
+    #: BBE Bible; `bilevel data fetch NAME`), "builtin" (the standard library's pydoc topics and
+    #: module docstrings, no fetch), "files" (your own files) or "auto" (text-pool when its
+    #: sources are available, else builtin).
+    data: str = "auto"
     #: data=files: pool files (jsonl / json / parquet / csv / txt), the validation file (a cloze
     #: table with context/target columns, or documents cut into cloze passages), optional tests.
     pool: List[str] = field(default_factory=list)
@@ -101,7 +104,17 @@ class SelectConfig:
     wandb_project: str = "bilevel-select"
 
 
-DATA = ("text-pool", "files")
+DATA = ("auto", "text-pool", "builtin", "files")
+TEXT_POOL_SOURCES = ("enwiki-shortened", "lee-background", "bible-bbe", "bible-asv")
+
+
+def resolved_data(c: "SelectConfig") -> str:
+    """``c.data`` with "auto" resolved: "text-pool" when every fetched source is available."""
+    if c.data != "auto":
+        return c.data
+    from .problems.data import fetch
+    ok = all(fetch.status(name) in ("cached", "installed") for name in TEXT_POOL_SOURCES)
+    return "text-pool" if ok else "builtin"
 
 
 def load_select_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> SelectConfig:
@@ -168,7 +181,13 @@ class Data:
 
 
 def _splits(c: SelectConfig, seed: int):
-    if c.data == "files":
+    data = resolved_data(c)
+    if data == "builtin":
+        from .problems.data.text_pool import make_splits
+        from .problems.data_selection import builtin_documents
+        return make_splits(builtin_documents(), seed, noise_rate=c.noise_rate, val_articles=c.val_articles,
+                           validation_source="pydoc-topics", out_of_domain=("stdlib-docstrings",), cloze_words=30)
+    if data == "files":
         from .problems.data.user_pool import load_user_pool
         return load_user_pool(list(c.pool), c.validation, c.test_in, c.test_out, text_column=c.text_column)
     from .problems.data.text_pool import load_text_pool
