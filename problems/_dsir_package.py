@@ -25,7 +25,7 @@ def _write_jsonl(path: str, texts: Sequence[str]) -> None:
 
 
 def package_log_weights(pool_texts: Sequence[str], target_texts: Sequence[str], num_buckets: int = 10000,
-                        target_smoothing: float = 1.0, workdir: Optional[str] = None) -> np.ndarray:
+                        target_smoothing: float = 0.0, workdir: Optional[str] = None) -> np.ndarray:
     """The package's log importance weight of every pool text against the target texts (its
     ``fit_importance_estimator(num_tokens_to_fit="all")`` then ``compute_importance_weights()``)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -33,9 +33,14 @@ def package_log_weights(pool_texts: Sequence[str], target_texts: Sequence[str], 
         _write_jsonl(raw, pool_texts)
         _write_jsonl(target, target_texts)
         dsir = HashedNgramDSIR([raw], [target], cache_dir=os.path.join(tmp, "cache"), num_proc=1,
-                               ngrams=2, num_buckets=num_buckets, tokenizer="wordpunct",
-                               target_laplace_smoothing=target_smoothing)
+                               ngrams=2, num_buckets=num_buckets, tokenizer="wordpunct")
         dsir.fit_importance_estimator(num_tokens_to_fit="all")
+        if target_smoothing:
+            # 1.0.3 has no target smoothing (later versions' target_laplace_smoothing): add the
+            # pseudo-count to the target counts, hashed by the package's own featurizer
+            counts = sum(dsir.featurizer(t) for t in target_texts).astype(np.float64) + target_smoothing
+            dsir.target_probs = counts / counts.sum()
+            dsir.log_diff = np.log(dsir.target_probs + 1e-8) - np.log(dsir.raw_probs + 1e-8)
         dsir.compute_importance_weights()
         weights = np.load(os.path.join(tmp, "cache", "log_importance_weights", "0.npy"))
     if weights.shape[0] != len(pool_texts):

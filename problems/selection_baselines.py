@@ -98,12 +98,13 @@ def hashed_ngram_counts(text: str, num_buckets: int = 10000, n: int = 2) -> np.n
 
 
 def hashed_ngram_log_weights(pool_texts: Sequence[str], target_texts: Sequence[str], num_buckets: int = 10000,
-                             n: int = 2, target_smoothing: float = 1.0) -> np.ndarray:
+                             n: int = 2, target_smoothing: float = 0.0) -> np.ndarray:
     """DSIR's log importance weight of each pool text: ``c_i . (log(p_target + 1e-8) - log(p_raw +
     1e-8))`` where ``c_i`` is the text's hashed n-gram count vector, ``p_raw`` the normalized sum
     of the pool's counts and ``p_target`` the normalized sum of the target (validation) texts'
-    counts plus ``target_smoothing`` per bucket (the package's ``target_laplace_smoothing``; a
-    pseudo-count that keeps an n-gram absent from a small target set from vetoing a text)."""
+    counts plus ``target_smoothing`` per bucket (0 in ``data-selection`` 1.0.3, the
+    ``target_laplace_smoothing`` of later versions: a pseudo-count that keeps an n-gram absent
+    from a small target set from costing log(1e-8) per occurrence)."""
     if not pool_texts or not target_texts:
         raise ValueError("hashed_ngram_log_weights: need non-empty pool and target texts")
     pool = np.stack([hashed_ngram_counts(t, num_buckets, n) for t in pool_texts])
@@ -114,7 +115,7 @@ def hashed_ngram_log_weights(pool_texts: Sequence[str], target_texts: Sequence[s
 
 
 def dsir_scores(pool_texts: Sequence[str], target_texts: Sequence[str], num_buckets: int = 10000,
-                target_smoothing: float = 1.0, workdir: Optional[str] = None,
+                target_smoothing: float = 0.0, workdir: Optional[str] = None,
                 use_package: Optional[bool] = None) -> np.ndarray:
     """DSIR log importance weights of the pool against the target texts.
 
@@ -182,6 +183,6 @@ def fit_score_regression(score_fn: Callable[[Tensor, Tensor], Tensor], parameter
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         history.append(float(np.mean(losses)))
     return history

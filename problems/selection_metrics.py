@@ -180,7 +180,7 @@ def one_step_influence(loss_fn: Callable[[Mapping[str, Tensor], object], Tensor]
     def grad_of(batch):
         p = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
         loss = loss_fn(p, batch)
-        return torch.autograd.grad(loss, [p[k] for k in names], allow_unused=True), float(loss)
+        return torch.autograd.grad(loss, [p[k] for k in names], allow_unused=True), float(loss.detach())
 
     grads_f, f0 = grad_of(val_batch)
     out = np.empty(len(train_items), dtype=np.float64)

@@ -72,8 +72,15 @@ def test_dsir_log_weights_match_the_closed_form():
                     for f, c in fc.items()) for fc in feats]
     got = hashed_ngram_log_weights(pool, target, num_buckets=B, target_smoothing=s)
     assert got == pytest.approx(expected, rel=1e-9)
-    assert got[0] > got[1] and got[2] > got[1]  # target-like text outranks spam
-    assert dsir_scores(pool, target, num_buckets=B, use_package=False) == pytest.approx(expected, rel=1e-9)
+    assert dsir_scores(pool, target, num_buckets=B, target_smoothing=s, use_package=False) == pytest.approx(
+        expected, rel=1e-9)
+
+
+def test_dsir_ranks_target_like_text_above_spam_of_the_same_length():
+    pool = ["the cat sat on the mat", "buy cheap pills now now now", "a dog sat on a mat"]
+    for smoothing in (0.0, 1.0):
+        w = hashed_ngram_log_weights(pool, ["the cat sat", "a dog sat on a mat"], target_smoothing=smoothing)
+        assert w[0] > w[1] and w[2] > w[1]
 
 
 def test_dsir_package_agrees_with_our_weights(tmp_path):
@@ -81,9 +88,11 @@ def test_dsir_package_agrees_with_our_weights(tmp_path):
     pool = ["the cat sat on the mat today", "buy cheap pills now now now", "the dog sat on a log",
             "quantum flux of the reactor", "a cat and a dog"]
     target = ["the cat sat", "a dog sat on a mat"]
-    ours = hashed_ngram_log_weights(pool, target, num_buckets=512, target_smoothing=1.0)
-    theirs = dsir_scores(pool, target, num_buckets=512, target_smoothing=1.0, workdir=str(tmp_path), use_package=True)
-    assert theirs == pytest.approx(ours, rel=1e-9)
+    for smoothing in (0.0, 1.0):
+        ours = hashed_ngram_log_weights(pool, target, num_buckets=512, target_smoothing=smoothing)
+        theirs = dsir_scores(pool, target, num_buckets=512, target_smoothing=smoothing, workdir=str(tmp_path),
+                             use_package=True)
+        assert theirs == pytest.approx(ours, rel=1e-9)
 
 
 def test_perplexity_scores_are_minus_mean_token_ce():
