@@ -28,6 +28,18 @@ def package_log_weights(pool_texts: Sequence[str], target_texts: Sequence[str], 
                         target_smoothing: float = 0.0, workdir: Optional[str] = None) -> np.ndarray:
     """The package's log importance weight of every pool text against the target texts (its
     ``fit_importance_estimator(num_tokens_to_fit="all")`` then ``compute_importance_weights()``)."""
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the package draws a progress bar per pass over each file
+    try:
+        return _log_weights(pool_texts, target_texts, num_buckets, target_smoothing, workdir)
+    finally:
+        if quiet is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
+
+
+def _log_weights(pool_texts, target_texts, num_buckets, target_smoothing, workdir) -> np.ndarray:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         raw, target = os.path.join(tmp, "pool.jsonl"), os.path.join(tmp, "target.jsonl")
         _write_jsonl(raw, pool_texts)

@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
+pytest.importorskip("bilevel.problems.data_selection")  # the bliss branch's problem, solver and models
 
 from bilevel.cli import main
 from bilevel.config import ConfigError
