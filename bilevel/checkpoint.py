@@ -4,8 +4,9 @@
     checkpoint = load_checkpoint(path)                         # torch.load(weights_only=True)
     solve(problem, solver, steps, state=checkpoint)            # refuses a mismatch, naming it
 
-A :class:`~bilevel.solver.State` holds tensors, numbers, parameter dicts, the library's own
-NamedTuples (``LowerState``, ``Memory``, ...) and a ``torch.Generator``. Pickling it as is needs
+A :class:`~bilevel.solver.State` (the run record) holds the solver's typed state (NamedTuples
+such as ``SingleLoopState``, ``Memory``, ... whose leaves are tensors), numbers and a
+``torch.Generator``. Pickling it as is needs
 ``weights_only=False``, which executes whatever a file asks for. Instead the state is *encoded*
 into nested dicts, lists, tensors and numbers (the only things the ``weights_only`` unpickler
 accepts): a NamedTuple or dataclass becomes ``{"__class__": "module:QualName", "fields": {...}}``
@@ -41,7 +42,9 @@ from . import schedules
 from .sampling import Epoch, restore_generator
 
 FORMAT = "bilevel-checkpoint"
-FORMAT_VERSION = 1
+#: 2: the run record State(core=<typed tensor state>, iteration, generator, ...) of the typed
+#: solver states; version-1 checkpoints (untyped State slots) are refused with that message.
+FORMAT_VERSION = 2
 #: Modules whose NamedTuples and dataclasses a checkpoint may rebuild.
 ALLOWED_PACKAGE = "bilevel"
 

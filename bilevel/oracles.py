@@ -112,7 +112,28 @@ def _scalar(value: Tensor, which: str) -> Tensor:
     return value
 
 
+def _transformed() -> bool:
+    """True inside a torch.func transform (vmap of a solver's update, ...), where autograd leaves
+    cannot be made (``requires_grad_``): the oracles then take the same derivatives with
+    torch.func (:func:`_functional_grad`, :func:`_functional_second_order`)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _functional_grad(loss_fn, which: str, x: Tree, y: Tree, batch: Any, argnums) -> Any:
+    """torch.func.grad of the loss w.r.t. x (0), y (1) or both ((0, 1))."""
+    return torch.func.grad(lambda xx, yy: _scalar(loss_fn(xx, yy, batch), which), argnums=argnums)(x, y)
+
+
+def _functional_second_order(problem, x, y, batch):
+    """(grad_y g, its vjp v -> (d2_xy g . v, d2_yy g . v)) by torch.func.vjp of torch.func.grad."""
+    def grad_y(xx, yy):
+        return torch.func.grad(lambda a, b: _scalar(problem.lower_loss(a, b, batch), "lower_loss"), argnums=1)(xx, yy)
+    return torch.func.vjp(grad_y, x, y)
+
+
 def _grad_both(loss_fn, which: str, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
+    if _transformed():
+        return _functional_grad(loss_fn, which, x, y, batch, (0, 1))
     xl, yl = _leaves(x), _leaves(y)
     loss = _scalar(loss_fn(xl, yl, batch), which)
     grads = torch.autograd.grad(loss, [*xl.values(), *yl.values()], allow_unused=True, materialize_grads=True)
@@ -134,6 +155,8 @@ def grad_lower(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
 def _grad_one(loss_fn, which: str, x: Tree, y: Tree, batch: Any, wrt: str) -> Tree:
     """The gradient of ``loss_fn`` w.r.t. x or y only (``wrt``); the other variable enters
     detached, so autograd never computes the unused gradient."""
+    if _transformed():
+        return _functional_grad(loss_fn, which, x, y, batch, 0 if wrt == "x" else 1)
     xl = _leaves(x) if wrt == "x" else {k: v.detach() for k, v in x.items()}
     yl = _leaves(y) if wrt == "y" else {k: v.detach() for k, v in y.items()}
     loss, inputs = _scalar(loss_fn(xl, yl, batch), which), xl if wrt == "x" else yl
@@ -175,6 +198,10 @@ def _reverse_graph(problem, x, y, batch):
 
 
 def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
+    if _transformed():
+        gy, products = _functional_second_order(problem, x, y, batch)
+        cr, hv = products({k: v[k] for k in gy})
+        return hv if want_hvp else None, cr if want_cross else None, gy
     xl, yl, gy = _reverse_graph(problem, x, y, batch)
     inputs = {**({("y", k): t for k, t in yl.items()} if want_hvp else {}),
               **({("x", k): t for k, t in xl.items()} if want_cross else {})}
@@ -297,6 +324,11 @@ class LowerProducts:
         return self._graph
 
     def _reverse(self, v: Tree, wrt: str) -> Tree:
+        if _transformed():  # inside torch.func transforms: one vjp closure of grad_y g per point
+            if self._graph is None:
+                self._graph = _functional_second_order(self.problem, self.x, self.y, self.batch)[1]
+            cross, hv = self._graph({k: v[k] for k in self.y})
+            return hv if wrt == "y" else cross
         outputs, keys, yl, xl = self._graph or self._build()
         inputs = yl if wrt == "y" else xl
         if not keys:  # grad_y g independent of (x, y): every product is zero

@@ -19,19 +19,22 @@ the past, also AccBO's upper update), applied to both levels:
 One sample B is a lower batch for grad_y g plus one :class:`~bilevel.estimators.Draw` for the
 hypergradient (upper batch, the Hessian batches -- one per product by default -- the cross batch and
 the randomized Neumann term q, all drawn up front), so G(new; B) - G(old; B) carries no sampling
-noise of its own. Estimators must be stateless
+noise of its own. Drawing (:func:`sample`, :func:`refresh_samples`) and evaluating
+(:func:`evaluate`, :func:`recursive_update`, :func:`mean_estimates`) are separate, so a solver
+draws in its ``sample`` and evaluates in its pure ``update`` (:mod:`bilevel.batches`). Estimators must be stateless
 (:class:`~bilevel.estimators.Neumann`): they are called with state ``None``.
 
 Used by the single-loop STORM solvers (solvers/_double_momentum.py: SUSTAIN, MRBO) and by VRBO.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 
 from . import tree
-from .estimators import Draw, draw_for
+from .batches import Sample
+from .estimators import draw_for
 from .hypergrad import PerProduct
 from .oracles import grad_lower_y
 from .tree import Tree
@@ -44,12 +47,6 @@ class Estimates(NamedTuple):
     """Running estimates at one point: ``lower`` of grad_y g, ``upper`` of the hypergradient."""
     lower: Tree
     upper: Tree
-
-
-class Sample(NamedTuple):
-    """The samples of one evaluation of G: a lower batch for grad_y g, a Draw for the hypergradient."""
-    lower: Any
-    draw: Draw
 
 
 def sample(problem, generator: torch.Generator, share_lower_batch: bool = False, estimator=None) -> Sample:
@@ -74,19 +71,32 @@ def recursive_update(problem, estimator, new: Point, old: Point, estimates: Esti
     return Estimates(*(storm_correction(n, d, o, beta) for n, d, o in zip(at_new, estimates, at_old)))
 
 
-def refresh(problem, estimator, x: Tree, y: Tree, generator: torch.Generator, batches: int,
-            share_lower_batch: bool = False) -> Estimates:
-    """A large-batch G(x, y): the mean over ``batches`` independent samples, or a single
-    evaluation when the problem is deterministic (its sample() returns None: the full batch)."""
-    total, count = None, 0
+def refresh_samples(problem, generator: torch.Generator, batches: int, share_lower_batch: bool = False,
+                    estimator=None) -> Tuple[Sample, ...]:
+    """The samples of a large-batch refresh: ``batches`` independent ones, or a single one when
+    the problem is deterministic (its sample() returns None: the full batch)."""
+    samples = []
     for _ in range(batches):
-        batch = sample(problem, generator, share_lower_batch, estimator)
+        samples.append(sample(problem, generator, share_lower_batch, estimator))
+        if problem_is_deterministic(samples[-1]):
+            break
+    return tuple(samples)
+
+
+def mean_estimates(problem, estimator, x: Tree, y: Tree, samples: Tuple[Sample, ...]) -> Estimates:
+    """The mean of G(x, y; B) over ``samples`` (a large-batch G)."""
+    total = None
+    for batch in samples:
         value = evaluate(problem, estimator, x, y, batch)
         total = value if total is None else Estimates(*map(tree.add, total, value))
-        count += 1
-        if problem_is_deterministic(batch):
-            break
-    return Estimates(*(tree.scale(t, 1.0 / count) for t in total))
+    return Estimates(*(tree.scale(t, 1.0 / len(samples)) for t in total))
+
+
+def refresh(problem, estimator, x: Tree, y: Tree, generator: torch.Generator, batches: int,
+            share_lower_batch: bool = False) -> Estimates:
+    """A large-batch G(x, y): :func:`mean_estimates` over :func:`refresh_samples`."""
+    samples = refresh_samples(problem, generator, batches, share_lower_batch, estimator)
+    return mean_estimates(problem, estimator, x, y, samples)
 
 
 def problem_is_deterministic(batch: Sample) -> bool:

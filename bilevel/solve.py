@@ -10,8 +10,9 @@ the run, also when resuming) and on the last one.
 A NaN or inf in x or y stops the run with :class:`NonFiniteError` naming the variable and the
 iteration; callbacks have already received every earlier record, so files they wrote stay
 intact. Whatever stops a run (that error, Ctrl-C, a signal turned into an exception) carries the
-last good state, resumable, as ``error.state`` (a :class:`~bilevel.solver.State` whose
-generator is where it was after that iteration). Every ``checkpoint_every`` iterations (default:
+last good state, resumable, as ``error.state`` (a :class:`~bilevel.solver.State`, the run
+record around the solver's typed tensor state, whose generator is where it was after that
+iteration). Every ``checkpoint_every`` iterations (default:
 at every evaluation) callbacks get the resumable state through :meth:`Callback.on_checkpoint`.
 """
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _evaluate(problem, solver: Solver, state: State, elapsed: float, counts: Ora
 
 def _non_finite(label: str, state: State) -> Optional[str]:
     """A message naming the first variable with NaN/inf entries, or None."""
-    for side, variables in (("x", state.x), ("y", state.lower.y)):
+    for side, variables in (("x", state.x), ("y", state.y)):
         for key, value in variables.items():
             finite = torch.isfinite(value)
             if not bool(finite.all()):
@@ -169,7 +170,7 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
             evaluate_and_report()
         for t in range(steps):
             started = time.perf_counter()
-            state = solver.step(problem, state)
+            state = solver.step(problem, state)  # sample from the run's generator, then the pure update
             elapsed += time.perf_counter() - started
             problem_found = _non_finite(label, state)
             if problem_found:

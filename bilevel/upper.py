@@ -2,7 +2,15 @@
 
 A :class:`Transform` is a pair ``init(x) -> state`` and
 ``update(direction, state, **extra) -> (direction, state)``. :func:`chain` composes them left
-to right; the final direction ``u`` is applied as ``x <- x - u`` (:func:`apply`). For example
+to right; the final direction ``u`` is applied as ``x <- x - u`` (:func:`apply`).
+
+States are typed and tensor-only (NamedTuples whose leaves are tensors: pytrees for
+``torch.utils._pytree`` and ``torch.func``), so a solver step holding them can be vmapped,
+compiled and checkpointed. Transforms that count their updates (schedules, Adam's bias
+correction, STORM's first step) keep the count as a 0-d int64 tensor ``count``; a solver passes
+the outer iteration as the keyword ``t`` (a Python int, equal to the count when the transform
+is updated once per iteration) so that no tensor is read back to the host inside a step;
+without ``t`` the count is read (standalone use). For example
 normalized momentum (BO-REP, SLIP)
 
     m_t = beta m_{t-1} + (1 - beta) h_t,        x_{t+1} = x_t - lr m_t / ||m_t||
@@ -58,12 +66,48 @@ def storm_correction(h: Tree, m: Tree, previous: Tree, beta: float) -> Tree:
 # ---------------------------------------------------------------------------------------------
 # Transforms.
 
+class Count(NamedTuple):
+    """The number of updates so far, a 0-d int64 tensor (:func:`scale`)."""
+    count: torch.Tensor
+
+
+class Momentum(NamedTuple):
+    """A running direction m (:func:`ema`, :func:`heavy_ball`)."""
+    m: Tree
+
+
+class Storm(NamedTuple):
+    """STORM's running direction m and the update count (:func:`storm`)."""
+    m: Tree
+    count: torch.Tensor
+
+
+class Adam(NamedTuple):
+    """Adam's first and second moments and the update count (:func:`adam`)."""
+    m: Tree
+    v: Tree
+    count: torch.Tensor
+
+
+class Stateless(NamedTuple):
+    """The (empty) state of a transform that keeps nothing (:func:`normalize`, :func:`clip`)."""
+
+
+def _zero_count() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64)
+
+
+def _step(count: torch.Tensor, t: Optional[int]) -> int:
+    """The 0-based index of this update: ``t`` when the caller passes it, else the stored count."""
+    return int(count) if t is None else int(t)
+
+
 def scale(step_size: StepSize) -> Transform:
     """u <- lr_t u, with lr_t a constant or a schedule of the iteration t = 0, 1, ..."""
 
-    def update(u, count, **extra):
-        return tree.scale(u, at(step_size, count)), count + 1
-    return Transform(lambda x: 0, update)
+    def update(u, state, t: Optional[int] = None, **extra):
+        return tree.scale(u, at(step_size, _step(state.count, t))), Count(state.count + 1)
+    return Transform(lambda x: Count(_zero_count()), update)
 
 
 def sgd(step_size: StepSize) -> Transform:
@@ -76,20 +120,20 @@ def ema(beta: float) -> Transform:
     m_t = beta m_{t-1} + (1 - beta) h_t, with m_{-1} = 0."""
     _check_unit(beta, "beta")
 
-    def update(h, m, **extra):
-        m = tree.map(lambda mv, hv: beta * mv + (1 - beta) * hv, m, h)
-        return m, m
-    return Transform(tree.zeros_like, update)
+    def update(h, state, **extra):
+        m = tree.map(lambda mv, hv: beta * mv + (1 - beta) * hv, state.m, h)
+        return m, Momentum(m)
+    return Transform(lambda x: Momentum(tree.zeros_like(x)), update)
 
 
 def heavy_ball(beta: float) -> Transform:
     """Heavy-ball momentum (Polyak): m_t = beta m_{t-1} + h_t, with m_{-1} = 0."""
     _check_unit(beta, "beta")
 
-    def update(h, m, **extra):
-        m = tree.axpy(beta, m, h)
-        return m, m
-    return Transform(tree.zeros_like, update)
+    def update(h, state, **extra):
+        m = tree.axpy(beta, state.m, h)
+        return m, Momentum(m)
+    return Transform(lambda x: Momentum(tree.zeros_like(x)), update)
 
 
 def storm(beta: float) -> Transform:
@@ -103,43 +147,47 @@ def storm(beta: float) -> Transform:
     """
     _check_unit(beta, "beta")
 
-    def update(h, state, previous: Optional[Tree] = None, **extra):
-        m, started = state
-        if not started:
-            return h, (h, True)
+    def update(h, state, previous: Optional[Tree] = None, t: Optional[int] = None, **extra):
+        count = state.count + 1
+        if _step(state.count, t) == 0:
+            return h, Storm(h, count)
         if previous is None:
             raise ValueError("storm needs previous=<estimate at the previous point on the current sample>")
-        m = storm_correction(h, m, previous, beta)
-        return m, (m, True)
-    return Transform(lambda x: (tree.zeros_like(x), False), update)
+        m = storm_correction(h, state.m, previous, beta)
+        return m, Storm(m, count)
+    return Transform(lambda x: Storm(tree.zeros_like(x), _zero_count()), update)
 
 
 def normalize(kind: str = "global", eps: float = 0.0) -> Transform:
     """u <- u / (||u|| + eps): one norm over all tensors (``"global"``) or one per tensor
-    (``"per_tensor"``, the AccBO AUC code). A zero direction stays zero."""
+    (``"per_tensor"``, the AccBO AUC code). A zero direction stays zero (chosen with
+    ``torch.where``, no host read of the norm)."""
     if kind not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {kind!r}")
 
     def divide(t, n):
-        return t / (n + eps) if float(n) + eps > 0 else torch.zeros_like(t)
+        denominator = n + eps
+        return torch.where(denominator > 0, t / denominator, torch.zeros_like(t))
 
     def update(u, state, **extra):
         if kind == "global":
             n = tree.norm(u)
             return {k: divide(v, n) for k, v in u.items()}, state
         return {k: divide(v, v.norm()) for k, v in u.items()}, state
-    return Transform(lambda x: None, update)
+    return Transform(lambda x: Stateless(), update)
 
 
 def clip(max_norm: float) -> Transform:
-    """u <- u min(1, max_norm / ||u||) (global norm)."""
+    """u <- u min(1, max_norm / ||u||) (global norm; the factor chosen with ``torch.where``, no
+    host read of the norm)."""
     if max_norm <= 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
 
     def update(u, state, **extra):
-        n = float(tree.norm(u))
-        return (tree.scale(u, max_norm / n) if n > max_norm else u), state
-    return Transform(lambda x: None, update)
+        n = tree.norm(u)
+        factor = torch.where(n > max_norm, max_norm / n, torch.ones_like(n))
+        return tree.scale(u, factor), state
+    return Transform(lambda x: Stateless(), update)
 
 
 def adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
@@ -152,15 +200,14 @@ def adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
     """
     _check_unit(b1, "b1"), _check_unit(b2, "b2")
 
-    def update(h, state, **extra):
-        m, v, t = state
-        t += 1
-        m = tree.map(lambda mv, hv: b1 * mv + (1 - b1) * hv, m, h)
-        v = tree.map(lambda vv, hv: b2 * vv + (1 - b2) * hv * hv, v, h)
-        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+    def update(h, state, t: Optional[int] = None, **extra):
+        k = _step(state.count, t) + 1
+        m = tree.map(lambda mv, hv: b1 * mv + (1 - b1) * hv, state.m, h)
+        v = tree.map(lambda vv, hv: b2 * vv + (1 - b2) * hv * hv, state.v, h)
+        c1, c2 = 1 - b1 ** k, 1 - b2 ** k
         u = tree.map(lambda mv, vv: (mv / c1) / ((vv / c2).sqrt() + eps), m, v)
-        return u, (m, v, t)
-    return Transform(lambda x: (tree.zeros_like(x), tree.zeros_like(x), 0), update)
+        return u, Adam(m, v, state.count + 1)
+    return Transform(lambda x: Adam(tree.zeros_like(x), tree.zeros_like(x), _zero_count()), update)
 
 
 def chain(*transforms: Transform) -> Transform:

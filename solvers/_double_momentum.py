@@ -9,12 +9,27 @@ import abc
 from dataclasses import dataclass
 from typing import Any
 
+from typing import NamedTuple
+
 from bilevel import tree
-from bilevel.lower import LowerState
-from bilevel.recursive import Estimates, evaluate, recursive_update, sample
+from bilevel.recursive import Estimates, Sample, evaluate, recursive_update, sample
 from bilevel.schedules import at, decayed
-from bilevel.solver import Solver, State
+from bilevel.solver import Solver
+from bilevel.tree import Tree
 from bilevel.validation import check_count, check_exponent, check_positive, check_positive_or_auto
+
+
+class DoubleMomentumState(NamedTuple):
+    """x, y and the running estimates d = (d^y, d^x) at (x, y)."""
+    x: Tree
+    y: Tree
+    d: Estimates
+
+
+class DoubleMomentumBatches(NamedTuple):
+    """The one sample B_{t+1} that both points of iteration t's correction use."""
+    t: int
+    sample: Sample
 
 
 @dataclass
@@ -80,15 +95,15 @@ class DoubleMomentum(Solver):
         if self.zero_start:
             eta = at(decayed(self.eta, self.eta_decay), 0)
             estimates = Estimates(*(tree.scale(d, eta) for d in estimates))
-        return State(x=tree.clone(x), lower=LowerState(y=tree.clone(y)), iteration=0, generator=generator,
-                     estimator=estimates, resolved=resolved)
+        return self.start(DoubleMomentumState(x=tree.clone(x), y=tree.clone(y), d=estimates), generator, resolved)
 
-    def step(self, problem, s: State) -> State:
-        solver, t, d = self.with_resolved(s), s.iteration, s.estimator
+    def sample(self, problem, t, generator) -> DoubleMomentumBatches:
+        return DoubleMomentumBatches(t, sample(problem, generator, self.share_lower_batch, self.estimator(t + 1)))
+
+    def update(self, problem, s: DoubleMomentumState, batches: DoubleMomentumBatches) -> DoubleMomentumState:
+        t, d = batches.t, s.d
         x = tree.axpy(-at(decayed(self.upper_lr, self.upper_lr_decay), t), d.upper, s.x)
         y = tree.axpy(-at(decayed(self.lower_lr, self.lower_lr_decay), t), d.lower, s.y)
         beta = 1 - at(decayed(self.eta, self.eta_decay), t + 1)  # 1 - eta_{t+1}
-        estimator = solver.estimator(t + 1)
-        batch = sample(problem, s.generator, self.share_lower_batch, estimator)
-        d = recursive_update(problem, estimator, (x, y), (s.x, s.y), d, beta, batch)
-        return s._replace(x=x, lower=s.lower._replace(y=y), estimator=d, iteration=t + 1)
+        d = recursive_update(problem, self.estimator(t + 1), (x, y), (s.x, s.y), d, beta, batches.sample)
+        return DoubleMomentumState(x=x, y=y, d=d)

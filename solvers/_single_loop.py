@@ -19,11 +19,23 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from bilevel import lower, oracles, tree, upper
+from typing import NamedTuple
+
+from bilevel import oracles, tree, upper
+from bilevel.batches import SingleLoopBatches
 from bilevel.linear_system import project_ball
 from bilevel.schedules import StepSize, at
-from bilevel.solver import Solver, State
+from bilevel.solver import Solver
+from bilevel.tree import Tree
 from bilevel.validation import check_positive
+
+
+class SingleLoopState(NamedTuple):
+    """x, y, the linear-system variable z (-v of the paper) and the upper transform's state."""
+    x: Tree
+    y: Tree
+    z: Tree
+    upper: object
 
 
 @dataclass
@@ -42,20 +54,20 @@ class SingleLoopSolver(Solver):
         """How x moves along D_x."""
 
     def init(self, problem, x, y, generator):
-        return State(x=x, lower=lower.SGD(self.lower_lr).init(y), iteration=0, generator=generator,
-                     estimator=tree.zeros_like(y), upper=self.upper_update().init(x))
+        return self.start(SingleLoopState(x=x, y=tree.clone(y), z=tree.zeros_like(y),
+                                          upper=self.upper_update().init(x)), generator)
 
-    def step(self, problem, s):
-        lower_batch = problem.sample("lower", s.generator)
-        upper_batch = problem.sample("upper", s.generator)
-        y, z = s.lower.y, s.estimator
-        hz, cross_z, grad_y_g = oracles.hvp_and_cross(problem, s.x, y, z, lower_batch)
-        grad_x_f, grad_y_f = oracles.grad_upper(problem, s.x, y, upper_batch)
-        t = s.iteration
+    def sample(self, problem, t, generator) -> SingleLoopBatches:
+        lower_batch = problem.sample("lower", generator)
+        return SingleLoopBatches(t, lower_batch, problem.sample("upper", generator))
+
+    def update(self, problem, s: SingleLoopState, batches: SingleLoopBatches) -> SingleLoopState:
+        t, y, z = batches.t, s.y, s.z
+        hz, cross_z, grad_y_g = oracles.hvp_and_cross(problem, s.x, y, z, batches.lower)
+        grad_x_f, grad_y_f = oracles.grad_upper(problem, s.x, y, batches.upper)
         z = tree.axpy(-at(self.z_lr, t), tree.sub(hz, grad_y_f), z)
         if self.z_radius is not None:
             z = project_ball(z, self.z_radius)
-        direction, upper_state = self.upper_update().update(tree.sub(grad_x_f, cross_z), s.upper)
+        direction, upper_state = self.upper_update().update(tree.sub(grad_x_f, cross_z), s.upper, t=t)
         y = tree.axpy(-at(self.lower_lr, t), grad_y_g, y)
-        return s._replace(x=upper.apply(s.x, direction), lower=s.lower._replace(y=y),
-                          estimator=z, upper=upper_state, iteration=t + 1)
+        return SingleLoopState(x=upper.apply(s.x, direction), y=y, z=z, upper=upper_state)

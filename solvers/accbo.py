@@ -32,24 +32,38 @@ Cost per iteration: inner_steps lower gradients (when t % period == 0) and two h
 one cross product.
 """
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
-from bilevel import lower, upper
-from bilevel.estimators import Neumann, draw_for
+from bilevel import lower, tree, upper
+from bilevel.batches import ComposedBatches
+from bilevel.estimators import Neumann
 from bilevel.linear_system import NEUMANN_VARIANTS
-from bilevel.lower import LowerState, warm_start
+from bilevel.lower import NesterovState, warm_start
 from bilevel.registry import register_solver
-from bilevel.solver import ComposedSolver, State
+from bilevel.solver import ComposedSolver, core_of
 from bilevel.tree import Tree
 from bilevel.validation import check_choice, check_count, check_positive, check_positive_or_auto, check_unit
 
 
 class Previous(NamedTuple):
     """What the STORM correction needs: the previous point (x_{t-1}, yhat_t), or with lazy_storm
-    the previous estimate h_{t-1}."""
-    x: Optional[Tree] = None
-    y: Optional[Tree] = None
-    h: Optional[Tree] = None
+    the previous estimate h_{t-1} (all three kept, so the state's structure never changes; at
+    t = 0 they hold the initial point and zeros and are not read)."""
+    x: Tree
+    y: Tree
+    h: Tree
+
+
+class AccBOState(NamedTuple):
+    """x, SNAG's state (its average is the point), STORM's state and the previous point."""
+    x: Tree
+    lower: NesterovState
+    upper: Any
+    previous: Previous
+
+    @property
+    def y(self) -> Tree:
+        return self.lower.y
 
 
 @register_solver("accbo", paper="Gong, Hao, Liu. An Accelerated Algorithm for Stochastic Bilevel Optimization under Unbounded Smoothness. NeurIPS 2024")
@@ -96,22 +110,24 @@ class AccBO(ComposedSolver):
     def init(self, problem, x, y, generator):
         loop = self.lower_loop()
         y0 = warm_start(loop, problem, x, loop.init(y), self.warm_steps, generator).y
-        return State(x=x, lower=LowerState(y=y0, y_prev=y0, y_avg=y0), iteration=0, generator=generator,
-                     upper=self.upper_update().init(x), resolved=self.resolve_steps(problem, x, y0, generator))
+        previous = Previous(x=tree.clone(x), y=tree.clone(y0), h=tree.zeros_like(x))
+        core = AccBOState(x=x, lower=NesterovState(y=y0, y_prev=y0, y_avg=y0), upper=self.upper_update().init(x),
+                          previous=previous)
+        return self.start(core, generator, self.resolve_steps(problem, x, y0, generator))
 
-    def step(self, problem, s: State) -> State:
-        loop, estimate = self.lower_loop(), self.with_resolved(s).estimator_at(s.iteration)
-        lower_state = loop.update(problem, s.x, s.lower, s.generator, s.iteration)
+    def update(self, problem, s: AccBOState, batches: ComposedBatches) -> AccBOState:
+        t, loop, estimate = batches.t, self.lower_loop(), self.estimator_at(batches.t)
+        lower_state = loop.update(problem, s.x, s.lower, batches.lower)
         y_avg = loop.point(lower_state)
-        sample = draw_for(estimate, problem, s.generator, self.share_lower_batch)
-        h, _ = estimate(problem, s.x, y_avg, None, sample)
+        h, _ = estimate(problem, s.x, y_avg, None, batches.draw)
         previous = None
-        if s.extra is not None:  # from t = 1 on; m_0 = h_0
-            previous = s.extra.h if self.lazy_storm else estimate(problem, s.extra.x, s.extra.y, None, sample)[0]
-        direction, upper_state = self.upper_update().update(h, s.upper, previous=previous)
-        extra = Previous(h=h) if self.lazy_storm else Previous(x=s.x, y=y_avg)
-        return s._replace(x=upper.apply(s.x, direction), lower=lower_state, upper=upper_state, extra=extra,
-                          iteration=s.iteration + 1)
+        if t > 0:  # m_0 = h_0
+            previous = s.previous.h if self.lazy_storm else estimate(problem, s.previous.x, s.previous.y, None,
+                                                                     batches.draw)[0]
+        direction, upper_state = self.upper_update().update(h, s.upper, previous=previous, t=t)
+        return AccBOState(x=upper.apply(s.x, direction), lower=lower_state, upper=upper_state,
+                          previous=Previous(x=s.x, y=y_avg, h=h))
 
-    def point(self, state: State):
-        return state.x, self.lower_loop().point(state.lower)
+    def point(self, state):
+        core = core_of(state)
+        return core.x, self.lower_loop().point(core.lower)

@@ -37,9 +37,10 @@ like k^{1/7}, so that alpha_k lambda_k ~ k^{-4/7} decays like gamma_k; lambda_de
 default because the other defaults and the benchmark numbers this solver is compared with are
 benchopt's.
 
-State: ``lower.y`` is z, the lower solution (what ``point`` returns and metrics such as
-inner_distance see, as benchopt reports); ``estimator`` is the penalized copy y; ``extra`` is
-lambda_t. Both copies start at y_0.
+State (:class:`F2SAState`): ``y`` is z, the lower solution (what ``point`` returns and metrics
+such as inner_distance see, as benchopt reports); ``penalized`` is the penalized copy y;
+``multiplier`` is lambda_t, a 0-d float64 tensor (the Python float arithmetic of the schedule,
+exactly). Both copies start at y_0.
 
 Defaults: benchopt bilevel benchmark's f2sa.py (github.com/benchopt/benchmark_bilevel) for
 lambda0 1, inner_steps 10 and the decays 5/7 for the penalized copy (benchopt's inner_var), 4/7
@@ -56,12 +57,34 @@ Cost per iteration: 2 inner_steps + 2 lower gradients, inner_steps + 1 upper gra
 each one with respect to one variable only (bilevel.oracles.grad_upper_y, grad_lower_x, ...).
 """
 from dataclasses import dataclass
+from typing import Any, NamedTuple, Tuple
 
-from bilevel import lower, oracles, tree, upper
+import torch
+
+from bilevel import oracles, tree, upper
 from bilevel.registry import register_solver
-from bilevel.solver import Solver, State
+from bilevel.solver import Solver
+from bilevel.tree import Tree
 from bilevel.schedules import at, decayed
 from bilevel.validation import check_count, check_exponent, check_positive
+
+
+class F2SAState(NamedTuple):
+    """x, the lower copy z (``y``, the point), the penalized copy, lambda_t and the upper state."""
+    x: Tree
+    y: Tree
+    penalized: Tree
+    multiplier: torch.Tensor
+    upper: Any
+
+
+class F2SABatches(NamedTuple):
+    """Iteration t's batches: (b1, b2, b3) per inner step, then b4 (upper), b5, b6 (lower)."""
+    t: int
+    inner: Tuple[Tuple[Any, Any, Any], ...]
+    upper: Any
+    lower_penalized: Any
+    lower_solution: Any
 
 
 @register_solver("f2sa", paper="Kwon, Kwon, Wright, Nowak. A Fully First-Order Method for Stochastic Bilevel Optimization. ICML 2023")
@@ -84,24 +107,30 @@ class F2SA(Solver):
         check_exponent(self, "delta_lambda", "lower_lr_decay", "penalty_lr_decay", "upper_lr_decay", "lambda_decay")
 
     def init(self, problem, x, y, generator):
-        return State(x=x, lower=lower.SGD(self.lower_lr).init(y), iteration=0, generator=generator,
-                     estimator=tree.clone(y), upper=self._upper().init(x), extra=float(self.lambda0))
+        multiplier = torch.tensor(float(self.lambda0), dtype=torch.float64)
+        return self.start(F2SAState(x=x, y=tree.clone(y), penalized=tree.clone(y), multiplier=multiplier,
+                                    upper=self._upper().init(x)), generator)
 
-    def step(self, problem, s):
-        t, lam, gen, x = s.iteration, s.extra, s.generator, s.x
+    def sample(self, problem, t, gen) -> F2SABatches:
+        inner = tuple((problem.sample("lower", gen), problem.sample("lower", gen), problem.sample("upper", gen))
+                      for _ in range(self.inner_steps))
+        b4, b5, b6 = problem.sample("upper", gen), problem.sample("lower", gen), problem.sample("lower", gen)
+        return F2SABatches(t, inner, b4, b5, b6)
+
+    def update(self, problem, s: F2SAState, batches: F2SABatches) -> F2SAState:
+        t, lam, x = batches.t, s.multiplier, s.x
         alpha = at(decayed(self.lower_lr, self.penalty_lr_decay), t)
         gamma = at(decayed(self.lower_lr, self.lower_lr_decay), t)
-        y, z = s.estimator, s.lower.y
-        for _ in range(self.inner_steps):
-            b1, b2, b3 = problem.sample("lower", gen), problem.sample("lower", gen), problem.sample("upper", gen)
+        y, z = s.penalized, s.y
+        for b1, b2, b3 in batches.inner:
             grad_y = tree.axpy(lam, oracles.grad_lower_y(problem, x, y, b1), oracles.grad_upper_y(problem, x, y, b3))
             y, z = tree.axpy(-alpha, grad_y, y), tree.axpy(-gamma, oracles.grad_lower_y(problem, x, z, b2), z)
-        b4, b5, b6 = problem.sample("upper", gen), problem.sample("lower", gen), problem.sample("lower", gen)
-        h = tree.axpy(lam, tree.sub(oracles.grad_lower_x(problem, x, y, b5), oracles.grad_lower_x(problem, x, z, b6)),
-                      oracles.grad_upper_x(problem, x, y, b4))
-        direction, upper_state = self._upper().update(h, s.upper)
-        return s._replace(x=upper.apply(x, direction), lower=s.lower._replace(y=z), estimator=y, upper=upper_state,
-                          extra=lam + self.delta_lambda / (t + 1) ** self.lambda_decay, iteration=t + 1)
+        h = tree.axpy(lam, tree.sub(oracles.grad_lower_x(problem, x, y, batches.lower_penalized),
+                                    oracles.grad_lower_x(problem, x, z, batches.lower_solution)),
+                      oracles.grad_upper_x(problem, x, y, batches.upper))
+        direction, upper_state = self._upper().update(h, s.upper, t=t)
+        return F2SAState(x=upper.apply(x, direction), y=z, penalized=y,
+                         multiplier=lam + self.delta_lambda / (t + 1) ** self.lambda_decay, upper=upper_state)
 
     def _upper(self):
         return upper.sgd(decayed(self.upper_lr, self.upper_lr_decay))

@@ -23,13 +23,28 @@ Cost per iteration: K lower gradients, one HVP and one cross product per differe
 (the reverse pass), one upper gradient; init: 20 HVPs for the "auto" step.
 """
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
-from bilevel import lower, tree, upper
+from bilevel import tree, upper
 from bilevel.hypergrad import itd
 from bilevel.registry import register_solver
 from bilevel.schedules import at
-from bilevel.solver import Solver, State
+from bilevel.solver import Solver
+from bilevel.tree import Tree
+
+
+class ITDState(NamedTuple):
+    """x, the warm-started lower iterate y and the upper state."""
+    x: Tree
+    y: Tree
+    upper: Any
+
+
+class ITDBatches(NamedTuple):
+    """Iteration t's K lower batches (one per unrolled step), then its upper batch."""
+    t: int
+    lower: Tuple[Any, ...]
+    upper: Any
 from bilevel.validation import check_count, check_positive, check_positive_or_auto
 
 
@@ -52,14 +67,15 @@ class ITDBiO(Solver):
             check_count(self, "truncate", minimum=0)
 
     def init(self, problem, x, y, generator):
-        return State(x=x, lower=lower.LowerState(y=tree.clone(y)), iteration=0, generator=generator,
-                     upper=upper.sgd(self.upper_lr).init(x), resolved=self.resolve_steps(problem, x, y, generator))
+        core = ITDState(x=x, y=tree.clone(y), upper=upper.sgd(self.upper_lr).init(x))
+        return self.start(core, generator, self.resolve_steps(problem, x, y, generator))
 
-    def step(self, problem, s):
-        lower_lr = self.with_resolved(s).lower_lr
-        lower_batches = [problem.sample("lower", s.generator) for _ in range(self.inner_steps)]
-        h, y_last = itd(problem, s.x, s.lower.y, problem.sample("upper", s.generator), lower_batches,
-                        lr=at(lower_lr, s.iteration), truncate=self.truncate)
-        direction, upper_state = upper.sgd(self.upper_lr).update(h, s.upper)
-        return s._replace(x=upper.apply(s.x, direction), lower=s.lower._replace(y=y_last),
-                          upper=upper_state, iteration=s.iteration + 1)
+    def sample(self, problem, t, generator) -> ITDBatches:
+        lower_batches = tuple(problem.sample("lower", generator) for _ in range(self.inner_steps))
+        return ITDBatches(t, lower_batches, problem.sample("upper", generator))
+
+    def update(self, problem, s: ITDState, batches: ITDBatches) -> ITDState:
+        h, y_last = itd(problem, s.x, s.y, batches.upper, list(batches.lower),
+                        lr=at(self.lower_lr, batches.t), truncate=self.truncate)
+        direction, upper_state = upper.sgd(self.upper_lr).update(h, s.upper, t=batches.t)
+        return ITDState(x=upper.apply(s.x, direction), y=y_last, upper=upper_state)

@@ -6,10 +6,23 @@ The reference every bilevel method must beat: for hyper-cleaning it is plain tra
 noisy set with uniform weights ("no cleaning"). Cost: inner_steps lower gradients per iteration.
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from bilevel import lower
+from bilevel.batches import LowerBatches
 from bilevel.registry import register_solver
-from bilevel.solver import Solver, State
+from bilevel.solver import Solver
+from bilevel.tree import Tree
+
+
+class LowerOnlyState(NamedTuple):
+    """The fixed x_0 and the lower loop's state."""
+    x: Tree
+    lower: lower.SGDState
+
+    @property
+    def y(self) -> Tree:
+        return self.lower.y
 
 
 @register_solver("lower-only", paper="baseline (no upper-level update)")
@@ -19,9 +32,14 @@ class LowerOnly(Solver):
     lower_lr: float = 0.1
     inner_steps: int = 1
 
-    def init(self, problem, x, y, generator):
-        return State(x=x, lower=lower.SGD(self.lower_lr).init(y), iteration=0, generator=generator)
+    def loop(self) -> lower.SGD:
+        return lower.SGD(self.lower_lr, self.inner_steps)
 
-    def step(self, problem, s):
-        loop = lower.SGD(self.lower_lr, self.inner_steps)
-        return s._replace(lower=loop.update(problem, s.x, s.lower, s.generator, s.iteration), iteration=s.iteration + 1)
+    def init(self, problem, x, y, generator):
+        return self.start(LowerOnlyState(x=x, lower=self.loop().init(y)), generator)
+
+    def sample(self, problem, t, generator) -> LowerBatches:
+        return self.loop().sample(problem, t, generator)
+
+    def update(self, problem, s: LowerOnlyState, batches: LowerBatches) -> LowerOnlyState:
+        return s._replace(lower=self.loop().update(problem, s.x, s.lower, batches))

@@ -26,7 +26,8 @@ and SOBA's directions and simultaneous updates are taken with the estimates:
 (z is -v of the paper). The estimate is unbiased for the full-batch direction; K w_i = 1 when all
 mini-batches have the same size. The problem must be a finite sum: ``n_samples(level)`` and losses
 taking LongTensor index batches (TypeError otherwise); its own ``sample`` and batch size are not
-used. State: x, y (lower), z (estimator), and extra = {"lower": Memory, "upper": Memory}.
+used. State (:class:`SABAState`): x, y, z and memories = {"lower": Memory, "upper": Memory};
+the batches of an iteration are the two mini-batch indices (:class:`SABABatches`).
 
 Defaults are benchopt's (benchmark_bilevel solvers/saba.py: step_size 0.1, outer_ratio 1, zero
 decay exponents, "SABA works with constant stepsizes"): upper_lr = lower_lr = z_lr = 0.1,
@@ -39,14 +40,32 @@ bilevel.oracles.hvp_and_cross), one upper gradient. init with memory_init="full"
 lower mini-batch (K_lower) and one upper gradient per upper mini-batch (K_upper).
 """
 from dataclasses import dataclass
+from typing import Any, Dict, NamedTuple
 
-from bilevel import lower, memory, oracles, tree, upper
+from bilevel import memory, oracles, tree, upper
 from bilevel.registry import register_solver
 from bilevel.schedules import StepSize, at
-from bilevel.solver import Solver, State
+from bilevel.solver import Solver
+from bilevel.tree import Tree
 from bilevel.validation import check_choice, check_count, check_positive
 
 MEMORY_INITS = ("zero", "full")
+
+
+class SABAState(NamedTuple):
+    """x, y, z, the SAGA memories {"lower": Memory, "upper": Memory} and the upper state."""
+    x: Tree
+    y: Tree
+    z: Tree
+    memories: Dict[str, memory.Memory]
+    upper: Any
+
+
+class SABABatches(NamedTuple):
+    """The indices of iteration t's lower mini-batch i and upper mini-batch j (drawn in that order)."""
+    t: int
+    lower: int
+    upper: int
 
 
 @register_solver("saba", paper="Dagreou, Ablin, Vaiter, Moreau. A framework for bilevel optimization that enables stochastic and global variance reduction algorithms. NeurIPS 2022")
@@ -77,22 +96,24 @@ class SABA(Solver):
         else:
             memories = {"lower": memory.zeros({"grad_y": y, "hvp": y, "cross": x}, parts["lower"]),
                         "upper": memory.zeros({"grad_x": x, "grad_y": y}, parts["upper"])}
-        return State(x=x, lower=lower.SGD(self.lower_lr).init(y), iteration=0, generator=generator, estimator=z,
-                     upper=upper.sgd(self.upper_lr).init(x), extra=memories)
+        return self.start(SABAState(x=x, y=tree.clone(y), z=z, memories=memories,
+                                    upper=upper.sgd(self.upper_lr).init(x)), generator)
 
-    def step(self, problem, s):
-        parts, y, z = self.partitions(problem), s.lower.y, s.estimator
-        i, j = parts["lower"].draw(s.generator), parts["upper"].draw(s.generator)
-        low, lower_memory = memory.saga(s.extra["lower"], parts["lower"], i,
-                                        self._lower_terms(problem, s.x, y, z, parts["lower"], i))
-        up, upper_memory = memory.saga(s.extra["upper"], parts["upper"], j,
-                                       self._upper_terms(problem, s.x, y, parts["upper"], j))
-        direction, upper_state = upper.sgd(self.upper_lr).update(tree.sub(up["grad_x"], low["cross"]), s.upper)
-        return s._replace(
-            x=upper.apply(s.x, direction),
-            lower=s.lower._replace(y=tree.axpy(-at(self.lower_lr, s.iteration), low["grad_y"], y)),
-            estimator=tree.axpy(-at(self.z_lr, s.iteration), tree.sub(low["hvp"], up["grad_y"]), z),
-            upper=upper_state, extra={"lower": lower_memory, "upper": upper_memory}, iteration=s.iteration + 1)
+    def sample(self, problem, t, generator) -> SABABatches:
+        parts = self.partitions(problem)
+        i = parts["lower"].draw(generator)
+        return SABABatches(t, i, parts["upper"].draw(generator))
+
+    def update(self, problem, s: SABAState, batches: SABABatches) -> SABAState:
+        parts, t, i, j = self.partitions(problem), batches.t, batches.lower, batches.upper
+        low, lower_memory = memory.saga(s.memories["lower"], parts["lower"], i,
+                                        self._lower_terms(problem, s.x, s.y, s.z, parts["lower"], i))
+        up, upper_memory = memory.saga(s.memories["upper"], parts["upper"], j,
+                                       self._upper_terms(problem, s.x, s.y, parts["upper"], j))
+        direction, upper_state = upper.sgd(self.upper_lr).update(tree.sub(up["grad_x"], low["cross"]), s.upper, t=t)
+        return SABAState(x=upper.apply(s.x, direction), y=tree.axpy(-at(self.lower_lr, t), low["grad_y"], s.y),
+                         z=tree.axpy(-at(self.z_lr, t), tree.sub(low["hvp"], up["grad_y"]), s.z),
+                         memories={"lower": lower_memory, "upper": upper_memory}, upper=upper_state)
 
     @staticmethod
     def _lower_terms(problem, x, y, z, part, k):

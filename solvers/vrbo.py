@@ -40,15 +40,30 @@ Q HVPs; plus, on refresh iterations, refresh_batches evaluations (one each of lo
 gradient, upper gradient and cross product, Q HVPs); init: 20 HVPs for the "auto" step.
 """
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Tuple
 
 from bilevel import tree
 from bilevel.estimators import Neumann
-from bilevel.lower import LowerState
-from bilevel.recursive import recursive_update, refresh, sample
+from bilevel.recursive import Estimates, Sample, mean_estimates, recursive_update, refresh_samples, sample
 from bilevel.registry import register_solver
 from bilevel.schedules import at
-from bilevel.solver import Solver, State
+from bilevel.solver import Solver
+from bilevel.tree import Tree
+
+
+class VRBOState(NamedTuple):
+    """x, y and the SPIDER estimates d = (v, u) at (x, y) (zeros before the first refresh, at t = 0)."""
+    x: Tree
+    y: Tree
+    d: Estimates
+
+
+class VRBOBatches(NamedTuple):
+    """Iteration t's refresh samples (none unless t % period == 0), then the inner_steps + 1
+    correction samples, in the order they are used."""
+    t: int
+    refresh: Tuple[Sample, ...]
+    corrections: Tuple[Sample, ...]
 from bilevel.validation import check_count, check_positive, check_positive_or_auto
 
 
@@ -77,24 +92,30 @@ class VRBO(Solver):
                        resample=self.fresh_hessian_batches)
 
     def init(self, problem, x, y, generator):
-        return State(x=tree.clone(x), lower=LowerState(y=tree.clone(y)), iteration=0, generator=generator,
-                     resolved=self.resolve_steps(problem, x, y, generator))
+        d = Estimates(tree.zeros_like(y), tree.zeros_like(x))
+        core = VRBOState(x=tree.clone(x), y=tree.clone(y), d=d)
+        return self.start(core, generator, self.resolve_steps(problem, x, y, generator))
 
-    def step(self, problem, s):
-        t, x, y, d = s.iteration, s.x, s.y, s.estimator
-        estimator = self.with_resolved(s).estimator(t)
-        upper_lr, lower_lr = at(self.upper_lr, t), at(self.lower_lr, t)
-
-        def correct(new, old, d):
-            return recursive_update(problem, estimator, new, old, d, 1.0,
-                                    sample(problem, s.generator, self.share_lower_batch, estimator))
-
+    def sample(self, problem, t, generator) -> VRBOBatches:
+        estimator = self.estimator(t)
+        refreshing = ()
         if t % self.period == 0:
-            d = refresh(problem, estimator, x, y, s.generator, self.refresh_batches, self.share_lower_batch)
+            refreshing = refresh_samples(problem, generator, self.refresh_batches, self.share_lower_batch, estimator)
+        corrections = tuple(sample(problem, generator, self.share_lower_batch, estimator)
+                            for _ in range(self.inner_steps + 1))
+        return VRBOBatches(t, refreshing, corrections)
+
+    def update(self, problem, s: VRBOState, batches: VRBOBatches) -> VRBOState:
+        t, x, y, d = batches.t, s.x, s.y, s.d
+        estimator = self.estimator(t)
+        upper_lr, lower_lr = at(self.upper_lr, t), at(self.lower_lr, t)
+        if batches.refresh:
+            d = mean_estimates(problem, estimator, x, y, batches.refresh)
+        first, *inner = batches.corrections
         x_new = tree.axpy(-upper_lr, d.upper, x)
-        d = correct((x_new, y), (x, y), d)
-        for _ in range(self.inner_steps):
+        d = recursive_update(problem, estimator, (x_new, y), (x, y), d, 1.0, first)
+        for batch in inner:
             y_new = tree.axpy(-lower_lr, d.lower, y)
-            d = correct((x_new, y_new), (x_new, y), d)
+            d = recursive_update(problem, estimator, (x_new, y_new), (x_new, y), d, 1.0, batch)
             y = y_new
-        return s._replace(x=x_new, lower=s.lower._replace(y=y), estimator=d, iteration=t + 1)
+        return VRBOState(x=x_new, y=y, d=d)

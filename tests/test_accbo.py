@@ -81,8 +81,8 @@ def hand_hp(hp):
 def check(states, expected, solver):
     for state, (x, y, y_hat) in zip(states, expected):
         torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-12)
-        torch.testing.assert_close(state.lower.y["y"], y, rtol=0, atol=1e-12)
-        torch.testing.assert_close(state.lower.y_avg["y"], y_hat, rtol=0, atol=1e-12)
+        torch.testing.assert_close(state.core.lower.y["y"], y, rtol=0, atol=1e-12)
+        torch.testing.assert_close(state.core.lower.y_avg["y"], y_hat, rtol=0, atol=1e-12)
         px, py = solver.point(state)  # the evaluated iterate is (x_t, yhat_t)
         torch.testing.assert_close(px["x"], x, rtol=0, atol=1e-12)
         torch.testing.assert_close(py["y"], y_hat, rtol=0, atol=1e-12)
@@ -129,10 +129,10 @@ def test_period_and_inner_steps_average_once_per_outer_iteration(problem, mats, 
     expected, _ = by_hand(mats, 6, **hand_hp(hp))
     check(states, expected, solver)
     for t in range(1, 6):
-        y_moved = not torch.equal(states[t + 1].lower.y["y"], states[t].lower.y["y"])
+        y_moved = not torch.equal(states[t + 1].core.lower.y["y"], states[t].core.lower.y["y"])
         assert y_moved == (t % period == 0)
         # the average moves on every iteration (y_hat != y here), skipped ones included
-        assert not torch.equal(states[t + 1].lower.y_avg["y"], states[t].lower.y_avg["y"])
+        assert not torch.equal(states[t + 1].core.lower.y_avg["y"], states[t].core.lower.y_avg["y"])
 
 
 def stochastic_problem():
@@ -184,13 +184,10 @@ def test_randomized_neumann_evaluates_one_q_twice(monkeypatch):
 def test_hessian_and_cross_batches(monkeypatch, share):
     """Independent Hessian and cross batches by default (the code draws two train batches); one
     fresh batch per Hessian product; share_lower_batch: the cross product on the first of them."""
-    accbo, draws = bilevel.solvers.accbo, []
-    original = accbo.draw_for
-    monkeypatch.setattr(accbo, "draw_for", lambda *a, **k: draws.append(original(*a, **k)) or draws[-1])
     problem, g = stochastic_problem(), run_generator(0)  # blocks of one epoch: two draws differ
     solver = bilevel.make_solver("accbo", share_lower_batch=share, neumann_steps=5)
-    solver.step(problem, solver.init(problem, *problem.init(g), g))
-    (sample,) = draws
+    state = solver.init(problem, *problem.init(g), g)
+    sample = solver.with_resolved(state).sample(problem, 0, g).draw
     assert sample.term > 0 and len(sample.hessian) == sample.term  # the premise: at least one product
     assert torch.equal(sample.hessian[0], sample.cross) == share
 

@@ -94,7 +94,7 @@ def test_amigo_matches_equations_with_warm_started_z(problem, mats):
             z = z - c_z * (m["A"] @ z - (y - m["t"]))
         x = x - c_x / (t + 1) ** e_x * (m["B"] @ x - m["C"] @ z)
         assert_tensor(state.y["y"], y)
-        assert_tensor(state.estimator["y"], z)
+        assert_tensor(state.core.estimator["y"], z)
         assert_tensor(state.x["x"], x)
 
 
@@ -116,7 +116,7 @@ def test_ma_soba_matches_equations(problem, mats, radius):
         x, y, z = x - lr_x * mom, y - lr_y * d_y, z_new
         assert_tensor(state.x["x"], x)
         assert_tensor(state.y["y"], y)
-        assert_tensor(state.estimator["y"], z)
+        assert_tensor(state.core.z["y"], z)
 
 
 # ---------------------------------------------------------------------------------------------

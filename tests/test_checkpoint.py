@@ -108,12 +108,12 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
 
 
 def test_encoding_round_trips_and_refuses_foreign_classes():
-    from bilevel.lower import LowerState
+    from bilevel.lower import SGDState
     g = torch.Generator().manual_seed(5)
-    value = {"a": (1, 2.5, None, True), "__odd": [torch.ones(2)], "s": LowerState(y={"w": torch.zeros(1)}), "g": g}
+    value = {"a": (1, 2.5, None, True), "__odd": [torch.ones(2)], "s": SGDState(y={"w": torch.zeros(1)}), "g": g}
     back = decode(encode(value))
     assert back["a"] == (1, 2.5, None, True) and torch.equal(back["__odd"][0], torch.ones(2))
-    assert isinstance(back["s"], LowerState) and torch.equal(back["s"].y["w"], torch.zeros(1))
+    assert isinstance(back["s"], SGDState) and torch.equal(back["s"].y["w"], torch.zeros(1))
     assert torch.equal(back["g"].get_state(), g.get_state())
     from collections import namedtuple
     Foreign = namedtuple("Foreign", "a")

@@ -61,9 +61,9 @@ def test_first_steps_match_benchopt_recursion_on_replayed_stream():
     for x, y, z, lam in benchopt_f2sa(problem, streams, 3, HP):
         state = solver.step(replay, state)
         torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-12)
-        torch.testing.assert_close(state.estimator["z"], y, rtol=0, atol=1e-12)  # penalized copy
-        torch.testing.assert_close(state.lower.y["z"], z, rtol=0, atol=1e-12)  # lower copy
-        assert math.isclose(state.extra, lam, rel_tol=1e-15)
+        torch.testing.assert_close(state.core.penalized["z"], y, rtol=0, atol=1e-12)  # penalized copy
+        torch.testing.assert_close(state.y["z"], z, rtol=0, atol=1e-12)  # lower copy
+        assert math.isclose(float(state.core.multiplier), lam, rel_tol=1e-15)
     # per step: 2 inner_steps + 2 lower batches, inner_steps + 1 upper batches, none left unused
     assert len(replay.streams["lower"]) == 40 - 3 * 8 and len(replay.streams["upper"]) == 40 - 3 * 4
 
@@ -115,7 +115,7 @@ def test_multiplier_schedule(decay):
     state = solver.init(problem, *problem.init(g), g)
     for t in range(1, steps + 1):
         state = solver.step(problem, state)
-        assert math.isclose(state.extra, 1.5 + 0.3 * sum(s ** -decay for s in range(1, t + 1)), rel_tol=1e-14)
+        assert math.isclose(float(state.core.multiplier), 1.5 + 0.3 * sum(s ** -decay for s in range(1, t + 1)), rel_tol=1e-14)
     assert solver.lambda_decay == decay and bilevel.make_solver("f2sa").lambda_decay == 1 / 7
 
 

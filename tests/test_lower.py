@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bilevel import lower
-from bilevel.lower import SGD, LowerState, Nesterov, Periodic, sgd_steps, warm_start
+from bilevel.lower import SGD, SGDState, Nesterov, Periodic, sgd_steps, warm_start
 from bilevel.oracles import count_calls
 
 DT = torch.float64
@@ -33,9 +33,9 @@ def test_sgd_k_steps_equal_hand_gradient_steps(det):
     lr, k = 0.15, 4
     loop = SGD(lr=lr, steps=k)
     state = loop.init(y0)
-    assert isinstance(state, LowerState)
+    assert isinstance(state, SGDState)
     with count_calls() as c:
-        state = loop.update(det, x, state, gen())
+        state = loop.step(det, x, state, gen())
     assert c["grad_lower"] == k and c.total == k
     yf = det.y_flat(y0)
     for _ in range(k):
@@ -43,7 +43,7 @@ def test_sgd_k_steps_equal_hand_gradient_steps(det):
     assert torch.allclose(det.y_flat(loop.point(state)), yf, rtol=0, atol=1e-13)
     assert set(loop.point(state)) == {"w", "b"}
     # a second outer iteration continues from there
-    state = loop.update(det, x, state, gen(), iteration=1)
+    state = loop.step(det, x, state, gen(), iteration=1)
     for _ in range(k):
         yf = yf - lr * grad(det, x, yf)
     assert torch.allclose(det.y_flat(state.y), yf, rtol=0, atol=1e-13)
@@ -63,7 +63,7 @@ def test_init_copies_and_update_does_not_modify_input(det):
         for field in state:
             if field is not None:
                 assert all(field[k] is not y0[k] for k in y0)
-        loop.update(det, x, state, gen())
+        loop.step(det, x, state, gen())
     for k in y0:
         assert torch.equal(y0[k], snapshot[k])
 
@@ -73,8 +73,8 @@ def test_nesterov_two_updates(det):
     lr, gamma, tau = 0.1, 0.6, 0.3
     loop = Nesterov(lr=lr, momentum=gamma, averaging=tau)
     state = loop.init(y0)
-    state = loop.update(det, x, state, gen(), iteration=0)
-    state = loop.update(det, x, state, gen(), iteration=1)
+    state = loop.step(det, x, state, gen(), iteration=0)
+    state = loop.step(det, x, state, gen(), iteration=1)
 
     y_prev = y = y_avg = det.y_flat(y0)
     for _ in range(2):
@@ -98,11 +98,11 @@ def test_nesterov_steps_per_update_average_once(det):
     multi = Nesterov(lr=0.1, momentum=0.4, averaging=tau, steps=3)
     single = Nesterov(lr=0.1, momentum=0.4, averaging=tau, steps=1)
     with count_calls() as c:
-        a = multi.update(det, x, multi.init(y0), gen())
+        a = multi.step(det, x, multi.init(y0), gen())
     assert c["grad_lower"] == 3
     b = single.init(y0)
     for _ in range(3):
-        b = single.update(det, x, b, gen())
+        b = single.step(det, x, b, gen())
     for fa, fb in zip(a[:2], b[:2]):  # y, y_prev
         assert torch.allclose(det.y_flat(fa), det.y_flat(fb), rtol=0, atol=1e-14)
     once = (1 - tau) * det.y_flat(y0) + tau * det.y_flat(a.y)
@@ -115,9 +115,9 @@ def test_periodic_nesterov_averages_on_skipped_iterations(det):
     x, y0 = det.point(at_solution=False)
     tau = 0.3
     loop = Periodic(Nesterov(lr=0.1, momentum=0.4, averaging=tau, steps=2), period=2)
-    state = loop.update(det, x, loop.init(y0), gen(), iteration=0)
+    state = loop.step(det, x, loop.init(y0), gen(), iteration=0)
     with count_calls() as c:
-        skipped = loop.update(det, x, state, gen(), iteration=1)
+        skipped = loop.step(det, x, state, gen(), iteration=1)
     assert c["grad_lower"] == 0
     assert torch.equal(det.y_flat(skipped.y), det.y_flat(state.y))
     assert torch.equal(det.y_flat(skipped.y_prev), det.y_flat(state.y_prev))
@@ -134,7 +134,7 @@ def test_periodic_updates_only_every_period(det):
     for t in range(8):
         before = det.y_flat(loop.point(state))
         with count_calls() as c:
-            state = loop.update(det, x, state, gen(t), iteration=t)
+            state = loop.step(det, x, state, gen(t), iteration=t)
         calls.append(c["grad_lower"])
         changed.append(not torch.equal(det.y_flat(loop.point(state)), before))
     assert calls == [2, 0, 0, 2, 0, 0, 2, 0]
@@ -142,7 +142,7 @@ def test_periodic_updates_only_every_period(det):
     # the result is three inner updates
     ref = inner.init(y0)
     for _ in range(3):
-        ref = inner.update(det, x, ref, gen())
+        ref = inner.step(det, x, ref, gen())
     assert torch.allclose(det.y_flat(state.y), det.y_flat(ref.y), rtol=0, atol=1e-14)
 
 
@@ -175,7 +175,7 @@ def test_warm_start_nesterov_uses_single_nesterov_steps(det):
     single = Nesterov(lr=0.1, momentum=0.5, averaging=0.4, steps=1)
     ref = single.init(y0)
     for _ in range(3):
-        ref = single.update(det, x, ref, gen())
+        ref = single.step(det, x, ref, gen())
     for fa, fb in zip(state, ref):
         assert torch.allclose(det.y_flat(fa), det.y_flat(fb), rtol=0, atol=1e-14)
 
@@ -212,7 +212,7 @@ def test_stochastic_sgd_draws_a_fresh_batch_every_step(quad):
     g = gen(123)
     state_before = g.get_state().clone()
     loop = SGD(lr=lr, steps=k)
-    state = loop.update(rec, x, loop.init(y0), g)
+    state = loop.step(rec, x, loop.init(y0), g)
     assert not torch.equal(g.get_state(), state_before)  # the generator advanced
     assert len(rec.batches) == k
     assert all(b is not None and b.shape == (quad.batch_size,) for b in rec.batches)
@@ -240,8 +240,8 @@ def test_stochastic_nesterov_draws_a_fresh_batch_every_step(quad):
     loop = Nesterov(lr=0.1, steps=3)
     state = loop.init(y0)
     g = gen(7)
-    state = loop.update(rec, x, state, g)
-    state = loop.update(rec, x, state, g, iteration=1)
+    state = loop.step(rec, x, state, g)
+    state = loop.step(rec, x, state, g, iteration=1)
     assert len(rec.batches) == 6
     g2 = gen(7)
     assert all(torch.equal(b, quad.sample("lower", g2)) for b in rec.batches)
@@ -262,5 +262,5 @@ def test_sgd_step_size_schedule_uses_the_outer_iteration():
                         {"l": torch.zeros(1, dtype=torch.float64)}, {"w": torch.ones(2, dtype=torch.float64)})
     x, y = p.init(None)
     loop = lower.SGD(polynomial_decay(0.8, 1.0))
-    out = loop.update(p, x, loop.init(y), None, iteration=3)
+    out = loop.step(p, x, loop.init(y), None, iteration=3)
     torch.testing.assert_close(out.y["w"], torch.full((2,), 1 - 0.2, dtype=torch.float64))

@@ -122,28 +122,26 @@ def test_one_draw_at_two_points_uses_identical_batches():
         assert len(set(at_new)) == len(at_new) == linear_system.neumann_products(6, variant, draw.term) + 1
 
 
-def test_accbo_storm_correction_reuses_the_draws_batches(monkeypatch):
+def test_accbo_storm_correction_reuses_the_draws_batches():
     """AccBO evaluates h_t at (x_t, yhat_{t+1}) and h'_t at (x_{t-1}, yhat_t) on one draw: each
     per-product Hessian batch and the cross batch is used once at each of the two points, in the
     same order."""
     import bilevel
-    import bilevel.solvers.accbo as accbo
 
-    seen, draws = [], []
+    seen = []
     problem, *_ = counter_problem(seen)
-    original = accbo.draw_for
-    monkeypatch.setattr(accbo, "draw_for", lambda *a, **k: draws.append(original(*a, **k)) or draws[-1])
     solver = bilevel.make_solver("accbo", neumann_steps=5, neumann_lr=0.5)
     g = torch.Generator().manual_seed(0)
-    state = solver.init(problem, *problem.init(g), g)
-    for _ in range(4):
-        state = solver.step(problem, state)
-        if state.iteration == 1:
+    core = solver.init(problem, *problem.init(g), g).core
+    for t in range(4):
+        batches = solver.sample(problem, t, g)  # sample, then the update on exactly those batches
+        seen.clear()
+        core = solver.update(problem, core, batches)
+        if t == 0:
             continue
-        draw = draws[-1]
+        draw = batches.draw
         ids = list(draw.hessian) + [draw.cross]
         calls = [(b, y) for b, y in seen if b in ids]
         first, second = calls[:len(ids)], calls[len(ids):]
         assert [b for b, _ in first] == [b for b, _ in second] == ids
         assert not torch.equal(first[0][1], second[0][1])  # two different points
-        seen.clear()

@@ -110,11 +110,11 @@ def test_saba_matches_saga_estimates_by_hand_over_three_iterations():
         state = solver.step(problem, state)
         torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-12)
         torch.testing.assert_close(state.y["y"], y, rtol=0, atol=1e-12)
-        torch.testing.assert_close(state.estimator["y"], z, rtol=0, atol=1e-12)
+        torch.testing.assert_close(state.core.z["y"], z, rtol=0, atol=1e-12)
     # the three iterations revisit a stored entry at both levels (so the update M[j] <- d_j is used)
     assert all(len(set(s)) < 3 for s in seen.values()) and all(len(set(s)) == 2 for s in seen.values()), seen
     for level, keys in (("lower", ("grad_y", "hvp", "cross")), ("upper", ("grad_x", "grad_y"))):
-        mem = state.extra[level]
+        mem = state.core.memories[level]
         for k in range(2):
             for q in keys:
                 key = "x" if q in ("cross", "grad_x") else "y"
@@ -135,7 +135,7 @@ def test_saba_with_one_batch_is_soba_full_batch():
     saba, s2 = start(problem, "saba", upper_lr=0.2, lower_lr=0.3, z_lr=0.4, batch_size=64)
     for _ in range(3):
         s1, s2 = soba.step(problem, s1), saba.step(problem, s2)
-        for a, b in ((s1.x, s2.x), (s1.y, s2.y), (s1.estimator, s2.estimator)):
+        for a, b in ((s1.x, s2.x), (s1.y, s2.y), (s1.core.z, s2.core.z)):
             assert tree.is_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -147,7 +147,7 @@ def test_saba_full_memory_first_step_is_soba_full_batch_step():
     saba, s2 = start(problem, "saba", upper_lr=0.2, lower_lr=0.3, z_lr=0.4, batch_size=24, memory_init="full")
     x0 = s2.x
     s1, s2 = soba.step(problem, s1), saba.step(problem, s2)
-    for a, b in ((s1.x, s2.x), (s1.y, s2.y), (s1.estimator, s2.estimator)):
+    for a, b in ((s1.x, s2.x), (s1.y, s2.y), (s1.core.z, s2.core.z)):
         assert tree.is_close(a, b, rtol=1e-10, atol=1e-12)
     assert not tree.is_close(s2.x, x0)
     # with zero memories the first step is not the full-batch one
@@ -227,7 +227,7 @@ def test_saba_runs_on_hyper_cleaning():
     problem = HypercleanDigits(n_train=100, n_val=50, n_test=50, batch_size=None, val_batch_size=None)
     assert problem.n_samples("lower") == 100 and problem.n_samples("upper") == 50
     result = bilevel.solve(problem, "saba", steps=5, eval_every=5, batch_size=32, memory_init="full")
-    assert tree.all_finite(result.x) and result.state.extra["lower"].table[3]["cross"]["weight_logits"].shape == (100,)
+    assert tree.all_finite(result.x) and result.state.core.memories["lower"].table[3]["cross"]["weight_logits"].shape == (100,)
 
 
 def test_quadratic_n_samples():
@@ -281,9 +281,9 @@ def test_f2sa_matches_equations_with_schedules(matrix_problem, mats):
         lam = lam + 0.4 / (t + 1) ** (1 / 7)
         state = solver.step(matrix_problem, state)
         torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-12)
-        torch.testing.assert_close(state.lower.y["y"], z, rtol=0, atol=1e-12)
-        torch.testing.assert_close(state.estimator["y"], y, rtol=0, atol=1e-12)
-        assert state.extra == pytest.approx(lam, rel=1e-15)
+        torch.testing.assert_close(state.y["y"], z, rtol=0, atol=1e-12)
+        torch.testing.assert_close(state.core.penalized["y"], y, rtol=0, atol=1e-12)
+        assert float(state.core.multiplier) == pytest.approx(lam, rel=1e-15)
         px, py = solver.point(state)  # the evaluated point is (x, lower copy z)
         torch.testing.assert_close(px["x"], x, rtol=0, atol=1e-12)
         torch.testing.assert_close(py["y"], z, rtol=0, atol=1e-12)

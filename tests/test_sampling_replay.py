@@ -47,7 +47,7 @@ def test_soba_matches_benchopt_recursion_on_replayed_stream():
         state = solver.step(replay, state)
         torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-12)
         torch.testing.assert_close(state.y["z"], y, rtol=0, atol=1e-12)
-        torch.testing.assert_close(state.estimator["z"], -v, rtol=0, atol=1e-12)
+        torch.testing.assert_close(state.core.z["z"], -v, rtol=0, atol=1e-12)
     assert replay.streams == {"lower": [], "upper": []}
 
 

@@ -130,7 +130,7 @@ def _run(problem, name, steps=3, **hp):
     state = solver.init(problem, *problem.init(g), g)
     for _ in range(steps):
         state = solver.step(problem, state)
-    return torch.cat([v.reshape(-1) for v in (*state.x.values(), *state.lower.y.values())])
+    return torch.cat([v.reshape(-1) for v in (*state.x.values(), *state.y.values())])
 
 
 @pytest.mark.parametrize("name, field", list(_cases()))
@@ -170,7 +170,7 @@ def test_itd_bio_lower_lr_schedule(mats):
         x = s.x["x"]
         y = y - c / (t + 1) ** e * (m["A"] @ y + m["C"].T @ x + m["a"])
         s = solver.step(problem, s)
-        torch.testing.assert_close(s.lower.y["y"], y, rtol=0, atol=1e-13)
+        torch.testing.assert_close(s.y["y"], y, rtol=0, atol=1e-13)
 
 
 def test_stocbio_neumann_lr_schedule(mats):
@@ -224,8 +224,8 @@ def test_soba_defaults_follow_benchopt(mats):
     for x, y, v in expected:
         s = solver.step(problem, s)
         torch.testing.assert_close(s.x["x"], x, rtol=0, atol=1e-14)
-        torch.testing.assert_close(s.lower.y["y"], y, rtol=0, atol=1e-14)
-        torch.testing.assert_close(s.estimator["y"], -v, rtol=0, atol=1e-14)
+        torch.testing.assert_close(s.y["y"], y, rtol=0, atol=1e-14)
+        torch.testing.assert_close(s.core.z["y"], -v, rtol=0, atol=1e-14)
 
 
 def test_soba_loop_uses_each_schedule(mats):
@@ -239,8 +239,8 @@ def test_soba_loop_uses_each_schedule(mats):
         y, z, x = y - ly(t) * d_y, z - lz(t) * d_z, x - lx(t) * d_x
         s = solver.step(problem, s)
         torch.testing.assert_close(s.x["x"], x, rtol=0, atol=1e-14)
-        torch.testing.assert_close(s.lower.y["y"], y, rtol=0, atol=1e-14)
-        torch.testing.assert_close(s.estimator["y"], z, rtol=0, atol=1e-14)
+        torch.testing.assert_close(s.y["y"], y, rtol=0, atol=1e-14)
+        torch.testing.assert_close(s.core.z["y"], z, rtol=0, atol=1e-14)
 
 
 def test_ma_soba_defaults_are_constant(mats):
@@ -255,7 +255,7 @@ def test_ma_soba_defaults_are_constant(mats):
         y, z, x = y - 0.1 * d_y, z - 0.1 * d_z, x - 0.1 * mom
         s = solver.step(problem, s)
         torch.testing.assert_close(s.x["x"], x, rtol=0, atol=1e-14)
-        torch.testing.assert_close(s.estimator["y"], z, rtol=0, atol=1e-14)
+        torch.testing.assert_close(s.core.z["y"], z, rtol=0, atol=1e-14)
 
 
 def test_saba_defaults_follow_benchopt():
@@ -282,8 +282,8 @@ def test_saba_defaults_follow_benchopt():
         y, v, x = (y - lr * grad_y_g.detach(), v - lr * (hvp + grad_in_outer), x - lr * (cross_v + grad_out_outer))
         s = solver.step(problem, s)
         torch.testing.assert_close(s.x[kx], x, rtol=0, atol=1e-12)
-        torch.testing.assert_close(s.lower.y[ky], y, rtol=0, atol=1e-12)
-        torch.testing.assert_close(s.estimator[ky], -v, rtol=0, atol=1e-12)
+        torch.testing.assert_close(s.y[ky], y, rtol=0, atol=1e-12)
+        torch.testing.assert_close(s.core.z[ky], -v, rtol=0, atol=1e-12)
 
 
 #: benchopt's solver defaults (benchmark_bilevel solvers/*.py: step_size, outer_ratio 1, the

@@ -42,7 +42,7 @@ def test_soba_matches_equations(problem, mats):
                    z - lr_z * (m["A"] @ z - (y - m["t"])))
         torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-12)
         torch.testing.assert_close(state.y["y"], y, rtol=0, atol=1e-12)
-        torch.testing.assert_close(state.estimator["y"], z, rtol=0, atol=1e-12)
+        torch.testing.assert_close(state.core.z["y"], z, rtol=0, atol=1e-12)
 
 
 def test_aid_cg_matches_equations_with_warm_started_v(problem, mats):
@@ -56,7 +56,7 @@ def test_aid_cg_matches_equations_with_warm_started_v(problem, mats):
         r = (y - m["t"]) - m["A"] @ v
         v = v + (r @ r) / (r @ m["A"] @ r) * r
         x = x - lr_x * (m["B"] @ x - m["C"] @ v)
-        torch.testing.assert_close(state.estimator["y"], v, rtol=0, atol=1e-12)
+        torch.testing.assert_close(state.core.estimator["y"], v, rtol=0, atol=1e-12)
         torch.testing.assert_close(state.x["x"], x, rtol=0, atol=1e-12)
 
 

@@ -46,10 +46,10 @@ def test_apply_subtracts():
 
 @pytest.mark.parametrize("make", [upper.sgd, upper.scale])
 def test_sgd_and_scale_constant(make):
-    outs, count = run(make(0.1), H)
+    outs, state = run(make(0.1), H)
     for u, hh in zip(outs, H):
         close(u, lin((0.1, hh)))
-    assert count == 3
+    assert state == upper.Count(torch.tensor(3))
 
 
 @pytest.mark.parametrize("make", [upper.sgd, upper.scale])
@@ -78,7 +78,7 @@ def test_ema():
     m2 = lin((0.8, m1), (0.2, H[2]))
     for u, e in zip(outs, [m0, m1, m2]):
         close(u, e)
-    close(m, m2)
+    close(m.m, m2)
 
 
 def test_heavy_ball():
@@ -162,7 +162,7 @@ def test_adam_three_steps_with_bias_correction():
             v = b2 * v + (1 - b2) * g * g
             expected = (m / (1 - b1 ** t)) / (torch.sqrt(v / (1 - b2 ** t)) + eps)
             assert torch.allclose(outs[t - 1][k], expected, rtol=0, atol=1e-13), (k, t)
-    assert state[2] == 3
+    assert int(state.count) == 3
     # the first Adam step is sign-like: h / (|h| + eps)
     first = outs[0]["w"]
     assert torch.allclose(first, H[0]["w"] / (H[0]["w"].abs() + eps), rtol=0, atol=1e-12)
@@ -187,7 +187,7 @@ def test_chain_passes_extras_and_keeps_state_per_transform():
     close(outs[0], H[0])
     m1 = lin((beta, H[0]), (1 - beta, H[1]), (beta, H[1]), (-beta, prev))
     close(outs[1], lin((0.5, m1)))
-    assert states[1] == 2
+    assert int(states[1].count) == 2
 
 
 def test_transforms_do_not_modify_inputs():
@@ -212,3 +212,28 @@ def test_invalid_beta_raises(make):
 def test_beta_zero_is_allowed():
     outs, _ = run(upper.ema(0.0), H)
     close(outs[2], H[2])
+
+
+def test_counted_transforms_take_the_iteration_from_the_caller():
+    """Given t (a solver's outer iteration), scale, adam and storm use it and never read their
+    stored count: the same t gives the same direction whatever the count holds."""
+    for tr, extra in ((upper.scale(upper.polynomial_decay(0.4, 0.6)), {}), (upper.adam(), {}),
+                      (upper.storm(0.5), {"previous": H[1]})):
+        state = tr.init(X0)
+        fresh, _ = tr.update(H[0], state, t=2, **extra)
+        bumped = type(state)(*(torch.tensor(7) if isinstance(f, torch.Tensor) and f.dtype == torch.int64 else f
+                               for f in state))
+        other, new_state = tr.update(H[0], bumped, t=2, **extra)
+        close(fresh, other, tol=0)
+        assert int(new_state.count) == 8
+    u, _ = upper.scale(upper.polynomial_decay(0.4, 0.6)).update(H[0], upper.Count(torch.tensor(0)), t=2)
+    close(u, lin((0.4 / 3 ** 0.6, H[0])))
+
+
+def test_transform_states_are_tensor_leaves():
+    from torch.utils._pytree import tree_leaves
+    tr = upper.chain(upper.storm(0.5), upper.normalize(), upper.clip(1.0), upper.adam(), upper.ema(0.9),
+                     upper.heavy_ball(0.5), upper.scale(0.1))
+    _, state = tr.update(H[0], tr.init(X0))
+    leaves = tree_leaves(state)
+    assert leaves and all(isinstance(v, torch.Tensor) for v in leaves)
