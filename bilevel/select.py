@@ -331,9 +331,9 @@ def _write_selection(path: Path, selected, scores, data: Data) -> None:
     os.replace(tmp, path)
 
 
-def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Path, logger=None) -> List[dict]:
-    """The rounds of one method for one seed; returns the per-round reports (resuming finished
-    rounds from disk)."""
+def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Path, logger=None):
+    """The rounds of one method for one seed: ``(reports, curve)``, the per-round reports and the
+    validation curve ``[{"step", "val_cloze_loss"}, ...]`` (finished rounds are read from disk)."""
     from .problems.selection_baselines import select_top
     from .problems.selection_methods import RoundInputs, influence_targets, score_pool
     from .problems.selection_train import evaluate_lm, train_lm
@@ -388,7 +388,8 @@ def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Pa
         report = {"method": method, "seed": seed, "round": r, "step": r * c.round_steps, "selected": len(selected),
                   "pool": len(data.pool), "target_lr": lr, "score_seconds": score_time,
                   "seconds": time.time() - t0, **metrics}
-        np.save(rdir / "scores.npy", scores) if rdir.is_dir() else (rdir.mkdir(parents=True), np.save(rdir / "scores.npy", scores))
+        rdir.mkdir(parents=True, exist_ok=True)
+        np.save(rdir / "scores.npy", scores)
         _write_selection(rdir / "selected.jsonl", selected, scores, data)
         _write_json(rdir / "curve.json", curve)
         _save(rdir / "state.pt", {"target": target.state_dict(), "proxy": proxy.state_dict(), "state": state,
@@ -398,10 +399,7 @@ def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Pa
             logger.on_eval({"iteration": r * c.round_steps, **{k: v for k, v in report.items()
                                                                if isinstance(v, (int, float))}})
         reports.append(report)
-    for rep in reports:
-        rep.setdefault("curve", curve)
-    reports[-1]["curve"] = curve
-    return reports
+    return reports, curve
 
 
 # -- the study ----------------------------------------------------------------------------------
@@ -457,10 +455,7 @@ def run_select(c: SelectConfig) -> Dict[str, Any]:
                 logger = WandbLogger(project=c.wandb_project, name=f"{c.name}-{method}-s{seed}", group=c.name,
                                      directory=str(run_dir / "wandb"), config=dataclasses.asdict(c))
                 logger.on_start({"method": method, "seed": seed})
-            reports = run_method(c, method, data, seed, seed_dir, logger)
-            curves[method] = reports[-1].pop("curve")
-            for rep in reports:
-                rep.pop("curve", None)
+            reports, curves[method] = run_method(c, method, data, seed, seed_dir, logger)
             final = dict(reports[-1])
             finals[method].append(final)
             noise_pool = final.get("noise_pool")
