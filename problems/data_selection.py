@@ -152,6 +152,7 @@ class DataSelection(IndexBatches, BilevelProblem):
     def __init__(self, data: str = "builtin", model_preset: str = "tiny", vocab_size: Optional[int] = None,
                  seq_len: Optional[int] = None, tokenizer_path: Optional[str] = None,
                  proxy_path: Optional[str] = None, target_path: Optional[str] = None,
+                 proxy_arch: Optional[Dict[str, int]] = None, target_arch: Optional[Dict[str, int]] = None,
                  data_paths: Optional[Dict[str, str]] = None, noise_rate: float = 0.2, val_articles: int = 20,
                  cloze_words: int = 60, max_pool: Optional[int] = None, batch_size: int = 8,
                  val_batch_size: int = 8, gamma: float = 1e-2, reg: float = 1e-7, warmup_steps: int = 20,
@@ -167,6 +168,8 @@ class DataSelection(IndexBatches, BilevelProblem):
             vocab_size, seq_len: tokenizer vocabulary (BPE training) and sequence length; None:
                 the model preset's.
             tokenizer_path: a local tokenizer.json or tokenizer directory instead of training one.
+            proxy_arch, target_arch: GPTNeoXConfig fields replacing the preset's (e.g.
+                ``{"hidden_size": 64}``).
             proxy_path, target_path: local pretrained weights (from_pretrained, local files only);
                 then no warm-up of that model.
             data_paths: explicit files per source for "text-pool".
@@ -225,8 +228,8 @@ class DataSelection(IndexBatches, BilevelProblem):
         self.n_train, self.n_val = len(self.pool), len(self.validation)
 
         vocab = self.tokenizer.vocab_size
-        proxy_config = LM.lm_config(model_preset, "proxy", vocab, self.seq_len)
-        target_config = LM.lm_config(model_preset, "target", vocab, self.seq_len)
+        proxy_config = LM.lm_config(model_preset, "proxy", vocab, self.seq_len, **dict(proxy_arch or {}))
+        target_config = LM.lm_config(model_preset, "target", vocab, self.seq_len, **dict(target_arch or {}))
         self.proxy = LM.build_lm(proxy_config, path=proxy_path, seed=seed, dtype=self.dtype)
         self.target = LM.build_lm(target_config, path=target_path, seed=seed + 1, dtype=self.dtype)
         for p in self.target.parameters():

@@ -56,7 +56,7 @@ class BLISS(Solver):
     lower_lr: Any = 1e-3
     inner_steps: int = 5
     z_steps: int = 3
-    z_lr: float = 1e-2
+    z_lr: Any = 1e-2
     damping: float = 1e-2
     z_clip: float = 1.0
     upper_clip: float = 1.0
@@ -72,7 +72,7 @@ class BLISS(Solver):
     previous_normalizer: bool = False
 
     def __post_init__(self):
-        check_positive(self, "z_lr", "z_clip", "upper_clip", "lower_clip")
+        check_positive(self, "upper_lr", "lower_lr", "z_lr", "z_clip", "upper_clip", "lower_clip")
         check_count(self, "inner_steps", minimum=1)
         check_count(self, "z_steps", minimum=0)
         check_unit(self, "beta")
@@ -106,9 +106,14 @@ class BLISS(Solver):
         return State(x=x, lower=self.lower_loop().init(y), iteration=0, generator=generator,
                      upper=self.upper_update().init(x), extra=None)
 
-    def _linear_solve(self, matvec, b):
-        return linear_system.linear_sgd(matvec, b, steps=self.z_steps, lr=self.z_lr, damping=self.damping,
-                                        clip=self.z_clip)
+    def linear_solve(self, iteration: int = 0):
+        """The damped, clipped z steps from zero at outer iteration ``iteration``."""
+        lr = at(self.z_lr, iteration)
+
+        def solve(matvec, b):
+            return linear_system.linear_sgd(matvec, b, steps=self.z_steps, lr=lr, damping=self.damping,
+                                            clip=self.z_clip)
+        return solve
 
     def step(self, problem, s: State) -> State:
         view = problem.with_log_normalizer(s.extra) if self.previous_normalizer else problem
@@ -117,7 +122,7 @@ class BLISS(Solver):
         upper_batch = problem.sample("upper", s.generator)
         hessian_batch = problem.sample("lower", s.generator)
         cross_batch = hessian_batch if self.share_lower_batch else problem.sample("lower", s.generator)
-        h, _ = implicit(problem, s.x, y, upper_batch, hessian_batch, cross_batch, self._linear_solve)
+        h, _ = implicit(problem, s.x, y, upper_batch, hessian_batch, cross_batch, self.linear_solve(s.iteration))
         direction, upper_state = self.upper_update().update(h, s.upper, params=s.x)
         extra = s.extra
         if self.previous_normalizer:
