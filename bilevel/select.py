@@ -64,6 +64,10 @@ class SelectConfig:
     #: Keep at most this many pool documents / sequences (None: all): small studies.
     max_documents: Optional[int] = 240
     max_sequences: Optional[int] = 600
+    #: Held-out test documents per test set and evaluation sequences per set (seeded subsamples;
+    #: None: all; the out-of-domain Bible alone is ~30k tiny-preset sequences).
+    max_test_documents: Optional[int] = 80
+    max_eval_sequences: Optional[int] = 256
     #: A local tokenizer (tokenizer.json or a directory); None: train a BPE of vocab_size.
     tokenizer: Optional[str] = None
     #: Model preset of bilevel.problems.language_model ("tiny", "cpu", "gpu").
@@ -212,6 +216,8 @@ def prepare_data(c: SelectConfig, seed: int, run_dir: Path) -> Data:
     from .problems.language_model import PRESETS
     splits = _splits(c, seed)
     splits.pool = _subsample(splits.pool, c.max_documents, seed)
+    splits.test_in = _subsample(splits.test_in, c.max_test_documents, seed + 2)
+    splits.test_out = _subsample(splits.test_out, c.max_test_documents, seed + 3)
     preset = PRESETS[c.preset]
     seq_len = int(c.seq_len or preset["seq_len"])
     tok_path = run_dir / f"seed{seed}" / "tokenizer.json"
@@ -231,11 +237,17 @@ def prepare_data(c: SelectConfig, seed: int, run_dir: Path) -> Data:
     validation = pack_cloze(splits.validation, tokenizer, seq_len)
     val_texts = [f"{p.context} {p.target}" for p in splits.validation]
 
-    def docs_or_none(docs):
-        return pack_documents(docs, tokenizer, seq_len, min_tokens=2) if docs else None
+    def capped(seqs, salt):
+        if seqs is None or c.max_eval_sequences is None or len(seqs) <= c.max_eval_sequences:
+            return seqs
+        keep = np.random.default_rng(seed + salt).choice(len(seqs), size=c.max_eval_sequences, replace=False)
+        return seqs.subset(np.sort(keep).tolist())
+
+    def docs_or_none(docs, salt):
+        return capped(pack_documents(docs, tokenizer, seq_len, min_tokens=2), salt) if docs else None
     held = [p for d in splits.test_in for p in cloze_passages(d, words=min(60, seq_len // 2), max_passages=2)]
-    return Data(tokenizer, pool, texts, validation, val_texts, docs_or_none(splits.test_in),
-                docs_or_none(splits.test_out), pack_cloze(held, tokenizer, seq_len) if held else None,
+    return Data(tokenizer, pool, texts, validation, val_texts, docs_or_none(splits.test_in, 5),
+                docs_or_none(splits.test_out, 6), capped(pack_cloze(held, tokenizer, seq_len), 7) if held else None,
                 splits, str(c.tokenizer if c.tokenizer is not None else tok_path))
 
 
@@ -349,7 +361,7 @@ def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Pa
     curve.append({"step": 0, "val_cloze_loss": start_eval["val_cloze_loss"]})
     rng = np.random.default_rng(seed + 4242)
     probe = np.sort(rng.choice(len(data.pool), size=min(c.influence_probes, len(data.pool)), replace=False))
-    options = {k: getattr(c, k) for k in ("mates_probes", "mates_epochs", "mates_lr", "bilevel_steps",
+    options = {k: getattr(c, k) for k in ("mates_probes", "mates_epochs", "mates_lr", "bilevel_steps", "max_eval_sequences",
                                           "keep_score_model", "dsir_package", "batch_size", "proxy_lr")}
     options.update(solver_options=dict(c.solver_options), problem_options=dict(c.problem_options),
                    validation_texts=data.validation_texts, progress=c.progress, preset=c.preset, _data=data)

@@ -41,7 +41,8 @@ def build_problem(inputs: RoundInputs):
     data = o["_data"]
     problem = DataSelection(splits=data.splits, tokenizer_path=str(data.tokenizer_path),
                             model_preset=o["preset"], seq_len=int(inputs.pool.tokens.shape[1]), warmup_steps=0,
-                            eval_pool=min(256, len(inputs.pool)), seed=inputs.seed, **p_opts)
+                            eval_pool=min(256, len(inputs.pool)), max_eval=o.get("max_eval_sequences"),
+                            seed=inputs.seed, **p_opts)
     problem.pool, problem.n_train = inputs.pool, len(inputs.pool)
     problem.validation, problem.n_val = inputs.validation, len(inputs.validation)
     cache["problem"] = problem
