@@ -1,20 +1,22 @@
 """A lower loop of AdamW steps with gradient-norm clipping (BLISS's proxy updates).
 
-Each outer iteration runs ``steps`` steps, every one on a fresh lower batch, of torch.optim.AdamW
-(Loshchilov and Hutter, ICLR 2019) on g(x, .) with the gradient clipped to global norm
-``clip_norm`` first (Lightning Fabric's ``clip_gradients(max_norm=1.0)`` in BLISS's
-``bilevel_selection.py``):
+Each outer iteration t runs ``steps`` steps, each on its own lower batch (drawn up front by
+:meth:`AdamW.sample`), of torch.optim.AdamW (Loshchilov and Hutter, ICLR 2019) on g(x, .) with
+the gradient clipped to global norm ``clip_norm`` first (Lightning Fabric's
+``clip_gradients(max_norm=1.0)`` in BLISS's ``bilevel_selection.py``):
 
-    d       = grad_y g(x, y; fresh batch) min(1, clip_norm / ||grad_y g||)
+    d       = grad_y g(x, y; batch) min(1, clip_norm / ||grad_y g||)
     m      <- b1 m + (1 - b1) d,        v <- b2 v + (1 - b2) d^2,        k <- k + 1
     y      <- y - lr_t (wd y + (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps))
 
-The moments and the step count k persist across outer iterations (BLISS keeps one optimizer for
-the whole bilevel phase). ``lr`` is a number or a schedule of the outer iteration t (all K steps
-of one outer iteration use lr_t, as BLISS steps its scheduler once per outer iteration).
+The moments persist across outer iterations (BLISS keeps one optimizer for the whole bilevel
+phase); the bias-correction index of the k-th step of iteration t is k = t steps + k + 1, read
+from t (a Python int) so that no step reads a tensor back to the host: the loop must run at
+every iteration from t = 0. ``lr`` is a number or a schedule of the outer iteration t (all K
+steps of one outer iteration use lr_t, as BLISS steps its schedulers once per outer iteration).
 
-Same interface as the loops of :mod:`bilevel.lower`: ``init(y)``, ``update(problem, x, state,
-generator, iteration)``, ``point(state)``.
+Same interface as the loops of :mod:`bilevel.lower`: ``init(y)``, ``sample(problem, t,
+generator)``, ``update(problem, x, state, batches)`` (pure), ``step(...)``, ``point(state)``.
 """
 from __future__ import annotations
 
@@ -24,15 +26,18 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from . import tree
+from .batches import LowerBatches
+from .lower import _Loop, draw_lower
 from .oracles import grad_lower_y
 from .schedules import at
 from .tree import Tree
-from .upper import adam, decoupled_weight_decay
+from .upper import Adam, adam, decoupled_weight_decay
 
 
 class AdamWState(NamedTuple):
+    """The proxy iterate y and AdamW's moments (:class:`bilevel.upper.Adam`)."""
     y: Tree
-    moments: Any  # the (m, v, k) state of bilevel.upper.adam
+    moments: Adam
 
 
 def clip_global(g: Tree, max_norm: Optional[float]) -> Tree:
@@ -43,7 +48,7 @@ def clip_global(g: Tree, max_norm: Optional[float]) -> Tree:
 
 
 @dataclass(frozen=True)
-class AdamW:
+class AdamW(_Loop):
     """``steps`` clipped AdamW steps per outer iteration (see the module docstring)."""
     lr: Any
     steps: int = 1
@@ -65,20 +70,18 @@ class AdamW:
         y = tree.clone(y)
         return AdamWState(y=y, moments=adam(self.b1, self.b2, self.eps).init(y))
 
-    def step(self, problem, x: Tree, state: AdamWState, lr: float, generator: torch.Generator) -> AdamWState:
-        """One clipped AdamW step on a fresh lower batch."""
-        batch = problem.sample("lower", generator)
-        g = clip_global(grad_lower_y(problem, x, state.y, batch), self.clip_norm)
-        direction, moments = adam(self.b1, self.b2, self.eps).update(g, state.moments)
-        direction, _ = decoupled_weight_decay(self.weight_decay).update(direction, None, params=state.y)
-        return AdamWState(y=tree.axpy(-lr, direction, state.y), moments=moments)
+    def sample(self, problem, t: int, generator: torch.Generator) -> LowerBatches:
+        return draw_lower(problem, t, generator, self.steps)
 
-    def update(self, problem, x: Tree, state: AdamWState, generator: torch.Generator,
-               iteration: int = 0) -> AdamWState:
-        lr = at(self.lr, iteration)
-        for _ in range(self.steps):
-            state = self.step(problem, x, state, lr, generator)
-        return state
+    def update(self, problem, x: Tree, state: AdamWState, batches: LowerBatches) -> AdamWState:
+        lr, y, moments = at(self.lr, batches.t), state.y, state.moments
+        transform, decay = adam(self.b1, self.b2, self.eps), decoupled_weight_decay(self.weight_decay)
+        for k, batch in enumerate(batches.steps):
+            g = clip_global(grad_lower_y(problem, x, y, batch), self.clip_norm)
+            direction, moments = transform.update(g, moments, t=batches.t * self.steps + k)
+            direction, _ = decay.update(direction, None, params=y)
+            y = tree.axpy(-lr, direction, y)
+        return AdamWState(y=y, moments=moments)
 
     def point(self, state: AdamWState) -> Tree:
         return state.y

@@ -200,7 +200,7 @@ def clip_per_tensor(max_norm: float) -> Transform:
     on the score model's hypergradient: a tensor whose norm exceeds 1 is scaled to unit norm)."""
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
-    return Transform(lambda x: None, lambda u, state, **extra: (clip_each(u, max_norm), state))
+    return Transform(lambda x: Stateless(), lambda u, state, **extra: (clip_each(u, max_norm), state))
 
 
 def decoupled_weight_decay(weight_decay: float) -> Transform:
@@ -216,7 +216,7 @@ def decoupled_weight_decay(weight_decay: float) -> Transform:
         if params is None:
             raise ValueError("decoupled_weight_decay needs params=<the current x> in update()")
         return tree.axpy(weight_decay, params, u), state
-    return Transform(lambda x: None, update)
+    return Transform(lambda x: Stateless(), update)
 
 
 def adamw(step_size: StepSize, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,

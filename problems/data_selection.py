@@ -260,10 +260,14 @@ class DataSelection(IndexBatches, BilevelProblem):
         """(N,) sigmoid scores s_i of sequences under the score model x."""
         return LM.scores(self.score, x, tokens, mask)
 
+    def batch_scores(self, x: Tree, batch: Optional[Tensor]) -> Tensor:
+        """(B,) scores s_i of the pool sequences of a lower batch."""
+        tokens, mask = self._rows(self.pool, batch)
+        return self.scores(x, tokens, mask)
+
     def weights(self, x: Tree, batch: Optional[Tensor]) -> Tensor:
         """P(x) over the lower batch (:func:`sample_weights`)."""
-        tokens, mask = self._rows(self.pool, batch)
-        return sample_weights(self.scores(x, tokens, mask), self.log_normalizer)
+        return sample_weights(self.batch_scores(x, batch), self.log_normalizer)
 
     def _rows(self, seqs: Sequences, batch: Optional[Tensor]):
         if batch is None:

@@ -35,17 +35,42 @@ Cost per outer iteration: K lower gradients, one upper gradient, z_steps HVPs an
 product on one shared graph (one lower forward).
 """
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from bilevel import linear_system, upper
+from bilevel.batches import LowerBatches
 from bilevel.hypergrad import implicit
-from bilevel.lower_adamw import AdamW
+from bilevel.lower_adamw import AdamW, AdamWState
 from bilevel.registry import register_solver
 from bilevel.schedules import at, cosine
-from bilevel.solver import Solver, State
+from bilevel.solver import Solver
+from bilevel.tree import Tree
 from bilevel.validation import check_count, check_positive, check_unit
+
+
+class BLISSState(NamedTuple):
+    """x, the proxy's AdamW state, the upper transform's state, and L (the previous outer step's
+    log-sum-exp of the scores, used only with ``previous_normalizer`` and from t = 1 on; 0 before)."""
+    x: Tree
+    lower: AdamWState
+    upper: Any
+    log_normalizer: torch.Tensor
+
+    @property
+    def y(self) -> Tree:
+        return self.lower.y
+
+
+class BLISSBatches(NamedTuple):
+    """Iteration t's draws in the algorithm's order: the K lower batches, the upper batch, the
+    Hessian batch and the cross batch (the Hessian batch itself when shared)."""
+    t: int
+    lower: LowerBatches
+    upper: Any
+    hessian: Any
+    cross: Any
 
 
 @register_solver("bliss", paper="Hao et al. BLISS: A Lightweight Bilevel Influence Scoring Method for Data Selection in Language Model Pretraining. ICML 2026")
@@ -99,13 +124,6 @@ class BLISS(Solver):
                            upper.adamw(self._schedule(self.upper_lr), self.beta, self.beta_sq, self.adam_eps,
                                        self.weight_decay))
 
-    def init(self, problem, x, y, generator):
-        if self.previous_normalizer and not hasattr(problem, "with_log_normalizer"):
-            raise ValueError(f"previous_normalizer=True needs a problem with with_log_normalizer() (data-selection); "
-                             f"got {type(problem).__name__}")
-        return State(x=x, lower=self.lower_loop().init(y), iteration=0, generator=generator,
-                     upper=self.upper_update().init(x), extra=None)
-
     def linear_solve(self, iteration: int = 0):
         """The damped, clipped z steps from zero at outer iteration ``iteration``."""
         lr = at(self.z_lr, iteration)
@@ -115,19 +133,32 @@ class BLISS(Solver):
                                             clip=self.z_clip)
         return solve
 
-    def step(self, problem, s: State) -> State:
-        view = problem.with_log_normalizer(s.extra) if self.previous_normalizer else problem
-        lower_state = self.lower_loop().update(view, s.x, s.lower, s.generator, s.iteration)
-        y = lower_state.y
-        upper_batch = problem.sample("upper", s.generator)
-        hessian_batch = problem.sample("lower", s.generator)
-        cross_batch = hessian_batch if self.share_lower_batch else problem.sample("lower", s.generator)
-        h, _ = implicit(problem, s.x, y, upper_batch, hessian_batch, cross_batch, self.linear_solve(s.iteration))
-        direction, upper_state = self.upper_update().update(h, s.upper, params=s.x)
-        extra = s.extra
+    def init(self, problem, x, y, generator):
+        if self.previous_normalizer and not hasattr(problem, "with_log_normalizer"):
+            raise ValueError(f"previous_normalizer=True needs a problem with with_log_normalizer() (data-selection); "
+                             f"got {type(problem).__name__}")
+        first = next(iter(x.values()))
+        core = BLISSState(x=x, lower=self.lower_loop().init(y), upper=self.upper_update().init(x),
+                          log_normalizer=torch.zeros((), dtype=first.dtype, device=first.device))
+        return self.start(core, generator)
+
+    def sample(self, problem, t, generator) -> BLISSBatches:
+        lower = self.lower_loop().sample(problem, t, generator)
+        upper_batch = problem.sample("upper", generator)
+        hessian = problem.sample("lower", generator)
+        cross = hessian if self.share_lower_batch else problem.sample("lower", generator)
+        return BLISSBatches(t, lower, upper_batch, hessian, cross)
+
+    def update(self, problem, s: BLISSState, batches: BLISSBatches) -> BLISSState:
+        quirk = self.previous_normalizer and batches.t > 0
+        view = problem.with_log_normalizer(s.log_normalizer) if quirk else problem
+        lower_state = self.lower_loop().update(view, s.x, s.lower, batches.lower)
+        h, _ = implicit(problem, s.x, lower_state.y, batches.upper, batches.hessian, batches.cross,
+                        self.linear_solve(batches.t))
+        direction, upper_state = self.upper_update().update(h, s.upper, t=batches.t, params=s.x)
+        log_normalizer = s.log_normalizer
         if self.previous_normalizer:
             with torch.no_grad():
-                tokens, mask = problem._rows(problem.pool, cross_batch)
-                extra = torch.logsumexp(problem.scores(s.x, tokens, mask), 0)
-        return s._replace(x=upper.apply(s.x, direction), lower=lower_state, upper=upper_state,
-                          iteration=s.iteration + 1, extra=extra)
+                log_normalizer = torch.logsumexp(problem.batch_scores(s.x, batches.cross), 0)
+        return BLISSState(x=upper.apply(s.x, direction), lower=lower_state, upper=upper_state,
+                          log_normalizer=log_normalizer)

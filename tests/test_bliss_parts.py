@@ -95,7 +95,7 @@ def test_adamw_lower_loop_matches_torch_adamw_with_clipping():
     loop = AdamW(lr=lambda t: 0.1 / (t + 1), steps=3, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0)
     state = loop.init(y)
     for t in range(2):
-        state = loop.update(problem, x, state, torch.Generator(), t)
+        state = loop.step(problem, x, state, torch.Generator(), t)
     ref = y["w"].clone().requires_grad_(True)
     opt = torch.optim.AdamW([ref], lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for t in range(2):
@@ -107,6 +107,6 @@ def test_adamw_lower_loop_matches_torch_adamw_with_clipping():
             ref.grad.mul_(min(1.0, 1.0 / n))  # exact clip (torch's clip_grad_norm_ adds 1e-6)
             opt.step()
     assert torch.allclose(state.y["w"], ref.detach(), rtol=1e-12, atol=1e-14)
-    assert int(state.moments[2]) == 6
+    assert int(state.moments.count) == 6
     with pytest.raises(ValueError, match="steps"):
         AdamW(lr=0.1, steps=0)

@@ -235,7 +235,7 @@ def test_bliss_options_and_quirk(micro, point):
     quirk = make_solver("bliss", previous_normalizer=True, inner_steps=1, z_steps=1)
     state = quirk.init(micro, x, y, torch.Generator().manual_seed(0))
     state = quirk.step(micro, quirk.step(micro, state))
-    assert state.extra is not None and state.extra.dim() == 0 and tree.all_finite(state.x)
+    assert state.core.log_normalizer.dim() == 0 and torch.isfinite(state.core.log_normalizer) and tree.all_finite(state.x)
     from bilevel.problem import FunctionProblem
     plain = FunctionProblem(lambda x, y, b: (y["w"] ** 2).sum(), lambda x, y, b: ((y["w"] - x["l"]) ** 2).sum(),
                             {"l": torch.zeros(2)}, {"w": torch.zeros(2)})
