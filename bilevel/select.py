@@ -20,8 +20,8 @@ same warm-up checkpoint. The run folder (``output_dir/name``) holds ``config.yam
 tokenizer, ``seed<k>/warmup.pt`` and, per ``seed<k>/<method>/round<r>/``: ``selected.jsonl`` (id,
 document, source, noise label, score and text of every kept sequence), ``scores.npy``,
 ``curve.json``, ``report.json`` (written last: a round is complete when it exists) and
-``state.pt`` (the target, the method's state); then ``report.json`` and ``table.md`` (mean +-
-std over seeds) at the top. Run the same command again to resume: finished rounds are loaded,
+``state.pt`` (the target, the method's state), ``seed<k>/curves.json`` and ``curves.png``; then
+``report.json`` and ``table.md`` (mean +- std over seeds) at the top. Run the same command again to resume: finished rounds are loaded,
 the first missing one is redone.
 """
 from __future__ import annotations
@@ -445,6 +445,23 @@ def comparison_table(finals: Dict[str, List[dict]], noise_pool: Optional[float] 
     return "\n".join(lines)
 
 
+def _plot_curves(curves: Dict[str, List[dict]], path: Path, title: str) -> None:
+    """Validation cloze loss against target steps, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, curve in curves.items():
+        ax.plot([p["step"] for p in curve], [p["val_cloze_loss"] for p in curve], label=method)
+    ax.set_xlabel("target steps after the warm-up")
+    ax.set_ylabel("validation cloze loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_select(c: SelectConfig) -> Dict[str, Any]:
     """Run (or resume) the whole study; returns ``{"finals", "table", "run_dir"}`` and prints the
     table."""
@@ -480,6 +497,7 @@ def run_select(c: SelectConfig) -> Dict[str, Any]:
                 finals[method][-1]["steps_to_match"] = hit
                 finals[method][-1]["speedup_vs_random"] = (curve[-1]["step"] / hit) if hit else None
         _write_json(seed_dir / "curves.json", curves)
+        _plot_curves(curves, seed_dir / "curves.png", f"seed {seed}")
     table = comparison_table(finals, noise_pool)
     _write_json(run_dir / "report.json", finals)
     (run_dir / "table.md").write_text(table + "\n")

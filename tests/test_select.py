@@ -48,6 +48,9 @@ def test_every_method_runs_and_writes_its_round(tmp_path, capsys):
     assert set(out["finals"]) == {"bliss", "random", "full", "dsir", "perplexity", "mates"}
     assert out["finals"]["random"][0]["steps_to_match"] is not None  # random reaches its own final loss
     assert (run / "table.md").read_text().strip() == out["table"].strip()
+    assert (run / "seed0" / "curves.png").is_file()
+    curves = json.loads((run / "seed0" / "curves.json").read_text())
+    assert [p["step"] for p in curves["random"]] == [0, 2, 4]  # eval_every=2 over round_steps=4
     bilevel = json.loads((run / "seed0" / "bliss" / "round1" / "report.json").read_text())
     assert bilevel["score_std"] > 0  # the score model does not give every sequence the same score
 
