@@ -106,3 +106,13 @@ def test_cli_select_print_config_and_bad_input(capsys):
     assert "rounds: 3" in capsys.readouterr().out
     assert main(["select", "fraction=0"]) == 2
     assert "fraction" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # W&B's service start-up
+def test_wandb_logs_each_method_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_select(config(tmp_path, "rounds=1", "methods=[random]", "wandb=true"))
+    runs = list((tmp_path / "select" / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
