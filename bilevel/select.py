@@ -445,6 +445,25 @@ def comparison_table(finals: Dict[str, List[dict]], noise_pool: Optional[float] 
     return "\n".join(lines)
 
 
+#: Settings that may change between a run and its resumption (they add work or change no number).
+RESUMABLE_CHANGES = ("methods", "seeds", "rounds", "progress", "wandb", "wandb_project", "output_dir", "name")
+
+
+def check_resumable(c: SelectConfig, run_dir: Path) -> None:
+    """A run folder is resumed only with the settings it was made with (``RESUMABLE_CHANGES``
+    excepted): otherwise its finished rounds would be mixed with rounds of another study."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old = OmegaConf.to_container(OmegaConf.load(path))
+    new = dataclasses.asdict(c)
+    changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"{run_dir} holds a run made with other settings ({detail}); resume it with the same "
+                          f"settings or choose another name= / output_dir=")
+
+
 def _plot_curves(curves: Dict[str, List[dict]], path: Path, title: str) -> None:
     """Validation cloze loss against target steps, one line per method."""
     import matplotlib
@@ -469,6 +488,7 @@ def run_select(c: SelectConfig) -> Dict[str, Any]:
     torch = _torch()
     torch.manual_seed(0)
     run_dir = Path(c.output_dir) / c.name
+    check_resumable(c, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(c)))
     finals: Dict[str, List[dict]] = {m: [] for m in c.methods}

@@ -69,6 +69,8 @@ def test_resume_keeps_finished_rounds_and_redoes_the_missing_one(tmp_path):
     again = json.loads((rdir / "round2" / "report.json").read_text())
     for key in ("val_cloze_loss", "ppl_in", "noise_selected", "auroc"):  # redone from the same state: same numbers
         assert again[key] == pytest.approx(second[key], rel=1e-5, nan_ok=True)
+    with pytest.raises(ConfigError, match=r"other settings \(fraction: 0.2 -> 0.3\)"):
+        run_select(config(tmp_path, "rounds=2", "methods=[random,perplexity]", "fraction=0.3"))
 
 
 def test_user_files_through_the_pipeline(tmp_path):
