@@ -438,10 +438,14 @@ def comparison_table(finals: Dict[str, List[dict]], noise_pool: Optional[float] 
              "|---|" + "---|" * len(TABLE_COLUMNS)]
     for method, reps in finals.items():
         cells = [_mean_std([r.get(k) for r in reps]) for k, _ in TABLE_COLUMNS]
+        if "random" in finals and len(reps) > 1:  # how many seeds reached random's final loss at all
+            reached = sum(r.get("steps_to_match") is not None for r in reps)
+            cells[-1] += f" ({reached}/{len(reps)})"
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if noise_pool is not None:
         lines.append(f"\nplanted noise in the pool: {noise_pool:.3f}; steps to match: the first step at which the "
-                     "method's validation cloze loss reaches random selection's final one")
+                     "method's validation cloze loss reaches random selection's final one (mean over the seeds "
+                     "that reach it; (k/n): how many do)")
     return "\n".join(lines)
 
 

@@ -118,3 +118,16 @@ def test_wandb_logs_each_method_offline(tmp_path, monkeypatch):
     run_select(config(tmp_path, "rounds=1", "methods=[random]", "wandb=true"))
     runs = list((tmp_path / "select" / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_comparison_table_is_mean_and_sample_std_over_seeds():
+    from bilevel.select import comparison_table
+    table = comparison_table({"random": [{"val_cloze_loss": 4.0, "steps_to_match": 10},
+                                         {"val_cloze_loss": 5.0, "steps_to_match": 30}],
+                              "bliss": [{"val_cloze_loss": 3.0, "steps_to_match": None},
+                                        {"val_cloze_loss": float("nan"), "steps_to_match": 20}]})
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert rows["random"][0] == "4.5 ± 0.71"  # std with ddof=1: sqrt(0.5)
+    assert rows["random"][-1] == "20 ± 14 (2/2)"
+    assert rows["bliss"][0] == "3" and rows["bliss"][-1] == "20 (1/2)"  # nan and None left out, and counted
+    assert rows["bliss"][1] == "-"
