@@ -50,7 +50,8 @@ def check_hypergradients(problem, *, lower_lr: float = 0.1, lower_steps: int = 2
     ``progress`` is called with a line before each phase. Returns rows
     ``{"method", "compared_with", "relative_error"}``."""
     say = progress or (lambda message: None)
-    generator = torch.Generator().manual_seed(seed)
+    from .device import problem_device
+    generator = torch.Generator(problem_device(problem)).manual_seed(seed)  # where the problem lives
     full = _FullBatch(problem)
     x, y0 = problem.init(generator)
     if eps is None:
@@ -73,7 +74,7 @@ def check_hypergradients(problem, *, lower_lr: float = 0.1, lower_steps: int = 2
     errors = []
     for k in range(directions):
         say(f"finite differences, direction {k + 1} of {directions} (two lower solves)")
-        d = tree.map(lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype), x)
+        d = tree.map(lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype, device=generator.device), x)
         d = tree.scale(d, 1 / tree.norm(d))
         values = [full.upper_loss(xs, solve_lower(xs), None) for xs in (tree.axpy(eps, d, x), tree.axpy(-eps, d, x))]
         finite_difference = float(values[0] - values[1]) / (2 * eps)

@@ -101,11 +101,11 @@ def _check(args) -> int:
     from .config import problem_from_overrides
     given = OmegaConf.to_container(OmegaConf.from_dotlist(args.settings))
     problem = problem_from_overrides(given.pop("problem", "quadratic"), given.pop("problem_options", {}) or {},
-                                     preset=given.pop("preset", None))
+                                     preset=given.pop("preset", None), device=given.pop("device", None))
     options = {k: given.pop(k) for k in list(given) if k in ("lower_lr", "lower_steps", "steps", "lr", "directions", "eps", "seed")}
     if given:
         raise ConfigError(f"bilevel check: unknown setting(s) {sorted(given)}; valid: problem, preset, problem_options.KEY, "
-                          "lower_lr, lower_steps, steps, lr, directions, eps, seed")
+                          "device, lower_lr, lower_steps, steps, lr, directions, eps, seed")
     print(f"hypergradient check on {problem.name} (at the initial x; relative errors)")
     try:
         rows = check_hypergradients(problem, **options, progress=lambda line: print(f"  ... {line}", file=sys.stderr,
@@ -114,7 +114,8 @@ def _check(args) -> int:
         raise ConfigError(f"bilevel check on {problem.name}: {exc}") from None
     for row in rows:
         print(f"  {row['method']:<12s} vs {row['compared_with']:<32s} {row['relative_error']:.3e}")
-    x0, _ = problem.init(torch.Generator().manual_seed(options.get("seed", 0)))
+    from .device import problem_device
+    x0, _ = problem.init(torch.Generator(problem_device(problem)).manual_seed(options.get("seed", 0)))
     word, why = verdict(rows, float64=next(iter(x0.values())).dtype == torch.float64)
     print(f"verdict: {word}: {why}")
     return 1 if word == "FAIL" else 0

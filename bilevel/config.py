@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import schedules
+from .oracles import HVP_MODES
 from .registry import PROBLEMS, SOLVERS, check_options, preset_options
 
 
@@ -72,8 +73,18 @@ class RunConfig:
     #: default: the problems here are small, and several threads were 3x slower for three
     #: concurrent runs and 25x slower under outside load (measured; README, "Threads").
     threads: Optional[int] = 1
+    #: How Hessian-vector and cross products are taken in every solver's estimator: "reverse"
+    #: (reverse-over-reverse) or "forward" (forward-over-reverse); see README, "hvp_mode".
+    hvp_mode: str = "reverse"
     #: Metrics for the table and the plot; empty: the problem's ``headline_metrics`` or all.
     metrics: List[str] = field(default_factory=list)
+    #: Where the run happens: "cpu", "cuda", "cuda:N"; null (or "auto"): cuda when available,
+    #: else cpu. The problem is built there once and the run's generator lives there.
+    device: Optional[str] = None
+    #: Precision of the problem: "float32", "float64", or "bfloat16" (float32 variables, the
+    #: networks under bf16 autocast; problems with neural networks only); null: the problem's
+    #: own ``dtype`` option (problem_options.dtype or its default). Sets problem_options.dtype.
+    dtype: Optional[str] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -192,10 +203,16 @@ def validate(cfg: DictConfig) -> None:
     if cfg.checkpoint_every is not None and cfg.checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every must be >= 0 (0: only at the end; null: at every evaluation), "
                           f"got {cfg.checkpoint_every}")
+    if cfg.hvp_mode not in HVP_MODES:
+        raise ConfigError(f"hvp_mode must be one of {list(HVP_MODES)}, got {cfg.hvp_mode!r}")
+    _check_device(cfg.device)
+    if cfg.dtype is not None and cfg.dtype not in DTYPE_NAMES:
+        raise ConfigError(f"dtype must be one of {list(DTYPE_NAMES)} (or null for the problem's default), "
+                          f"got {cfg.dtype!r}")
     if not cfg.divergence_bound > 0:
         raise ConfigError(f"divergence_bound must be a positive number, got {cfg.divergence_bound}")
     problem_cls = PROBLEMS.get(cfg.problem).cls
-    options = merged_problem_options(cfg.problem, cfg.preset, cfg.problem_options)
+    options = merged_problem_options(cfg.problem, cfg.preset, cfg.problem_options, cfg.dtype)
     try:
         check_options(problem_cls, options, f"problem {cfg.problem!r} (problem_options)")
     except TypeError as exc:
@@ -265,19 +282,41 @@ def default_run(problem: str, preset: Optional[str]) -> Dict[str, Any]:
     return run
 
 
-def merged_problem_options(name: str, preset: Optional[str], options) -> Dict[str, Any]:
-    """The preset's options updated with ``options`` (plain containers); ConfigError for an
-    unknown preset, naming the problem's presets."""
+def merged_problem_options(name: str, preset: Optional[str], options, dtype: Optional[str] = None) -> Dict[str, Any]:
+    """The preset's options updated with ``options`` (plain containers) and the top-level
+    ``dtype`` (when not None); ConfigError for an unknown preset, naming the problem's presets,
+    and for a dtype given to a problem that has no dtype option."""
     if isinstance(options, DictConfig):
         options = OmegaConf.to_container(options)
     try:
-        return preset_options(name, preset, dict(options or {}))
+        merged = preset_options(name, preset, dict(options or {}))
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
+    if dtype is not None:
+        from .registry import options_of
+        if "dtype" not in options_of(PROBLEMS.get(name).cls):
+            raise ConfigError(f"dtype={dtype!r}: problem {name!r} has no dtype option")
+        merged["dtype"] = dtype
+    return merged
 
 
-def problem_from_overrides(name: str, options: Dict[str, Any], preset: Optional[str] = None):
-    """Build a registered problem from untrusted options, with config-style errors."""
+#: The accepted values of the top-level ``dtype`` key (each problem checks its own).
+DTYPE_NAMES = ("float32", "float64", "bfloat16")
+
+
+def _check_device(device) -> None:
+    """ConfigError naming ``device`` when it is malformed or names a device this machine lacks."""
+    from .device import resolve_device
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def problem_from_overrides(name: str, options: Dict[str, Any], preset: Optional[str] = None, device=None):
+    """Build a registered problem from untrusted options, with config-style errors, on ``device``
+    (None: cuda when available, else cpu)."""
+    _check_device(device)
     try:
         resolve_problem(name)
     except KeyError as exc:
@@ -291,7 +330,8 @@ def problem_from_overrides(name: str, options: Dict[str, Any], preset: Optional[
     _check_constructor_types(cls, options, f"problem_options ({name})")
     typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(_options_schema(cls, options)), options))
     try:
-        return cls(**typed)
+        from .device import to_device
+        return to_device(cls(**typed), device)
     except (TypeError, ValueError, FileNotFoundError) as exc:  # a rejected value, a missing data file
         raise ConfigError(f"problem {name!r} (problem_options): {exc}") from None
 

@@ -41,8 +41,10 @@ from . import config as config_module
 from . import report
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .logging import JsonlLogger, ProgressBar, WandbLogger, _jsonable
+from .device import problem_device
 from .problem import ProblemError, validate
 from .registry import make_problem
+from .sampling import run_generator
 from .solve import Callback, NonFiniteError, Result, metric_values, solve
 
 #: Record keys that are always present besides the problem's metrics.
@@ -115,9 +117,9 @@ class _Plan:
 def prepare(cfg: DictConfig) -> _Plan:
     """Every check that needs no file: :class:`~bilevel.config.ConfigError` naming the key,
     the problem's method or the package when one fails."""
-    options = config_module.merged_problem_options(cfg.problem, cfg.preset, cfg.problem_options)
+    options = config_module.merged_problem_options(cfg.problem, cfg.preset, cfg.problem_options, cfg.dtype)
     try:
-        problem = make_problem(cfg.problem, **options)
+        problem = make_problem(cfg.problem, device=cfg.device, **options)
     except (TypeError, ValueError, FileNotFoundError) as exc:  # a rejected option value, a missing data file
         raise config_module.ConfigError(f"problem {cfg.problem!r} (problem_options): {exc}") from None
     with contextlib.suppress(AttributeError):  # recorded in checkpoints, compared on resume
@@ -126,7 +128,7 @@ def prepare(cfg: DictConfig) -> _Plan:
     if cfg.wandb.enabled and importlib.util.find_spec("wandb") is None:
         raise config_module.ConfigError("wandb.enabled=true needs the wandb package: pip install 'bilevel[wandb]' "
                                         "(or set wandb.enabled=false)")
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = run_generator(cfg.seed, problem_device(problem))
     try:
         x0, y0 = problem.init(generator)
         validate(problem, x0, y0, generator)
@@ -308,7 +310,7 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
     checkpoint_every = 0 if cfg.checkpoint_every == 0 else (cfg.checkpoint_every or cfg.eval_every)
     try:
         result = solve(problem, solver, steps, seed=cfg.seed, eval_every=cfg.eval_every, callbacks=callbacks,
-                       state=state, checkpoint_every=checkpoint_every, initial_eval=initial_eval)
+                       state=state, checkpoint_every=checkpoint_every, initial_eval=initial_eval, hvp_mode=cfg.hvp_mode)
     except KeyboardInterrupt as error:
         good = getattr(error, "state", None)
         iteration = good.iteration if good is not None else None

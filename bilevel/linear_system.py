@@ -263,7 +263,8 @@ def draw_neumann_term(steps: int, generator: Optional[torch.Generator], variant:
     Uniform{0, ..., steps - 1} (meaning q + 1 products) for "code_n1"."""
     if variant not in RANDOMIZED_NEUMANN:
         raise ValueError(f"only the variants {RANDOMIZED_NEUMANN} draw a Neumann term, got {variant!r}")
-    return int(torch.randint(_term_bound(steps, variant), (1,), generator=generator))
+    device = None if generator is None else generator.device  # draw where the generator lives
+    return int(torch.randint(_term_bound(steps, variant), (1,), generator=generator, device=device))
 
 
 def neumann_products(steps: int, variant: str, term: Optional[int] = None) -> int:

@@ -17,7 +17,17 @@ Second-order products have two modes:
   have no forward-mode rule (oneDNN LSTM); the oracle then retries with oneDNN disabled and, if
   that fails too, falls back to reverse mode with a one-time warning.
 
+A mode of ``None`` (the default of every product here and of the estimators'
+``hvp_mode`` field) means the run's mode: the innermost :func:`second_order_mode` block, which
+:func:`bilevel.solve` opens with its ``hvp_mode`` option, or "reverse" outside any.
+
 Calls are counted in every active :func:`count_calls` context, so solvers need no bookkeeping.
+
+Every second-order product is taken inside :func:`second_order`, which selects kernels that
+can be differentiated twice: the math implementation of ``scaled_dot_product_attention`` (the
+fused flash / memory-efficient kernels, on CUDA and on CPU, have no double backward and no
+forward-mode rule), and, for problems holding a recurrent module, no cuDNN (cuDNN RNNs have no
+double backward). First-order oracles keep the fast kernels.
 
 :class:`LowerProducts` holds one lower-gradient graph at a point and batch and takes any number
 of products from it; :func:`bilevel.hypergrad.implicit` uses one per distinct batch.
@@ -73,6 +83,102 @@ def count_calls() -> Iterator[OracleCounts]:
         yield counts
     finally:
         _ACTIVE.remove(counts)
+
+
+_MODES: List[str] = []
+
+
+def check_hvp_mode(mode: Optional[str], owner: str = "hvp_mode") -> Optional[str]:
+    """``mode`` if it is None (the run's mode) or one of :data:`HVP_MODES`, else a ValueError."""
+    if mode is not None and mode not in HVP_MODES:
+        raise ValueError(f"{owner} must be one of {list(HVP_MODES)} (or None: the run's mode), got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def second_order_mode(mode: Optional[str]) -> Iterator[str]:
+    """Within the block, second-order products whose mode is ``None`` use ``mode`` ("reverse"
+    or "forward"; ``None`` keeps the enclosing block's). :func:`bilevel.solve` opens one for its
+    ``hvp_mode`` option, so the option reaches every estimator and oracle a solver calls without
+    a field on each solver; an estimator or call with an explicit mode keeps its own."""
+    check_hvp_mode(mode)
+    _MODES.append(mode if mode is not None else resolve_mode(None))
+    try:
+        yield _MODES[-1]
+    finally:
+        _MODES.pop()
+
+
+def resolve_mode(mode: Optional[str]) -> str:
+    """An explicit mode as is (checked); ``None``: the innermost :func:`second_order_mode`, else
+    "reverse"."""
+    if mode is None:
+        return _MODES[-1] if _MODES else "reverse"
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    return mode
+
+
+# -- kernels that can be differentiated twice -------------------------------------------------------
+
+_RECURRENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def has_recurrent_model(problem) -> bool:
+    """Whether ``problem`` runs a recurrent network: its ``recurrent`` attribute when it sets one
+    (a problem calling RNN kernels functionally), else whether it holds an ``nn.RNNBase``
+    module (found once per problem object, by :func:`bilevel.device.holds_module`)."""
+    declared = getattr(problem, "recurrent", None)
+    if declared is not None:
+        return bool(declared)
+    try:
+        return _RECURRENT[problem]
+    except (KeyError, TypeError):
+        pass
+    from .device import holds_module
+    found = holds_module(problem, torch.nn.RNNBase)
+    try:
+        _RECURRENT[problem] = found
+    except TypeError:  # not weak-referenceable: decide again next time
+        pass
+    return found
+
+
+@contextlib.contextmanager
+def second_order(problem) -> Iterator[None]:
+    """Kernels with double-backward and forward-mode rules, for the forward pass and the
+    ``create_graph`` backward of a second-order product of ``problem``'s lower loss:
+
+    * attention by the math implementation of ``F.scaled_dot_product_attention``
+      (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``): the flash kernels have no double
+      backward (CPU: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+      is not implemented"; CUDA alike) and no forward-mode AD;
+    * cuDNN off (``torch.backends.cudnn.enabled = False``) when the problem holds a
+      recurrent network (:func:`has_recurrent_model`): cuDNN RNNs have no double backward. Only
+      here: gradients elsewhere keep cuDNN (about 4x faster for an RNN on a GPU). On the CPU,
+      where cuDNN is never used, this flag changes nothing.
+
+    The kernels are chosen when the graph is recorded, so the context covers the lower forward
+    and the create_graph backward; later backward passes through the recorded graph need none.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if has_recurrent_model(problem):
+            stack.enter_context(_cudnn_disabled())
+        yield
+
+
+@contextlib.contextmanager
+def _cudnn_disabled() -> Iterator[None]:
+    """cuDNN off, every other cuDNN setting untouched (``torch.backends.cudnn.flags`` would also
+    reset benchmark, deterministic and allow_tf32 to its defaults inside the block)."""
+    previous = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = previous
 
 
 def _record(kind: str, n: int = 1) -> None:
@@ -193,8 +299,9 @@ def _reverse_graph(problem, x, y, batch):
     """Leaves (x, y) and grad_y g at them with its graph kept (create_graph): every later
     product d/d(x, y) <grad_y g, v> is one backward pass through it, no new forward."""
     xl, yl = _leaves(x), _leaves(y)
-    loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
-    return xl, yl, _grad(loss, yl, create_graph=True)
+    with second_order(problem):
+        loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
+        return xl, yl, _grad(loss, yl, create_graph=True)
 
 
 def _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross):
@@ -230,7 +337,13 @@ def _remember_fallback(problem, kind: str) -> None:
 
 
 def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
-    """Forward-over-reverse products. When an operation has no forward-mode rule (the oneDNN
+    """Forward-over-reverse products: one ``torch.func.jvp`` of ``torch.func.grad`` along v in
+    y, whose primal output is the gradient and whose tangent holds both products,
+
+        d/dt grad g(x, y + t v) |_{t=0} = (d2_xy g . v, d2_yy g . v),
+
+    (the gradient in x only when the cross product is wanted). Returns (hvp, cross, grad_y g),
+    ``None`` for a product not wanted. When an operation has no forward-mode rule (the oneDNN
     LSTM kernel, an autograd.Function without jvp), retry with oneDNN off, then in reverse mode;
     the error is re-raised only if reverse mode fails too (a genuine error in the loss)."""
     xd = {k: t.detach() for k, t in x.items()}
@@ -241,12 +354,15 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
         return _scalar(problem.lower_loss(xx, yy, batch), "lower_loss")
 
     def compute():
-        hv = cr = None
-        if want_hvp:
-            _, hv = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=1)(xd, yy), (yd,), (vd,))
-        if want_cross:  # d/dt grad_x g(x, y + t v) = d2_xy g . v
-            _, cr = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=0)(xd, yy), (yd,), (vd,))
-        return hv, cr
+        with second_order(problem):
+            return products()
+
+    def products():
+        if want_cross:
+            (_, gy), (cr, hv) = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=(0, 1))(xd, yy), (yd,), (vd,))
+            return (hv if want_hvp else None), cr, gy
+        gy, hv = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=1)(xd, yy), (yd,), (vd,))
+        return hv, None, gy
 
     fallback = _remembered_fallback(problem)
     if fallback is None:
@@ -264,7 +380,7 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
         except (NotImplementedError, RuntimeError) as error:
             first_error = error
     try:
-        hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+        result = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
     except Exception:
         raise first_error
     if _remembered_fallback(problem) != "reverse":
@@ -273,19 +389,18 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
             f"{type(problem).__name__}: forward-mode AD failed ({type(first_error).__name__}: "
             f"{str(first_error).splitlines()[0][:120]}); second-order oracles use reverse-over-reverse.",
             RuntimeWarning, stacklevel=3)
-    return hv, cr
+    return result
 
 
 def _second_order(problem, x, y, v, batch, mode, want_hvp, want_cross):
-    if mode not in HVP_MODES:
-        raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    """(hvp, cross, grad_y g) in ``mode`` (None: the run's), counting the products wanted."""
+    mode = resolve_mode(mode)
     if want_hvp:
         _record("hvp")
     if want_cross:
         _record("cross")
     if mode == "reverse":
-        hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
-        return hv, cr
+        return _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
     return _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross)
 
 
@@ -303,14 +418,14 @@ class LowerProducts:
     ``torch.func.jvp`` of ``torch.func.grad`` per product, as :func:`hvp` does: a linearization
     reused across products (``torch.func.linearize``) traces the gradient once per point, which
     costs about 0.5 s on CPU, far more than the products it would save (bench/README.md).
+    ``mode=None``: the run's mode (:func:`second_order_mode`), fixed when the object is built.
     Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
     """
 
     __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse")
 
-    def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: str = "reverse"):
-        if mode not in HVP_MODES:
-            raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: Optional[str] = None):
+        mode = resolve_mode(mode)
         self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
         self._graph = None
         self._sparse = set()  # "x" / "y" when some of those leaves do not enter grad_y g
@@ -363,21 +478,25 @@ class LowerProducts:
         return self._reverse(v, "x")
 
 
-def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: str = "reverse") -> Tree:
-    """d2_yy g(x, y; batch) . v. Counts one ``hvp``."""
+def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: Optional[str] = None) -> Tree:
+    """d2_yy g(x, y; batch) . v (``mode`` None: the run's). Counts one ``hvp``."""
     return _second_order(problem, x, y, v, batch, mode, True, False)[0]
 
 
-def cross(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: str = "reverse") -> Tree:
-    """d2_xy g(x, y; batch) . v, shaped like x. Counts one ``cross``."""
+def cross(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: Optional[str] = None) -> Tree:
+    """d2_xy g(x, y; batch) . v, shaped like x (``mode`` None: the run's). Counts one ``cross``."""
     return _second_order(problem, x, y, v, batch, mode, False, True)[1]
 
 
-def hvp_and_cross(problem, x: Tree, y: Tree, v: Tree, batch: Any) -> Tuple[Tree, Tree, Tree]:
-    """(d2_yy g . v, d2_xy g . v, grad_y g) from one double-backward pass on one batch.
+def hvp_and_cross(problem, x: Tree, y: Tree, v: Tree, batch: Any,
+                  mode: Optional[str] = None) -> Tuple[Tree, Tree, Tree]:
+    """(d2_yy g . v, d2_xy g . v, grad_y g) from one pass on one batch.
 
     Single-loop solvers (SOBA and kin) need all three at the same point and sample; sharing the
-    graph makes that cost about one HVP. Counts one ``hvp``, one ``cross`` and one ``grad_lower``.
+    graph makes that cost about one HVP: one double backward in reverse mode, one jvp of the
+    gradient in forward mode (its primal output is grad_y g). ``mode`` None: the run's
+    (:func:`second_order_mode`). Counts one ``hvp``, one ``cross`` and one ``grad_lower``.
     """
-    _record("hvp"), _record("cross"), _record("grad_lower")
-    return _reverse_second_order(problem, x, y, v, batch, True, True)
+    _record("grad_lower")
+    hv, cr, gy = _second_order(problem, x, y, v, batch, mode, True, True)
+    return hv, cr, {k: t.detach() for k, t in gy.items()}

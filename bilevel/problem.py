@@ -7,6 +7,11 @@ starting point (``init``), mini-batches (``sample``) and metrics (``evaluate``).
 are dicts of tensors; a module-based problem turns its modules into functions with
 ``torch.func.functional_call``. Batches are opaque to the solvers: whatever ``sample`` returns is
 handed back, untouched, to the losses.
+
+Devices: a problem lives on one device (:mod:`bilevel.device`): ``problem.to("cuda")`` moves
+every tensor and module it holds, once. ``init`` and ``sample`` make their tensors on the
+problem's device; a random draw passes ``device=generator.device`` (the run's generator lives on
+the problem's device).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import tree
+from .device import same_device
 from .tree import Tree
 
 LEVELS = ("upper", "lower")
@@ -53,6 +59,14 @@ class BilevelProblem(abc.ABC):
     def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:
         """Metrics at (x, y); must not modify x or y."""
         return {}
+
+    def to(self, device) -> "BilevelProblem":
+        """This problem with every tensor and ``nn.Module`` it holds on ``device`` ("cpu",
+        "cuda", "cuda:N"; None: cuda when available): a copy, or ``self`` when everything is
+        there already (:func:`bilevel.device.to_device`). Tensors a problem makes inside its
+        methods must follow their inputs (``device=generator.device``, ``like.device``)."""
+        from .device import to_device
+        return to_device(self, device)
 
 
 def check_level(level: str) -> None:
@@ -113,7 +127,8 @@ def validate(problem: BilevelProblem, x: Tree, y: Tree, generator: torch.Generat
 
     Raises :class:`ProblemError` naming the problem and the method when x or y is not a dict of
     tensors, when a loss is not a finite 0-d tensor, when the upper loss has no autograd graph
-    through x or y (detached), or when the lower loss does not depend on y.
+    through x or y (detached), when the lower loss does not depend on y, or when x, y or a loss
+    is not on the run's device (the generator's).
     """
     label = f"problem {getattr(problem, 'name', type(problem).__name__)!r}"
     for name, var in (("x", x), ("y", y)):
@@ -122,6 +137,10 @@ def validate(problem: BilevelProblem, x: Tree, y: Tree, generator: torch.Generat
         for key, value in var.items():
             if not value.is_floating_point():
                 raise ProblemError(f"{label}: {name}[{key!r}] has dtype {value.dtype}; variables must be floating point")
+            if not same_device(value.device, generator.device):
+                raise ProblemError(f"{label}: init() returned {name}[{key!r}] on {value.device}, but the run is on "
+                                   f"{generator.device} (its generator's device): make it with "
+                                   "device=generator.device")
     x_leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
     y_leaves = {k: v.detach().requires_grad_(True) for k, v in y.items()}
     for level, loss_fn in (("upper", problem.upper_loss), ("lower", problem.lower_loss)):
@@ -133,6 +152,11 @@ def validate(problem: BilevelProblem, x: Tree, y: Tree, generator: torch.Generat
         if not isinstance(value, Tensor) or value.dim() != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ProblemError(f"{label}: {level}_loss must return a 0-d tensor, got {shape}")
+        device = next(iter(x_leaves.values())).device
+        if value.device != device:
+            raise ProblemError(f"{label}: {level}_loss returned a tensor on {value.device} while x and y are on "
+                               f"{device}: a tensor the problem holds is on another device (build the "
+                               f"problem with device=..., or problem.to({str(device)!r}))")
         if not math.isfinite(float(value.detach())):
             raise ProblemError(f"{label}: {level}_loss is {float(value.detach())} at the initial point")
         inputs = y_leaves if level == "lower" else {**{f"x.{k}": v for k, v in x_leaves.items()},

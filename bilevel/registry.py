@@ -132,6 +132,17 @@ def preset_options(name: str, preset: Optional[str], options: Dict[str, Any]) ->
     return {**presets[preset], **options}
 
 
-def make_problem(name: str, preset: Optional[str] = None, **options):
-    """Build problem ``name`` from its ``preset`` (optional) and explicit ``options``."""
-    return PROBLEMS.create(name, **preset_options(name, preset, options))
+def make_problem(name: str, preset: Optional[str] = None, *, device=None, **options):
+    """Build problem ``name`` from its ``preset`` (optional) and explicit ``options``, on
+    ``device`` ("cpu", "cuda", "cuda:N"; None or "auto": cuda when available, else cpu).
+
+    The problem is built, then every tensor and module it holds is moved to the device once
+    (:meth:`~bilevel.problem.BilevelProblem.to`); a problem class that takes a ``device``
+    option itself gets it too. ValueError naming the device when it is malformed or absent.
+    """
+    from .device import resolve_device, to_device
+    target = resolve_device(device)
+    options = preset_options(name, preset, options)
+    if "device" in options_of(PROBLEMS.get(name).cls):
+        options.setdefault("device", str(target))
+    return to_device(PROBLEMS.create(name, **options), target)

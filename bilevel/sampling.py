@@ -29,6 +29,12 @@ keyed by (level, n, b): the lower and upper levels have separate epochs, as benc
 and outer samplers. A plain ``torch.Generator`` carries no epoch: each block draw is then one
 uniformly random block (``torch.randint``), the first draw of a fresh epoch in distribution.
 Random numbers are drawn only when an epoch starts (one ``randperm``), never ahead of need.
+
+Devices. Every draw happens on the generator's device (``device=generator.device``), and the
+index tensors are made there too, so a run on CUDA (the run's generator lives on the problem's
+device, :mod:`bilevel.device`) never copies indices from the host. The block order of an epoch
+is read back to the host once per epoch (K block numbers; the block sizes are shapes, which the
+host must know); "replacement" batches never leave the device.
 """
 from __future__ import annotations
 
@@ -122,9 +128,9 @@ class Blocks:
     def size(self, k: int) -> int:
         return min(self.n, (k + 1) * self.batch_size) - k * self.batch_size
 
-    def batch(self, k: int) -> Tensor:
-        """The indices of block k, a LongTensor."""
-        return torch.arange(k * self.batch_size, k * self.batch_size + self.size(k))
+    def batch(self, k: int, device=None) -> Tensor:
+        """The indices of block k, a LongTensor on ``device`` (default: the CPU)."""
+        return torch.arange(k * self.batch_size, k * self.batch_size + self.size(k), device=device)
 
     def weight(self, k: int) -> float:
         """w_k = |B_k| / n: the full-batch mean is sum_k w_k (mean over B_k)."""
@@ -135,7 +141,7 @@ class Blocks:
         ``randperm(K)`` when an epoch starts), or ``randint(K)`` ("replacement", or a plain
         generator, which holds no epoch)."""
         if self.sampling == "replacement" or not isinstance(generator, RunGenerator):
-            return int(torch.randint(self.n_batches, (1,), generator=generator))
+            return int(torch.randint(self.n_batches, (1,), generator=generator, device=generator.device))
         key = (self.level, self.n, self.batch_size)
         epoch = generator.streams.get(key)
         if epoch is None or epoch.position == len(epoch.order):
@@ -149,10 +155,10 @@ def draw_indices(n: int, batch_size: Optional[int], level: str, generator: torch
                  sampling: str = "blocks") -> Optional[Tensor]:
     """A batch of sample indices of a finite sum of ``n``: None when ``batch_size`` is None (the
     whole sum), the next epoch-shuffled block ("blocks"), or ``batch_size`` i.i.d. uniform
-    indices ("replacement")."""
+    indices ("replacement"); on the generator's device."""
     if batch_size is None:
         return None
     if check_sampling(sampling) == "replacement":
-        return torch.randint(n, (batch_size,), generator=generator)
+        return torch.randint(n, (batch_size,), generator=generator, device=generator.device)
     blocks = Blocks(n, batch_size, level, sampling)
-    return blocks.batch(blocks.draw(generator))
+    return blocks.batch(blocks.draw(generator), generator.device)

@@ -25,7 +25,7 @@ import torch
 
 from . import tree
 from .linear_system import truncation_warnings
-from .oracles import OracleCounts, count_calls
+from .oracles import OracleCounts, count_calls, second_order_mode
 from .problem import BilevelProblem, ProblemError, validate
 from .registry import check_options, make_problem, make_solver
 from .sampling import copy_generator, run_generator
@@ -146,8 +146,16 @@ def _resumable(state: State, generator: torch.Generator, calls: OracleCounts, el
     return state._replace(generator=copy_generator(generator), calls=dict(calls), elapsed=elapsed)
 
 
+def _synchronizer(device: torch.device):
+    """A function that waits for ``device``'s queued work (CUDA runs asynchronously: a step's
+    time is only known once its kernels finished); a no-op on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callbacks, counts, history, elapsed,
-              label, initial_eval=True):
+              label, initial_eval=True, sync=lambda: None):
     """The loop proper: appends evaluation records to ``history``; returns (state, elapsed).
     Records count from the state's cumulative calls and time (non-zero when resuming). On any
     exception the last good resumable state is attached to it as ``error.state``."""
@@ -171,6 +179,7 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
         for t in range(steps):
             started = time.perf_counter()
             state = solver.step(problem, state)  # sample from the run's generator, then the pure update
+            sync()
             elapsed += time.perf_counter() - started
             problem_found = _non_finite(label, state)
             if problem_found:
@@ -194,7 +203,7 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
 def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "soba", steps: int = 1000, *,
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
           progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
-          initial_eval: bool = True, **hyperparameters) -> Result:
+          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None, **hyperparameters) -> Result:
     """Run ``solver`` on ``problem`` for ``steps`` outer iterations.
 
     Args:
@@ -220,11 +229,22 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
             the end (default: at every evaluation; 0: never).
         initial_eval: evaluate the starting point (False when resuming a run whose records
             already hold it).
+        hvp_mode: "reverse" or "forward": how every Hessian-vector and cross product of the run
+            is taken (:func:`bilevel.oracles.second_order_mode`; an estimator built with its own
+            ``hvp_mode`` keeps it); None: reverse, or the enclosing block's.
+        device: where the run happens ("cpu", "cuda", "cuda:N"). A problem name is built there
+            (None: cuda when available, else cpu); a problem object is moved there
+            (:meth:`~bilevel.problem.BilevelProblem.to`; None: it stays where it is). The run's
+            generator is created on that device; step times wait for the device's queued work.
         **hyperparameters: solver options, e.g. ``upper_lr=0.05``; unknown names raise TypeError.
     """
     from .checkpoint import Checkpoint, check_compatible
+    from .device import problem_device, resolve_device, same_device, to_device
     if isinstance(problem, str):
-        problem = make_problem(problem)
+        problem = make_problem(problem, device=device)
+    elif device is not None:
+        problem = to_device(problem, device)
+    run_device = resolve_device(device) if device is not None else problem_device(problem)
     solver = _resolve_solver(solver, hyperparameters)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
@@ -242,11 +262,14 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         check_compatible(state, solver=solver, problem=problem)
         state = state.state
 
-    generator = run_generator(seed)
+    if state is not None and not same_device(state.generator.device, run_device):
+        raise ValueError(f"state: its generator is on {state.generator.device} but this run is on {run_device}; "
+                         f"resume on the device it was saved on (device={str(state.generator.device)!r})")
+    generator = run_generator(seed, run_device)
     history: List[Dict[str, Any]] = []
     elapsed = state.elapsed if state is not None else 0.0
     started_at = elapsed
-    with count_calls() as counts, truncation_warnings():  # a truncated-CG warning at most once per run
+    with second_order_mode(hvp_mode), count_calls() as counts, truncation_warnings():  # a truncated-CG warning at most once per run
         if state is None:
             x0, y0 = problem.init(generator)
             validate(problem, x0, y0, copy_generator(generator))  # a copy: the run wastes no draw
@@ -261,7 +284,8 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         first = state.iteration
         try:
             state, elapsed = _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callbacks,
-                                       counts, history, elapsed, f"{name} on {problem_name}", initial_eval)
+                                       counts, history, elapsed, f"{name} on {problem_name}", initial_eval,
+                                       _synchronizer(run_device))
         except BaseException as error:
             for cb in callbacks:
                 cb.on_error(error)

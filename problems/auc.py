@@ -197,7 +197,8 @@ class DeepAUC(TextClassifierProblem):
             batch_size, val_batch_size: index batches of train (lower) and val (upper);
                 None for the whole split.
             seed: seed of the splits (the model initialisation comes from the solver's generator).
-            dtype: "float32" or "float64".
+            dtype: "float32", "float64", or "bfloat16" (float32 variables, the network under
+                bf16 autocast: mixed precision).
         """
         check_model_options(NAME, cell, layers, hidden, embed_dim, fc, max_len, min_freq, max_vocab)
         for option, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
@@ -205,7 +206,7 @@ class DeepAUC(TextClassifierProblem):
         if positive_ratio is not None:
             check_real(NAME, "positive_ratio", positive_ratio, 0.0, 1.0, rule="a number in (0, 1) or None")
         check_real(NAME, "margin", margin, 0.0, rule="a positive number")
-        dtype = check_common_options(NAME, batch_size, val_batch_size, seed, dtype)
+        dtype, self.autocast = check_common_options(NAME, batch_size, val_batch_size, seed, dtype)
         corpus = load_text(NAME, dataset, DATASETS, data_path, text_column, label_column)
         if corpus.n_classes != 2:
             raise ValueError(f"{NAME}: AUC needs binary labels 0 / 1; dataset {dataset!r} has "
@@ -223,7 +224,7 @@ class DeepAUC(TextClassifierProblem):
         if not 0.0 < self.p < 1.0:
             raise ValueError(f"{NAME}: the training split holds a single class (positive rate {self.p})")
         self.model = build_classifier(len(self.data.vocab), 1, cell, layers, hidden, embed_dim, fc,
-                                      self.data.embeddings, self.dtype)
+                                      self.data.embeddings, self.dtype, self.autocast)
 
     # -- the loss ------------------------------------------------------------------------------
 
@@ -257,7 +258,7 @@ class DeepAUC(TextClassifierProblem):
     def init(self, generator: torch.Generator):
         """x0: the model's default initialisation (from ``generator``), a = b = 0; alpha0 = 0
         (LibAUC's zeros)."""
-        zero = torch.zeros((), dtype=self.dtype)
+        zero = torch.zeros((), dtype=self.dtype, device=generator.device)
         x = {**self.model.init(generator), "a": zero.clone(), "b": zero.clone()}
         return x, {"alpha": zero.clone()}
 
@@ -267,8 +268,8 @@ class DeepAUC(TextClassifierProblem):
         from sklearn.metrics import roc_auc_score
         x = {k: v.detach() for k, v in x.items()}
         params = {k: v for k, v in x.items() if k not in SCALARS}
-        scores = torch.sigmoid(predict(lambda t: self.model(params, t)[:, 0], self.data.test_tokens)).numpy()
-        labels = self.data.test_labels.numpy()
+        scores = torch.sigmoid(predict(lambda t: self.model(params, t)[:, 0], self.data.test_tokens)).cpu().numpy()
+        labels = self.data.test_labels.cpu().numpy()
         with torch.no_grad():
             val_loss = float(self.upper_loss(x, {"alpha": y["alpha"].detach()}, None))
             alpha_star = float(self.alpha_star(x, None))

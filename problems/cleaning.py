@@ -40,4 +40,4 @@ def detection_auc(weight_logits: Tensor, corrupted: Tensor) -> float:
     if n_corrupted in (0, corrupted.numel()):
         return 0.5
     from sklearn.metrics import roc_auc_score
-    return float(roc_auc_score(corrupted.numpy(), (-weight_logits).double().numpy()))
+    return float(roc_auc_score(corrupted.cpu().numpy(), (-weight_logits).double().cpu().numpy()))

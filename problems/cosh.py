@@ -78,7 +78,8 @@ class Cosh(BilevelProblem):
         generator = torch.Generator().manual_seed(seed)
         self.tables = {}
         for level in ("upper", "lower"):
-            table = self.noise * torch.randn(n_noise, dim, generator=generator, dtype=self.dtype)
+            table = self.noise * torch.randn(n_noise, dim, generator=generator, dtype=self.dtype,
+                                             device=generator.device)
             self.tables[level] = table - table.mean(dim=0) if n_noise > 1 else torch.zeros_like(table)
         self.A = None if self.lower_condition == 1.0 else self._hessian(generator)
 
@@ -87,12 +88,13 @@ class Cosh(BilevelProblem):
         half = 0.5 * torch.log(torch.tensor(self.lower_condition, dtype=self.dtype))
         eigenvalues = torch.exp(torch.linspace(-1.0, 1.0, self.dim, dtype=self.dtype) * half) if self.dim > 1 \
             else torch.ones(1, dtype=self.dtype)
-        q, r = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=generator, dtype=self.dtype))
+        q, r = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=generator, dtype=self.dtype,
+                                           device=generator.device))
         u = q * torch.sign(torch.diagonal(r))
         return (u * eigenvalues) @ u.T
 
     def init(self, generator):
-        start = torch.full((self.dim,), self.x0, dtype=self.dtype)
+        start = torch.full((self.dim,), self.x0, dtype=self.dtype, device=self.tables["lower"].device)
         return {"x": start.clone()}, {"y": start.clone()}
 
     def sample(self, level, generator):
@@ -100,7 +102,7 @@ class Cosh(BilevelProblem):
         check_level(level)
         if not self.noise:
             return None
-        return torch.randint(self.n_noise, (1,), generator=generator)
+        return torch.randint(self.n_noise, (1,), generator=generator, device=generator.device)
 
     def n_samples(self, level: str) -> int:
         check_level(level)

@@ -67,7 +67,7 @@ class Episodes:
 
     def sample_indices(self) -> np.ndarray:
         """Sorted corpus indices used by any task (support or query)."""
-        return np.unique(torch.cat([self.support.reshape(-1), self.query.reshape(-1)]).numpy())
+        return np.unique(torch.cat([self.support.reshape(-1), self.query.reshape(-1)]).cpu().numpy())
 
     def original_labels(self, which: str) -> Tensor:
         """Corpus classes of the ``which`` ("support" or "query") samples, shaped like them."""

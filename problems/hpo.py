@@ -199,9 +199,9 @@ class HyperparameterOptimization(LinearClassifierProblem):
 
     def init(self, generator: torch.Generator):
         """x0: every log-penalty equal to the ``x0`` option; y0 = 0 (all logits equal)."""
-        x = {"log_penalty": torch.full((self.dim_x,), self.x0, dtype=self.dtype)}
-        y = {"W": torch.zeros(self.n_features, self.n_classes, dtype=self.dtype),
-             "b": torch.zeros(self.n_classes, dtype=self.dtype)}
+        like = dict(dtype=self.dtype, device=self.train_features.device)  # where the problem lives
+        x = {"log_penalty": torch.full((self.dim_x,), self.x0, **like)}
+        y = {"W": torch.zeros(self.n_features, self.n_classes, **like), "b": torch.zeros(self.n_classes, **like)}
         return x, y
 
     def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:

@@ -115,13 +115,14 @@ class RecurrentHPO(TextClassifierProblem):
             batch_size, val_batch_size: index batches of train (lower) and val (upper);
                 None for the whole split.
             seed: seed of the split permutation (the model initialisation comes from the solver).
-            dtype: "float32" or "float64".
+            dtype: "float32", "float64", or "bfloat16" (float32 variables, the network under
+                bf16 autocast: mixed precision).
         """
         check_model_options(NAME, cell, layers, hidden, embed_dim, fc, max_len, min_freq, max_vocab)
         for option, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
             check_int(NAME, option, value)
         check_real(NAME, "x0", x0, rule="a finite number (the initial log_reg)")
-        dtype = check_common_options(NAME, batch_size, val_batch_size, seed, dtype)
+        dtype, self.autocast = check_common_options(NAME, batch_size, val_batch_size, seed, dtype)
         corpus = load_text(NAME, dataset, DATASETS, data_path, text_column, label_column)
         if n_train + n_val + n_test > len(corpus):
             raise ValueError(f"{NAME}: n_train + n_val + n_test = {n_train + n_val + n_test} exceed the "
@@ -136,7 +137,7 @@ class RecurrentHPO(TextClassifierProblem):
         self.split_indices = splits  # (train, val, test) indices into the corpus
         self.data = encode_splits(corpus, splits, max_len, min_freq, max_vocab, glove_path, self.seed)
         self.model = build_classifier(len(self.data.vocab), self.n_classes, cell, layers, hidden, embed_dim, fc,
-                                      self.data.embeddings, self.dtype)
+                                      self.data.embeddings, self.dtype, self.autocast)
 
     # -- the losses ----------------------------------------------------------------------------
 
@@ -156,7 +157,8 @@ class RecurrentHPO(TextClassifierProblem):
 
     def init(self, generator: torch.Generator):
         """x0: log_reg = the ``x0`` option; y0: the model's default initialisation."""
-        return {"log_reg": torch.tensor(self.x0, dtype=self.dtype)}, self.model.init(generator)
+        return ({"log_reg": torch.tensor(self.x0, dtype=self.dtype, device=generator.device)},
+                self.model.init(generator))
 
     def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:
         """Whole-split metrics: test_accuracy, test_loss, val_loss (f on all of val),

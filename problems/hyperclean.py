@@ -68,7 +68,7 @@ from .corpora import encode_text, load_corpus, subset
 from .digits import corrupt_labels, split_indices, standardize
 from .cleaning import check_cleaning_options, detection_auc, detection_scores
 from .models import MLP, Classifier, FunctionalModel, PairEncoder, RecurrentEncoder, cross_entropy, squared_norm
-from .options import check_choice, check_dtype, check_int
+from .options import check_choice, check_int, check_precision
 from .runs import default_run
 
 FEATURE_DATASETS = ("digits", "mnist-5k")
@@ -160,7 +160,8 @@ class Hyperclean(IndexBatches, BilevelProblem):
             max_len, min_freq, max_vocab: tokenization (truncation length, vocabulary filters).
             glove_path: optional GloVe text file that initialises the embeddings.
             seed: seed of the splits, the label corruption and the unknown-word GloVe rows.
-            dtype: "float32" or "float64".
+            dtype: "float32", "float64", or "bfloat16" (float32 variables, the network under
+                bf16 autocast: mixed precision).
             flag_threshold: in (0, 1); sample i is flagged as corrupted when sigmoid(x_i) < it.
         """
         check_choice(NAME, "dataset", dataset, DATASETS)
@@ -179,7 +180,7 @@ class Hyperclean(IndexBatches, BilevelProblem):
             check_int(NAME, option, value, allow_none=True)
         check_int(NAME, "seed", seed, minimum=0)
         check_choice(NAME, "layers", layers, (1, 2))
-        dtype = check_dtype(NAME, dtype)
+        dtype, self.autocast = check_precision(NAME, dtype)
         check_cleaning_options(NAME, noise_rate, reg, flag_threshold)
 
         self.dataset, self.model = dataset, model
@@ -223,7 +224,7 @@ class Hyperclean(IndexBatches, BilevelProblem):
             if corpus.kind == "pairs":
                 encoder = PairEncoder(encoder)
             module = Classifier(encoder, MLP(encoder.out_dim, [hidden], self.n_classes))
-        self.net = FunctionalModel(module, self.dtype)
+        self.net = FunctionalModel(module, self.dtype, self.autocast)
 
     def _positions(self):
         """Slices of train, val and test in the concatenated subset built in __init__."""
@@ -251,7 +252,8 @@ class Hyperclean(IndexBatches, BilevelProblem):
 
     def init(self, generator: torch.Generator):
         """x0 = 0 (every weight 0.5); y0 = the modules' default initialisation drawn from ``generator``."""
-        return {"weight_logits": torch.zeros(self.n_train, dtype=self.dtype)}, self.net.init(generator)
+        x = {"weight_logits": torch.zeros(self.n_train, dtype=self.dtype, device=generator.device)}
+        return x, self.net.init(generator)
 
     def _predict(self, y: Tree, inputs: Tensor, labels: Tensor):
         """(number of correct argmax predictions, summed CE) over a whole split, in chunks."""

@@ -138,9 +138,9 @@ class HypercleanDigits(LinearClassifierProblem):
 
     def init(self, generator: torch.Generator):
         """x0 = 0 (every weight 0.5) and y0 = 0."""
-        x = {"weight_logits": torch.zeros(self.n_train, dtype=self.dtype)}
-        y = {"W": torch.zeros(self.n_features, self.n_classes, dtype=self.dtype),
-             "b": torch.zeros(self.n_classes, dtype=self.dtype)}
+        like = dict(dtype=self.dtype, device=self.train_features.device)  # where the problem lives
+        x = {"weight_logits": torch.zeros(self.n_train, **like)}
+        y = {"W": torch.zeros(self.n_features, self.n_classes, **like), "b": torch.zeros(self.n_classes, **like)}
         return x, y
 
     def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:

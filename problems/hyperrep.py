@@ -77,7 +77,7 @@ from .corpora import encode_text, load_corpus
 from .episodes import SPLIT_MODES, Episodes, split_episodes
 from .models import (MLP, ConvEncoder, FunctionalModel, PairEncoder, RecurrentEncoder, TransformerEncoder,
                      cross_entropy, squared_norm)
-from .options import check_choice, check_dtype, check_int, check_real, option_error
+from .options import check_choice, check_int, check_precision, check_real, option_error
 from .runs import default_run
 
 DATASETS = ("mnist-5k", "rotten-tomatoes", "amazon", "snli", "table")
@@ -190,7 +190,8 @@ class HyperRepresentation(BilevelProblem):
             adapt_steps: gradient steps (>= 0) of the head copy on a test task's support set.
             adapt_lr: step size (> 0) of those steps.
             seed: seed of the tasks, of the task split and of the GloVe rows of unknown words.
-            dtype: "float32" or "float64", for the features and the variables.
+            dtype: "float32" or "float64", for the features and the variables; or "bfloat16":
+                float32 variables with the encoder under bf16 autocast (mixed precision).
         """
         check_choice(NAME, "dataset", dataset, DATASETS)
         is_image = dataset == "mnist-5k"
@@ -200,7 +201,7 @@ class HyperRepresentation(BilevelProblem):
             raise option_error(NAME, "encoder", f"one of {allowed} for dataset {dataset!r}", encoder)
         if labels is not None and labels not in LABEL_MODES:
             raise option_error(NAME, "labels", f"one of {LABEL_MODES} or None", labels)
-        dtype = check_dtype(NAME, dtype)
+        dtype, self.autocast = check_precision(NAME, dtype)
         n_way = (5 if is_image else 2) if n_way is None else n_way
         n_way = check_int(NAME, "n_way", n_way, minimum=2)
         self.k_support, self.k_query = check_int(NAME, "k_support", k_support), check_int(NAME, "k_query", k_query)
@@ -249,7 +250,7 @@ class HyperRepresentation(BilevelProblem):
                                   max_vocab=max_vocab, glove_path=glove_path, seed=self.seed)
             self.inputs, self.vocab, embeddings = encoded.tokens, encoded.vocab, encoded.embeddings
         module, self.feature_dim = self._encoder_module(sizes, embeddings)
-        self.encoder = FunctionalModel(module, self.dtype)
+        self.encoder = FunctionalModel(module, self.dtype, self.autocast)
         self.n_outputs = n_way if labels == "permuted" else self.corpus.n_classes
         self.head = FunctionalModel(MLP(self.feature_dim, [head_hidden] if head_hidden else [], self.n_outputs),
                                     self.dtype)
@@ -321,7 +322,7 @@ class HyperRepresentation(BilevelProblem):
         check_level(level)
         if self.tasks_per_batch is None:
             return None
-        return torch.randint(self.n_train_tasks, (self.tasks_per_batch,), generator=generator)
+        return torch.randint(self.n_train_tasks, (self.tasks_per_batch,), generator=generator, device=generator.device)
 
     def n_samples(self, level: str) -> int:
         """Both levels are finite sums over the train tasks."""
@@ -336,7 +337,7 @@ class HyperRepresentation(BilevelProblem):
         tasks = self.test_tasks
         with torch.no_grad():
             x = {k: v.detach() for k, v in x.items()}
-            unique = torch.as_tensor(tasks.sample_indices())
+            unique = torch.as_tensor(tasks.sample_indices(), device=tasks.support.device)
             feats = in_chunks(lambda part: self.features(x, part), unique)
             return {which: feats[torch.searchsorted(unique, getattr(tasks, which))] for which in ("support", "query")}
 

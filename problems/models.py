@@ -54,28 +54,45 @@ class FunctionalModel:
     Args:
         module: the network; its parameters only give shapes, names and the initialisation.
         dtype: dtype of the parameter trees :meth:`init` returns.
+        autocast: None, or a lower precision (``torch.bfloat16``) in which the network runs
+            under ``torch.autocast`` on the parameters' device: matrix products, convolutions
+            and recurrent cells in bf16, parameters, reductions and the returned output in
+            ``dtype`` (the problems' ``dtype="bfloat16"`` option; see
+            :func:`problems.options.check_precision`).
     """
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32,
+                 autocast: Optional[torch.dtype] = None):
         self.module = module.to(dtype)
-        self.dtype = dtype
+        self.dtype, self.autocast = dtype, autocast
 
     def init(self, generator: torch.Generator) -> Tree:
-        """Fresh parameters: the module's default initialisation, seeded from ``generator``
-        (same generator state, same parameters) without touching the global RNG."""
-        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        """Fresh parameters on the generator's device: the module's default initialisation,
+        seeded from ``generator`` (same generator state, same parameters) without touching the
+        global random state (of the CPU, and of the CUDA device that holds the module)."""
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+        held = next(iter(self.module.parameters()), torch.empty(0)).device
+        cuda = [held.index if held.index is not None else torch.cuda.current_device()] if held.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(cuda[0]):
+                    torch.cuda.manual_seed(seed)
             for layer in self.module.modules():
                 if layer is not self.module and hasattr(layer, "reset_parameters"):
                     layer.reset_parameters()
             for layer in self.module.modules():  # e.g. GloVe rows of a nested RecurrentEncoder
                 if hasattr(layer, "reset_extra"):
                     layer.reset_extra()
-        return {name: p.detach().clone() for name, p in self.module.named_parameters()}
+        return {name: p.detach().clone().to(generator.device) for name, p in self.module.named_parameters()}
 
     def __call__(self, params: Tree, *inputs: Tensor) -> Tensor:
-        return functional_call(self.module, params, inputs)
+        if self.autocast is None:
+            return functional_call(self.module, params, inputs)
+        device = next(iter(params.values())).device.type
+        with torch.autocast(device, dtype=self.autocast):
+            out = functional_call(self.module, params, inputs)
+        return out.to(self.dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
@@ -129,11 +146,9 @@ def valid_mask(tokens: Tensor) -> Tensor:
     by reverse and forward mode (a ``padding_idx`` row gets zero gradient in reverse mode but a
     tangent in forward mode, so the two HVPs would disagree)."""
     mask = tokens != PAD_INDEX
-    empty = ~mask.any(dim=1)
-    if bool(empty.any()):
-        mask = mask.clone()
-        mask[empty, 0] = True
-    return mask
+    first = torch.zeros_like(mask)
+    first[:, 0] = ~mask.any(dim=1)  # no branch on the data: nothing is read back to the host
+    return mask | first
 
 
 class RecurrentEncoder(nn.Module):

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 #: The ``dtype`` option of every problem: its accepted names and the torch dtypes they select.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Lower precisions that problems with neural networks also accept as ``dtype``: the variables
+#: and the data stay float32 and the networks run under ``torch.autocast`` in that precision.
+AUTOCAST = {"bfloat16": torch.bfloat16}
 
 
 def is_int(value) -> bool:
@@ -66,3 +69,14 @@ def check_choice(problem: str, option: str, value, choices: Sequence):
 def check_dtype(problem: str, dtype) -> torch.dtype:
     """The torch dtype named by the ``dtype`` option ("float32" or "float64")."""
     return DTYPES[check_choice(problem, "dtype", dtype, sorted(DTYPES))]
+
+
+def check_precision(problem: str, dtype) -> Tuple[torch.dtype, Optional[torch.dtype]]:
+    """(dtype of variables and data, autocast dtype or None) named by the ``dtype`` option of a
+    problem with neural networks: "float32", "float64", or "bfloat16" = float32 variables with
+    the networks under bf16 autocast (mixed precision: products in bf16, sums and the losses in
+    float32, gradients and oracles in float32)."""
+    check_choice(problem, "dtype", dtype, sorted(DTYPES) + sorted(AUTOCAST))
+    if dtype in AUTOCAST:
+        return torch.float32, AUTOCAST[dtype]
+    return DTYPES[dtype], None

@@ -216,8 +216,9 @@ class Quadratic(BilevelProblem):
     # -- protocol ------------------------------------------------------------------------------
 
     def init(self, generator: torch.Generator):
-        return ({"x": torch.full((self.dim_outer,), -2.0, dtype=self.dtype)},
-                {"z": torch.zeros(self.dim_inner, dtype=self.dtype)})
+        device = self._chol.device  # where the problem lives (the generator is not needed)
+        return ({"x": torch.full((self.dim_outer,), -2.0, dtype=self.dtype, device=device)},
+                {"z": torch.zeros(self.dim_inner, dtype=self.dtype, device=device)})
 
     def sample(self, level: str, generator: torch.Generator) -> Optional[Tensor]:
         return draw_indices(self.n_samples(level), self.batch_size, level, generator, self.sampling)

@@ -31,7 +31,7 @@ from bilevel.problem import BilevelProblem
 from .batches import IndexBatches, in_chunks, select, trim_padding
 from .corpora import Corpus, encode_text, load_corpus, subset
 from .models import CELLS, MLP, Classifier, FunctionalModel, RecurrentEncoder
-from .options import check_choice, check_dtype, check_int
+from .options import check_choice, check_int, check_precision
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -85,14 +85,15 @@ def batch_tokens(tokens: Tensor, batch: Optional[Tensor]) -> Tensor:
 # -- the model ---------------------------------------------------------------------------------
 
 def build_classifier(vocab_size: int, n_outputs: int, cell: str, layers: int, hidden: int, embed_dim: int,
-                     fc: int, embeddings: Optional[Tensor], dtype: torch.dtype) -> FunctionalModel:
+                     fc: int, embeddings: Optional[Tensor], dtype: torch.dtype,
+                     autocast: Optional[torch.dtype] = None) -> FunctionalModel:
     """RecurrentEncoder + MLP head (two tanh layers of width ``fc``; none when fc = 0).
     With GloVe ``embeddings`` the embedding width is theirs and ``embed_dim`` is not used."""
     if embeddings is not None:
         embed_dim = int(embeddings.shape[1])
     encoder = RecurrentEncoder(vocab_size, embed_dim, hidden, cell=cell, layers=layers, embeddings=embeddings)
     head = MLP(encoder.out_dim, [fc, fc] if fc else [], n_outputs)
-    return FunctionalModel(Classifier(encoder, head), dtype)
+    return FunctionalModel(Classifier(encoder, head), dtype, autocast)
 
 
 def check_model_options(problem: str, cell, layers, hidden, embed_dim, fc, max_len, min_freq, max_vocab) -> None:
@@ -105,12 +106,14 @@ def check_model_options(problem: str, cell, layers, hidden, embed_dim, fc, max_l
     check_int(problem, "max_vocab", max_vocab, allow_none=True)
 
 
-def check_common_options(problem: str, batch_size, val_batch_size, seed, dtype) -> torch.dtype:
-    """Checks the batch sizes, the seed and the dtype; returns the torch dtype."""
+def check_common_options(problem: str, batch_size, val_batch_size, seed,
+                         dtype) -> Tuple[torch.dtype, Optional[torch.dtype]]:
+    """Checks the batch sizes, the seed and the dtype; returns (torch dtype, autocast dtype or
+    None), see :func:`~problems.options.check_precision`."""
     check_int(problem, "batch_size", batch_size, allow_none=True)
     check_int(problem, "val_batch_size", val_batch_size, allow_none=True)
     check_int(problem, "seed", seed, minimum=0)
-    return check_dtype(problem, dtype)
+    return check_precision(problem, dtype)
 
 
 def predict(forward: Callable[[Tensor], Tensor], tokens: Tensor) -> Tensor:

@@ -31,6 +31,29 @@ torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------
+# Devices: every test runs on the CPU; a test that takes the ``device`` fixture runs once per
+# device present ("cpu", and "cuda" when torch sees one), with that device as the library's
+# default (make_problem / solve / bilevel run without device=...).
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The device this instance of the test runs on."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _default_device(request, monkeypatch):
+    """The library's default device is the test's ``device`` (CPU for tests without it), so a
+    machine with a GPU runs the rest of the suite exactly as a CPU-only one."""
+    import bilevel.device
+    target = request.getfixturevalue("device") if "device" in request.fixturenames else "cpu"
+    monkeypatch.setattr(bilevel.device, "default_device", lambda: torch.device(target))
+
+
+# ---------------------------------------------------------------------------------------------
 # Hand-written tree helpers (independent of bilevel.tree).
 
 def cat(t, keys=None):

@@ -58,10 +58,11 @@ SLOW_EVERY_SOLVER = {"data-selection"}
 
 @pytest.mark.parametrize("problem", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_EVERY_SOLVER else p
                                      for p in sorted(PROBLEM_SETTINGS)])
-def test_every_solver_runs_on(problem, run_files, tmp_path):
+def test_every_solver_runs_on(problem, run_files, tmp_path, device):
+    """On every device present (the ``device`` fixture: the CPU, and CUDA when there is one)."""
     solvers = SOLVERS.names()
     settings = [s.format(**run_files) for s in PROBLEM_SETTINGS[problem] + RUN_ONLY.get(problem, [])]
-    code = cli.main(["run", f"problem={problem}", "preset=tiny", f"solvers=[{','.join(solvers)}]",
+    code = cli.main(["run", f"problem={problem}", "preset=tiny", f"solvers=[{','.join(solvers)}]", f"device={device}",
                      f"steps={STEPS}", "eval_every=1", "progress=false", "plot=false",
                      f"output_dir={tmp_path}", "name=run", *settings])
     with open(tmp_path / "run" / "summary.csv", newline="") as fh:

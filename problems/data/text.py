@@ -304,7 +304,7 @@ def load_glove(path: Union[str, os.PathLike], vocab: Vocabulary, dim: Optional[i
         raise ValueError(f"{path}: the GloVe file is empty; expected lines 'word v1 ... vD'")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    emb = torch.randn(len(vocab), dim, generator=generator, dtype=torch.float32) * float(std)
+    emb = torch.randn(len(vocab), dim, generator=generator, dtype=torch.float32, device=generator.device) * float(std)
     emb[PAD_INDEX] = 0.0
     found = torch.zeros(len(vocab), dtype=torch.bool)
     overlap = 0
