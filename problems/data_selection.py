@@ -41,6 +41,14 @@ Data (``data`` option):
   ASV Bible and pydoc topics).
 * ``splits=`` (Python only): a ready :class:`~bilevel.problems.data.text_pool.TextSplits`.
 
+Measured on the tiny preset (seed 0, 384 pool sequences, 32 % of them planted noise by
+sequence): the warmed-up score model's top 20 % holds 13 % noise; after 60 bliss steps
+(upper_lr 1e-3) 53 %: spam (mean score 0.46 -> 0.09) and random tokens are pushed down, but raw
+wiki markup rises above clean text (0.52 against 0.31), as does shuffled text. With the Python
+documentation as the validation domain, markup's brackets and quotes resemble the code in the
+target text: the builtin corpus is a smoke test of the mechanism, not evidence of selection
+quality (bliss defaults, upper_lr 1e-4: 21 %).
+
 A byte-level BPE is trained on pool + validation text (never test), or ``tokenizer_path`` is
 loaded. Documents are cut into ``seq_len``-token sequences with provenance
 (:mod:`bilevel.problems.data.tokenizer`). The proxy and target are warmed up on uniformly drawn
@@ -341,7 +349,7 @@ class DataSelection(IndexBatches, BilevelProblem):
         with torch.no_grad():
             s = torch.cat([self.scores({k: v.detach() for k, v in x.items()}, t, m)
                            for t, m in zip(self.pool.tokens[:n].split(64), self.pool.mask[:n].split(64))])
-        noise = self.pool.is_noise[:n]
+        s, noise = s.cpu(), self.pool.is_noise[:n]
         out["noise_auroc"] = detection_auc(s, noise)
         out["score_std"] = float(s.std()) if n > 1 else 0.0
         return out

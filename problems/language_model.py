@@ -190,9 +190,13 @@ def score_params_from_lm(score: ScoreModel, lm_params: Tree, generator: Optional
                                  "the LM: the score backbone must have the proxy's architecture")
             out[name] = lm_params[source].detach().clone()
     bound = 1.0 / score.head.in_features ** 0.5
-    w = torch.rand(score.head.weight.shape, generator=generator, dtype=score.head.weight.dtype) * 2 - 1
-    b = torch.rand(score.head.bias.shape, generator=generator, dtype=score.head.bias.dtype) * 2 - 1
-    out["head.weight"], out["head.bias"] = w * bound, b * bound
+    # drawn where the generator lives, then put beside the backbone (the problem's device)
+    where = dict(generator=generator, dtype=score.head.weight.dtype,
+                 device=generator.device if generator is not None else None)
+    device = next(iter(out.values())).device if out else score.head.weight.device
+    w = torch.rand(score.head.weight.shape, **where) * 2 - 1
+    b = torch.rand(score.head.bias.shape, **where) * 2 - 1
+    out["head.weight"], out["head.bias"] = (w * bound).to(device), (b * bound).to(device)
     return out
 
 
