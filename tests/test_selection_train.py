@@ -35,7 +35,8 @@ def test_train_lm_draws_only_the_selection_and_learns_it():
     tokens = torch.tensor([[0, 1, 0, 1], [2, 3, 2, 3], [4, 4, 4, 4], [1, 0, 1, 0]])
     mask = torch.ones_like(tokens, dtype=torch.bool)
     model = Bigram()
-    before = float(batch_loss(model(tokens[[0, 3]]).logits, tokens[[0, 3]], mask[[0, 3]]))
+    with torch.no_grad():
+        before = float(batch_loss(model(tokens[[0, 3]]).logits, tokens[[0, 3]], mask[[0, 3]]))
     model.seen.clear()
     evals = []
     state = train_lm(model, tokens, mask, torch.tensor([0, 3]), steps=30, batch_size=2, lr=0.1, seed=0,
