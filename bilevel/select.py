@@ -373,7 +373,7 @@ def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Pa
             target.load_state_dict(saved["target"])
             proxy.load_state_dict(saved["proxy"])
             state, opt_state = saved["state"], saved["optimizer"]
-            reports.append(json.loads((rdir / "report.json").read_text()))
+            reports.append(_read_report(rdir / "report.json"))
             curve = json.loads((rdir / "curve.json").read_text())
             continue
         t0 = time.time()
@@ -423,8 +423,22 @@ TABLE_COLUMNS = (("val_cloze_loss", "val cloze loss"), ("test_cloze_loss", "test
                  ("steps_to_match", "steps to match"))
 
 
+def _number(value):
+    """A report value as a float (JSON keeps nan / inf as the strings "nan" / "inf"), or None."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None if value is None or isinstance(value, bool) else float(value)
+
+
+def _read_report(path: Path) -> dict:
+    return {k: (_number(v) if v in ("nan", "inf", "-inf") else v) for k, v in json.loads(path.read_text()).items()}
+
+
 def _mean_std(values) -> str:
-    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    v = [x for x in map(_number, values) if x is not None and not math.isnan(x)]
     if not v:
         return "-"
     if len(v) == 1:
