@@ -52,7 +52,7 @@ def train_lm(model: torch.nn.Module, tokens: Tensor, mask: Tensor, index: Tensor
         bar = tqdm(total=steps, desc=progress, leave=False, mininterval=1.0)
     model.train()
     for step in range(1, steps + 1):
-        pick = index[torch.randint(index.numel(), (batch_size,), generator=gen)]
+        pick = index[torch.randint(index.numel(), (batch_size,), generator=gen, device=gen.device)]
         ids, m = tokens[pick], mask[pick]
         loss = batch_loss(model(input_ids=ids, use_cache=False).logits, ids, m)
         opt.zero_grad(set_to_none=True)
