@@ -15,7 +15,7 @@ No target training: each method scores the pool once from the shared warm-up che
 * the baselines on the same inputs: random, DSIR, perplexity, MATES (on a grid of its regression
   learning rate).
 
-    python experiments/bliss_diagnose.py --seeds 0 1 2 [--upper-lr 0.01 0.03 0.1]
+    python experiments/bliss_diagnose.py --seeds 0 1 2 [--bliss upper_lr=0.01 upper_lr=0.03,z_clip=1e3 ...]
         [--proxy-warmup 40 200] [--bilevel-steps 60] [--out results/bliss_diagnose] [key=value ...]
 
 Prints, per (setting, method): the noise fraction of the selection over the pool's (the ratio;
@@ -72,7 +72,9 @@ def kind_means(values, noise):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--upper-lr", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    parser.add_argument("--bliss", nargs="+", default=["upper_lr=0.01", "upper_lr=0.03", "upper_lr=0.1"],
+                        help="BLISS settings to try, each 'key=value,key=value' of bliss solver options")
+    parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--proxy-warmup", type=int, nargs="+", default=[40])
     parser.add_argument("--bilevel-steps", type=int, default=60)
     parser.add_argument("--mates-lr", type=float, nargs="+", default=[1e-3, 1e-2])
@@ -91,9 +93,16 @@ def main(argv=None) -> int:
             noise = list(data.pool.noise)
             val = data.validation
             t0 = time.time()
-            infl_proxy = influence_targets(proxy, data.pool.tokens, data.pool.mask, val.tokens, val.mask, c.proxy_lr)
-            infl_target = influence_targets(target, data.pool.tokens, data.pool.mask, val.tokens, val.mask,
-                                            c.target_lr)
+            cache = run_dir / f"seed{seed}" / "influence.npz"
+            if cache.is_file():
+                saved = np.load(cache)
+                infl_proxy, infl_target = saved["proxy"], saved["target"]
+            else:
+                infl_proxy = influence_targets(proxy, data.pool.tokens, data.pool.mask, val.tokens, val.mask,
+                                               c.proxy_lr)
+                infl_target = influence_targets(target, data.pool.tokens, data.pool.mask, val.tokens, val.mask,
+                                                c.target_lr)
+                np.savez(cache, proxy=infl_proxy, target=infl_target)
             print(f"[warm {warm} seed {seed}] influence of {len(noise)} sequences: {time.time() - t0:.0f} s; "
                   f"pool noise {np.mean([bool(k) for k in noise]):.3f}", flush=True)
             print("  mean influence x1e3 (negative = helps) proxy:",
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
                 s = selection_summary(scores, noise, c.fraction, infl_proxy)
                 rows.append({"warm": warm, "seed": seed, "setting": setting, "method": method,
                              "seconds": seconds, **s})
-                print(f"  {method:22s} {setting:18s} ratio {s['ratio']:.2f}  auroc {s['auroc']:.2f}  "
+                print(f"  {method:22s} {setting:26s} ratio {s['ratio']:.2f}  auroc {s['auroc']:.2f}  "
                       + " ".join(f"{k[:4]} {s[k + '_ratio']:.2f}" for k in NOISE_KINDS)
                       + f"  rho {s['spearman_proxy_infl']:+.2f}  ({seconds:.0f} s)", flush=True)
 
@@ -121,17 +130,20 @@ def main(argv=None) -> int:
                 return RoundInputs(target, copy.deepcopy(proxy), data.pool, val, data.pool_texts, seed, 1,
                                    c.target_lr, o, {})
 
-            for method in ("random", "dsir", "perplexity"):
+            for method in () if args.skip_baselines else ("random", "dsir", "perplexity"):
                 t0 = time.time()
                 record("-", method, score_pool(method, inputs()), time.time() - t0)
-            for lr in args.mates_lr:
+            for lr in [] if args.skip_baselines else args.mates_lr:
                 t0 = time.time()
                 record(f"mates_lr {lr:g}", "mates", score_pool("mates", inputs(mates_lr=lr)), time.time() - t0)
-            for lr in args.upper_lr:
+            for setting in args.bliss:
                 t0 = time.time()
-                opts = dict(c.solver_options, upper_lr=lr)
+                opts = dict(c.solver_options)
+                for item in filter(None, setting.split(",")):
+                    key, value = item.split("=")
+                    opts[key] = float(value) if any(ch in value for ch in ".e") else int(value)
                 scores = score_pool("bliss", inputs(solver_options=opts, bilevel_steps=args.bilevel_steps))
-                record(f"upper_lr {lr:g}", "bliss", scores, time.time() - t0)
+                record(setting, "bliss", scores, time.time() - t0)
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "rows.json").write_text(json.dumps(rows, indent=1))
     # mean +- std over seeds per (warm, method, setting)
