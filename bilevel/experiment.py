@@ -238,6 +238,10 @@ def run_experiment(cfg: DictConfig, echo=print, resume_dir: Optional[Path] = Non
         run_dir = Path(resume_dir)
         echo(f"resuming run folder: {run_dir}")
 
+    if cfg.seeds is not None or cfg.grid:
+        if resume_dir is not None:
+            raise config_module.ConfigError("bilevel resume: runs with seeds or grid are not resumable; run them again")
+        return _run_many(cfg, plan, run_dir, echo)
     outcomes: Dict[str, object] = {}
     histories: Dict[str, List[dict]] = {}
     statuses: Dict[str, str] = {}
@@ -343,6 +347,63 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
         outcomes[name] = result
         statuses[name] = report.divergence(result, metrics, cfg.divergence_bound) or "ok"
     return None, None
+
+
+def _run_many(cfg: DictConfig, plan: _Plan, run_dir: Path, echo) -> ExperimentResult:
+    """Seeds and a grid (bilevel.many): every solver's copies batched in one process. Writes
+    ``<solver>.runs.jsonl`` (one record per evaluation and copy, with its seed and grid point),
+    ``summary.md`` / ``summary.csv`` (per solver and grid point: mean +- std over seeds; then,
+    when the problem names a ``selection``, the best grid point per solver on its validation
+    metric and its test metric) and ``curves.png`` (mean with a min-max band over seeds against
+    iterations, time and oracle calls). No checkpoints: a batched run is not resumable."""
+    from .many import LoopFallback
+    import warnings
+    seeds = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
+    all_runs, statuses, outcomes = {}, {}, {}
+    for name, solver in plan.solvers.items():
+        grid = config_module.solver_grid(cfg, name)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", LoopFallback)
+                runs = solve(plan.problem, solver, cfg.steps, seeds=seeds, grid=grid or None, eval_every=cfg.eval_every,
+                             hvp_mode=cfg.hvp_mode)
+        except (FloatingPointError, ValueError, RuntimeError, TypeError) as error:
+            echo(f"{name} failed: {type(error).__name__}: {error}")
+            statuses[name], outcomes[name] = f"failed: {type(error).__name__}", error
+            continue
+        for warning in caught:
+            echo(f"{name}: {warning.message}")
+        all_runs[name], outcomes[name] = runs, runs
+        diverged = sum(r.error is not None for r in runs)
+        statuses[name] = "ok" if not diverged else f"{diverged} of {len(runs)} copies diverged"
+        lines = []
+        for r in runs:
+            lines += [json.dumps(_jsonable({"event": "eval", "seed": r.seed, "point": r.point, **rec})) for rec in r.history]
+            if r.error:
+                lines.append(json.dumps({"event": "error", "seed": r.seed, "point": r.point, "error": r.error}))
+        atomic_write(run_dir / f"{name}.runs.jsonl", "\n".join(lines) + "\n")
+        echo(f"{name}: {len(runs)} copies ({len(runs.points)} grid points x {len(seeds)} seeds), "
+             f"{'vmapped' if runs.batched else 'partly looped: ' + runs.reason}, {runs.wall_time:.1f} s")
+    rows = [row for name, runs in all_runs.items() for row in report.many_rows(name, runs, plan.metrics)]
+    table = report.format_table(rows, ["solver", "grid point", "seeds", *plan.metrics, "diverged"])
+    text = f"# {cfg.problem}, {cfg.steps} steps, seeds {seeds}\n\nFinal metrics, mean +- std over seeds:\n\n{table}\n"
+    chosen = report.selection(plan.problem)
+    if chosen is not None and all_runs:
+        validation, mode, test = chosen
+        best = report.best_rows(all_runs, validation, mode, test)
+        best_table = report.format_table(best, ["solver", "best grid point", validation, test, "seeds"])
+        text += f"\nBest grid point per solver ({mode} mean {validation}), then {test}:\n\n{best_table}\n"
+        table += "\n\n" + best_table
+    failed = [f"{n}: {s}" for n, s in statuses.items() if s.startswith("failed")]
+    if failed:
+        text += "\n" + "\n".join(failed) + "\n"
+    atomic_write(run_dir / "summary.md", text)
+    report.write_csv(rows, run_dir / "summary.csv")
+    plotted = bool(cfg.plot) and report.plot_bands(all_runs, plan.metrics, run_dir / "curves.png",
+                                                   title=f"{cfg.problem} (seeds {seeds})")
+    echo(table)
+    echo(f"wrote {run_dir}/summary.md, summary.csv" + (", curves.png" if plotted else ""))
+    return ExperimentResult(run_dir, outcomes, rows, table, statuses, None, None, plotted)
 
 
 def _first_clause(error: BaseException) -> str:

@@ -203,7 +203,9 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
 def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "soba", steps: int = 1000, *,
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
           progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
-          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None, **hyperparameters) -> Result:
+          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None,
+          seeds: Optional[Sequence[int]] = None, grid: Optional[Dict[str, Sequence[float]]] = None,
+          **hyperparameters) -> Result:
     """Run ``solver`` on ``problem`` for ``steps`` outer iterations.
 
     Args:
@@ -236,8 +238,23 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
             (None: cuda when available, else cpu); a problem object is moved there
             (:meth:`~bilevel.problem.BilevelProblem.to`; None: it stays where it is). The run's
             generator is created on that device; step times wait for the device's queued work.
+        seeds, grid: many runs in one process (:mod:`bilevel.many`): one copy per seed (a list)
+            and per point of ``grid`` (step-size field -> list of values), batched with
+            torch.func.vmap; returns a :class:`bilevel.many.Runs` (one Result per copy) instead
+            of a Result. ``grid`` alone runs the grid with ``seed``. Not combined with
+            ``callbacks``, ``progress``, ``state`` or ``checkpoint_every``.
         **hyperparameters: solver options, e.g. ``upper_lr=0.05``; unknown names raise TypeError.
     """
+    if seeds is not None or grid:
+        from .many import solve_many
+        for key, value, default in (("callbacks", callbacks, ()), ("progress", progress, False),
+                                    ("state", state, None), ("checkpoint_every", checkpoint_every, None),
+                                    ("initial_eval", initial_eval, True)):
+            if value != default and not (key == "callbacks" and not list(value)):
+                raise ValueError(f"{key} is not supported with seeds/grid (many runs in one process); "
+                                 f"run one seed at a time for it")
+        return solve_many(problem, solver, steps, seeds=[seed] if seeds is None else seeds, grid=grid,
+                          eval_every=eval_every, hvp_mode=hvp_mode, device=device, **hyperparameters)
     from .checkpoint import Checkpoint, check_compatible
     from .device import problem_device, resolve_device, same_device, to_device
     if isinstance(problem, str):
