@@ -143,8 +143,7 @@ def test_a_diverging_grid_point_stops_only_its_copies():
     good, bad = runs.groups()
     assert all(r.error is None and len(r.history) == 5 for r in good[1])
     for r in bad[1]:
-        with pytest.raises(bilevel.solve_module.NonFiniteError if hasattr(bilevel, "solve_module") else
-                           FloatingPointError) as lone:
+        with pytest.raises(bilevel.NonFiniteError) as lone:
             bilevel.solve(problem, "soba", steps=40, seed=r.seed, eval_every=10, upper_lr=1e100, **options)
         iteration = int(re.search(r"at iteration (\d+)", str(lone.value)).group(1))
         assert r.error and f"non-finite at iteration {iteration} " in r.error
@@ -183,3 +182,16 @@ def test_grid_points_order():
     assert grid_points(solver, None) == [{}]
     assert grid_points(solver, {"upper_lr": [1, 2], "z_lr": [3]}) == [{"upper_lr": 1.0, "z_lr": 3.0},
                                                                      {"upper_lr": 2.0, "z_lr": 3.0}]
+
+
+def test_auto_steps_resolved_per_copy_enter_as_tensors():
+    """neumann_lr="auto" is estimated at each copy's own start, so the copies' Neumann steps
+    differ; they enter the vmapped update as per-copy tensors and every copy equals its lone run."""
+    problem, options = quadratic(), dict(upper_lr=0.1, lower_lr=0.3, neumann_lr="auto", neumann_steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoopFallback)
+        runs = bilevel.solve(problem, "bo-rep", steps=4, seeds=[0, 1], eval_every=2, **options)
+    assert runs.batched
+    assert runs[0].state.resolved["neumann_lr"] != runs[1].state.resolved["neumann_lr"]
+    for copy in runs:
+        assert_same_run(copy, bilevel.solve(problem, "bo-rep", steps=4, seed=copy.seed, eval_every=2, **options))
