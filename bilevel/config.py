@@ -81,6 +81,9 @@ class RunConfig:
     #: default: the problems here are small, and several threads were 3x slower for three
     #: concurrent runs and 25x slower under outside load (measured; README, "Threads").
     threads: Optional[int] = 1
+    #: Run each solver step through torch.compile (bilevel.compiled); a step that cannot be
+    #: traced runs eagerly with one warning naming the reason.
+    compile: bool = False
     #: How Hessian-vector and cross products are taken in every solver's estimator: "reverse"
     #: (reverse-over-reverse) or "forward" (forward-over-reverse); see README, "hvp_mode".
     hvp_mode: str = "reverse"
@@ -242,6 +245,9 @@ def _check_many(cfg: DictConfig) -> None:
     """seeds: a non-empty list of distinct integers >= 0; grid: step-size field -> non-empty list
     of positive numbers, each field a step size of at least one selected solver."""
     from .many import check_seeds, grid_points
+    if cfg.get("compile") and (cfg.seeds is not None or cfg.grid):
+        raise ConfigError("compile=true is not supported with seeds or grid (many runs are batched with vmap, "
+                          "not compiled); drop one of them")
     if cfg.seeds is not None:
         try:
             check_seeds(list(cfg.seeds))
