@@ -21,14 +21,14 @@ the lone run ``solve(problem, solver, steps, seed=seed_k, **point_k)``:
   (:class:`BatchedStep`); equal ones stay Python numbers. In float64 each copy then equals the
   lone run to rounding (tests/test_many.py checks 1e-10).
 
-Fallbacks, reported once per run with :func:`warnings.warn` (:class:`LoopFallback`):
-
-* the vmapped update raises (a solver that reads a tensor in Python, e.g. CG's checks; one that
-  makes autograd leaves, ITD; a step size that must be a Python number): the run continues as a
-  loop over copies (each copy's ``update`` on its own state), from that iteration on;
-* the copies' batches cannot be stacked at an iteration (different non-tensor values such as a
-  randomized Neumann term q or SAGA's block index, or different shapes such as a last, smaller
-  block): that iteration alone runs as a loop over copies.
+When the copies' batches cannot all be stacked at an iteration (different non-tensor values
+such as a randomized Neumann term q or SAGA's block index, or different shapes such as a last,
+smaller block), the copies are split into groups whose batches stack and each group gets its
+own vmapped call (``Runs.note`` counts those iterations). When the vmapped update itself raises
+(a solver that reads a tensor in Python, e.g. CG's checks; one that makes autograd leaves, ITD;
+a step size that must be a Python number), the run continues as a loop over copies (each
+copy's ``update`` on its own state) from that iteration on, with ONE :class:`LoopFallback`
+warning saying why (``Runs.batched`` is then False and ``Runs.reason`` holds the message).
 
 Non-finite iterates stop only the copy they occur in: its record gets ``error`` (the message
 :class:`~bilevel.solve.NonFiniteError` would carry, with the iteration) and its history ends at
@@ -54,7 +54,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from . import schedules, tree
+from . import schedules
 from .linear_system import truncation_warnings
 from .oracles import OracleCounts, count_calls, second_order_mode
 from .problem import validate
@@ -315,13 +315,13 @@ def _differing(solvers: List[Solver], names, dtype, device) -> Dict[str, torch.T
 
 def _finite_per_copy(cores, solver: Solver, count: int) -> torch.Tensor:
     """A bool tensor (count,): whether each copy's x and y are all finite (no host sync)."""
-    x, y = solver.point(cores) if not isinstance(cores, list) else (None, None)
     if isinstance(cores, list):
         flags = []
         for core in cores:
             cx, cy = solver.point(core)
             flags.append(torch.stack([torch.isfinite(v).all() for v in (*cx.values(), *cy.values())]).all())
         return torch.stack(flags)
+    x, y = solver.point(cores)
     leaves = [*x.values(), *y.values()]
     return torch.stack([torch.isfinite(v).reshape(count, -1).all(1) for v in leaves]).all(0)
 
