@@ -64,7 +64,11 @@ class CheckpointMismatch(CheckpointError):
 def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so
     readers see either the old file or the complete new one. On failure (full disk, interrupt)
-    the temporary file is removed and the error re-raised."""
+    the temporary file is removed and the error re-raised. In a data-parallel run
+    (:mod:`bilevel.distributed`) only rank 0 writes; the other ranks return at once."""
+    from . import distributed
+    if not distributed.is_main():
+        return
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")

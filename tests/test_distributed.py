@@ -1,0 +1,138 @@
+"""Data parallelism (bilevel.distributed): 2 gloo processes compute the single-process step.
+
+Each 2-rank test runs in processes started by ``torch.multiprocessing.spawn`` (gloo, a file
+rendezvous); every rank saves what it computed, and the test compares with the same run in
+this process on the whole global batch, in float64, within 1e-6. The problem records the size
+of every batch its losses see, so the tests also check that the ranks did compute on their own
+slices (4 and 3 samples of a global batch of 7) and never on the whole batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bilevel import distributed, solve
+from bilevel.oracles import grad_lower, hvp_and_cross
+from problems.quadratic import Quadratic
+
+BATCH = 7  # split 4 + 3 over two ranks: unequal weights 4/7 and 3/7
+
+
+class RecordingQuadratic(Quadratic):
+    """The quadratic problem, recording the size of every batch its losses are called on."""
+
+    def __init__(self):
+        super().__init__(n_samples_inner=64, n_samples_outer=64, dim_inner=5, dim_outer=4, batch_size=BATCH,
+                         seed=3, dtype="float64")
+        self.seen = []
+
+    def _loss(self, level, x, y, batch):
+        self.seen.append(None if batch is None else int(batch.numel()))
+        return super()._loss(level, x, y, batch)
+
+
+#: name: (solver, steps, options): a single-loop, a Neumann, a CG solver and AccBO's two-point
+#: correction (h_t - h'_t on the same sample), the last also with forward-mode products.
+RUNS = {
+    "soba": ("soba", 6, {}),
+    "stocbio": ("stocbio", 4, {}),
+    "aid-cg": ("aid-cg", 4, {}),
+    "accbo": ("accbo", 5, {"neumann_lr": 0.1}),
+}
+
+
+def _run(name):
+    solver, steps, options = RUNS[name]
+    problem = RecordingQuadratic()
+    result = solve(problem, solver, steps, seed=1, eval_every=2, **options)
+    return {"x": result.x, "y": result.y, "history": result.history, "seen": problem.seen}
+
+
+def _products(rank):
+    """grad_lower and (hvp, cross, grad_y g) at a random point on a fixed global batch."""
+    problem = RecordingQuadratic()
+    gen = torch.Generator().manual_seed(5)
+    x, y = problem.init(gen)
+    x = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in x.items()}
+    y = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in y.items()}
+    v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in y.items()}
+    batch = torch.randperm(64, generator=gen)[:BATCH]
+    out = {"grad_lower": grad_lower(problem, x, y, batch), "hvp_cross_grad": hvp_and_cross(problem, x, y, v, batch)}
+    return out, problem.seen
+
+
+def _worker(rank, world, init_file, out_dir, job):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = {name: _run(name) for name in RUNS} if job == "runs" else _products(rank)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, job, world=2):
+    out = tmp_path / job
+    out.mkdir()
+    mp.spawn(_worker, args=(world, str(tmp_path / f"{job}.rendezvous"), str(out), job), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_oracles_sum_the_weighted_slices_over_two_ranks(tmp_path):
+    ranks = _spawn(tmp_path, "products")
+    single, seen = _products(0)
+    assert seen == [BATCH, BATCH]
+    for (out, seen), rank in zip(ranks, (0, 1)):
+        assert seen == [4, 4] if rank == 0 else seen == [3, 3]  # each rank its slice
+        _close(out["grad_lower"], single["grad_lower"])
+        _close(out["hvp_cross_grad"], single["hvp_cross_grad"])
+
+
+def test_two_ranks_give_the_single_process_iterates(tmp_path):
+    ranks = _spawn(tmp_path, "runs")
+    for name in RUNS:
+        single = _run(name)
+        assert BATCH in single["seen"]
+        for rank, out in enumerate(ranks):
+            _close(out[name]["x"], single["x"])
+            _close(out[name]["y"], single["y"])
+            # after validate()'s two direct loss calls, the whole batch of 7 never reaches a loss:
+            # every oracle call was split (the last block of an epoch has 64 mod 7 = 1 sample,
+            # fewer than the ranks: computed whole)
+            assert out[name]["seen"][:2] == [BATCH, BATCH] and BATCH not in out[name]["seen"][2:], name
+            assert (4 if rank == 0 else 3) in out[name]["seen"], name
+            # evaluated once on rank 0, the same records on both ranks
+            assert [r["iteration"] for r in out[name]["history"]] == [r["iteration"] for r in single["history"]]
+            for got, want in zip(out[name]["history"], single["history"]):
+                for key, value in want.items():
+                    if key not in ("time",) and isinstance(value, float):
+                        assert got[key] == pytest.approx(value, abs=1e-6), (name, key)
+        drop_time = [[{k: v for k, v in r.items() if k != "time"} for r in out[name]["history"]] for out in ranks]
+        assert drop_time[0] == drop_time[1]
+
+
+def test_one_process_is_untouched():
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.shard(torch.arange(7)) is None
+    values = torch.arange(3.0)
+    assert distributed.all_gather(values) is values
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+
+
+def test_world_size_must_be_a_positive_int(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be a positive integer, got 'two'"):
+        distributed.env_world_size()
