@@ -70,29 +70,30 @@ def _products(rank):
     return out, problem.seen
 
 
-def _worker(rank, world, init_file, out_dir, job):
+def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = {name: _run(name) for name in RUNS} if job == "runs" else _products(rank)
+        result = {"products": _products(rank), "runs": {name: _run(name) for name in RUNS}}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, job, world=2):
-    out = tmp_path / job
-    out.mkdir()
-    mp.spawn(_worker, args=(world, str(tmp_path / f"{job}.rendezvous"), str(out), job), nprocs=world, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """What each of 2 spawned gloo ranks computed (one spawn for the module: it costs seconds)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    mp.spawn(_worker, args=(2, str(out / "rendezvous"), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def _close(a, b):
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def test_oracles_sum_the_weighted_slices_over_two_ranks(tmp_path):
-    ranks = _spawn(tmp_path, "products")
+def test_oracles_sum_the_weighted_slices_over_two_ranks(two_ranks):
+    ranks = [r["products"] for r in two_ranks]
     single, seen = _products(0)
     assert seen == [BATCH, BATCH]
     for (out, seen), rank in zip(ranks, (0, 1)):
@@ -101,8 +102,8 @@ def test_oracles_sum_the_weighted_slices_over_two_ranks(tmp_path):
         _close(out["hvp_cross_grad"], single["hvp_cross_grad"])
 
 
-def test_two_ranks_give_the_single_process_iterates(tmp_path):
-    ranks = _spawn(tmp_path, "runs")
+def test_two_ranks_give_the_single_process_iterates(two_ranks):
+    ranks = [r["runs"] for r in two_ranks]
     for name in RUNS:
         single = _run(name)
         assert BATCH in single["seen"]
