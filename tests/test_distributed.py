@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from bilevel import distributed, solve
 from bilevel.oracles import grad_lower, hvp_and_cross
-from problems.quadratic import Quadratic
+from bilevel.problems.quadratic import Quadratic
 
 BATCH = 7  # split 4 + 3 over two ranks: unequal weights 4/7 and 3/7
 
@@ -137,3 +137,30 @@ def test_world_size_must_be_a_positive_int(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE must be a positive integer, got 'two'"):
         distributed.env_world_size()
+
+
+def _final_eval(jsonl: Path) -> dict:
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    return [r for r in records if r.get("event") == "eval"][-1]
+
+
+@pytest.mark.slow
+def test_torchrun_cli_matches_the_single_process_run(tmp_path):
+    """``torchrun --standalone --nproc_per_node=2 -m bilevel run ...`` finishes, writes one run
+    folder (rank 0), and its records equal the single-process run's (float64, within 1e-6)."""
+    from bilevel.cli import main
+    args = ["run", "problem=hyperclean-digits", "solver=soba", "steps=50", "dtype=float64", "eval_every=25",
+            f"output_dir={tmp_path}", "progress=false", "plot=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "bilevel", *args, "name=two"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1  # rank 0 speaks
+    assert main([*args, "name=one"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no folder from rank 1
+    two, one = _final_eval(tmp_path / "two" / "soba.jsonl"), _final_eval(tmp_path / "one" / "soba.jsonl")
+    assert two["iteration"] == one["iteration"] == 50
+    for key, value in one.items():
+        if key != "time":
+            assert two[key] == pytest.approx(value, abs=1e-6), key
