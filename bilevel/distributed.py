@@ -23,7 +23,7 @@ N, any other batch type, and everything computed outside the oracles (unrolled I
 ``evaluate``).
 
 Losses coupled across the batch (a softmax over the batch's scores, BLISS) read the whole
-batch's values through :func:`all_gather`, differentiable: the weight w_r is applied to the
+batch's values through :func:`gather_batch`, differentiable: the weight w_r is applied to the
 loss before differentiation, so the gradients flowing back through the gather land, weighted,
 on the rank that computed each score, and the sum over ranks is again the global gradient.
 
@@ -148,23 +148,49 @@ def all_reduce_trees(*trees: Optional[Tree]) -> Tuple[Optional[Tree], ...]:
     return tuple(out)
 
 
-def all_gather(values: Tensor) -> Tensor:
-    """The concatenation over the ranks (in rank order) of ``values`` (first dimension may differ
-    by rank), differentiable (``torch.distributed.nn.functional.all_gather``); ``values`` itself
-    in one process. For losses coupled across the global batch (a softmax over its scores)."""
-    if not active():
-        return values
+_ON_SLICE: List[bool] = []
+
+
+@contextlib.contextmanager
+def on_slice() -> Iterator[None]:
+    """Marks the forward pass of a loss on this rank's slice of a global batch (the oracles open
+    it): only there does :func:`gather_batch` gather across the ranks."""
+    _ON_SLICE.append(True)
+    try:
+        yield
+    finally:
+        _ON_SLICE.pop()
+
+
+def gather_batch(values: Tensor) -> Tuple[Tensor, slice]:
+    """(``values`` of the whole global batch, the rows of it that are this rank's), for losses
+    coupled across the batch (a softmax over the batch's scores). Inside a loss evaluated by an
+    oracle on this rank's slice (:func:`on_slice`), the per-sample ``values`` of every rank are
+    concatenated in rank order (= the global batch's order), differentiably
+    (``torch.distributed.nn.functional.all_gather``: gradients reaching another rank's rows flow
+    back to that rank); otherwise (one process, a batch computed whole) ``values`` and all rows.
+
+    The oracles weight a rank's loss by |B_r| / |B| and sum over the ranks, so a coupled loss
+    written as a mean over its local rows of per-sample terms that use the global values, e.g.
+    for softmax weights p = softmax(s) over the global batch,
+
+        g_r = 1/|B_r| sum_{i in B_r} |B| p_i l_i        (= sum_{i in B} p_i l_i with one process),
+
+    gives sum_r |B_r|/|B| g_r = sum_{i in B} p_i l_i, the single-process loss."""
+    if not _ON_SLICE or _WHOLE or not active():
+        return values, slice(0, values.shape[0])
     from torch.distributed.nn.functional import all_gather as gather
-    sizes = [torch.zeros((), dtype=torch.long, device=values.device) for _ in range(world_size())]
-    torch.distributed.all_gather(sizes, torch.tensor(values.shape[0], device=values.device))
+    size = torch.tensor([values.shape[0]], device=values.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    torch.distributed.all_gather(sizes, size)
     sizes = [int(s) for s in sizes]
-    longest = max(sizes)
     padded = values
-    if values.shape[0] < longest:
-        pad = values.new_zeros((longest - values.shape[0],) + tuple(values.shape[1:]))
+    if values.shape[0] < max(sizes):
+        pad = values.new_zeros((max(sizes) - values.shape[0],) + tuple(values.shape[1:]))
         padded = torch.cat([values, pad])
     parts = gather(padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    start = sum(sizes[:rank()])
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), slice(start, start + values.shape[0])
 
 
 def broadcast_object(value: Any, source: int = 0) -> Any:

@@ -40,6 +40,37 @@ class RecordingQuadratic(Quadratic):
         return super()._loss(level, x, y, batch)
 
 
+class SoftmaxWeighted:
+    """A loss coupled across the batch, as BLISS's: g(x, y; B) = sum_{i in B} p_i l_i(y) with
+    p = softmax over B of the scores s_i = <a_i, x>, l_i = 1/2 ||y - b_i||^2 (+ 1/2 ||y||^2);
+    f(x, y; B) = mean over B of 1/2 ||y - c_i||^2 + 1/2 ||x||^2 / 10. Written per
+    :func:`bilevel.distributed.gather_batch` (a mean over this rank's rows of |B| p_i l_i)."""
+
+    name = "softmax-weighted"
+
+    def __init__(self, n=20, d=3):
+        gen = torch.Generator().manual_seed(11)
+        self.a, self.b, self.c = (torch.randn(n, d, generator=gen, dtype=torch.float64) for _ in range(3))
+
+    def lower_loss(self, x, y, batch):
+        scores = self.a[batch] @ x["w"]
+        every, mine = distributed.gather_batch(scores)
+        p = torch.softmax(every, dim=0)[mine]
+        per_sample = 0.5 * (y["t"] - self.b[batch]).square().sum(dim=1)
+        return (every.shape[0] * p * per_sample).mean() + 0.5 * y["t"].square().sum()
+
+    def upper_loss(self, x, y, batch):
+        return 0.5 * (y["t"] - self.c[batch]).square().sum(dim=1).mean() + 0.05 * x["w"].square().sum()
+
+
+def _coupled():
+    """grad_lower and (hvp, cross, grad_y g) of :class:`SoftmaxWeighted` on a global batch of 7."""
+    problem, gen = SoftmaxWeighted(), torch.Generator().manual_seed(6)
+    x, y, v = ({k: torch.randn(3, generator=gen, dtype=torch.float64)} for k in ("w", "t", "t"))
+    batch = torch.randperm(20, generator=gen)[:BATCH]
+    return {"grad_lower": grad_lower(problem, x, y, batch), "hvp_cross_grad": hvp_and_cross(problem, x, y, v, batch)}
+
+
 #: name: (solver, steps, options): a single-loop, a Neumann, a CG solver and AccBO's two-point
 #: correction (h_t - h'_t on the same sample), the last also with forward-mode products.
 RUNS = {
@@ -74,7 +105,13 @@ def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = {"products": _products(rank), "runs": {name: _run(name) for name in RUNS}}
+        # resuming with another number of ranks: 2 ranks continue a 1-process state, and a
+        # 2-rank state is continued by 1 process in the test
+        single_state = torch.load(os.path.join(out_dir, "single.state.pt"), weights_only=False)
+        resumed = solve(RecordingQuadratic(), "soba", 3, state=single_state, eval_every=3)
+        result = {"products": _products(rank), "coupled": _coupled(), "runs": {name: _run(name) for name in RUNS},
+                  "resumed": {"x": resumed.x, "y": resumed.y},
+                  "partial": solve(RecordingQuadratic(), "soba", 3, seed=1, eval_every=3).state}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -84,6 +121,7 @@ def _worker(rank, world, init_file, out_dir):
 def two_ranks(tmp_path_factory):
     """What each of 2 spawned gloo ranks computed (one spawn for the module: it costs seconds)."""
     out = tmp_path_factory.mktemp("two_ranks")
+    torch.save(solve(RecordingQuadratic(), "soba", 3, seed=1, eval_every=3).state, out / "single.state.pt")
     mp.spawn(_worker, args=(2, str(out / "rendezvous"), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -129,7 +167,8 @@ def test_one_process_is_untouched():
     assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.shard(torch.arange(7)) is None
     values = torch.arange(3.0)
-    assert distributed.all_gather(values) is values
+    gathered, mine = distributed.gather_batch(values)
+    assert gathered is values and mine == slice(0, 3)
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}
 
 
@@ -164,3 +203,23 @@ def test_torchrun_cli_matches_the_single_process_run(tmp_path):
     for key, value in one.items():
         if key != "time":
             assert two[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_a_batch_coupled_softmax_equals_the_single_process_one(two_ranks):
+    """gather_batch: the softmax runs over the whole global batch on every rank, and gradients,
+    HVPs and cross products through it equal the single-process ones."""
+    single = _coupled()
+    for out in two_ranks:
+        _close(out["coupled"]["grad_lower"], single["grad_lower"])
+        _close(out["coupled"]["hvp_cross_grad"], single["hvp_cross_grad"])
+
+
+def test_resume_with_another_number_of_ranks(two_ranks):
+    """6 soba steps in one process = 3 in one process + 3 on two ranks = 3 on two ranks + 3 in one."""
+    whole = _run("soba")
+    continued = solve(RecordingQuadratic(), "soba", 3, state=two_ranks[0]["partial"], eval_every=3)
+    _close(continued.x, whole["x"])
+    _close(continued.y, whole["y"])
+    for out in two_ranks:
+        _close(out["resumed"]["x"], whole["x"])
+        _close(out["resumed"]["y"], whole["y"])
