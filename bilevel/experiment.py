@@ -345,6 +345,8 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
     except (FloatingPointError, ValueError, RuntimeError, TypeError) as error:
         # TypeError: the solver cannot handle this problem (e.g. SABA on a problem that is
         # not a finite sum); the message says what is missing. The other solvers still run.
+        if distributed.active():  # the ranks must not part ways: the job ends with this rank's error
+            raise
         echo(f"{name} failed: {type(error).__name__}: {error}")
         statuses[name] = f"failed: {type(error).__name__}"
         outcomes[name] = error

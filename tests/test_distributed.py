@@ -223,3 +223,40 @@ def test_resume_with_another_number_of_ranks(two_ranks):
     for out in two_ranks:
         _close(out["resumed"]["x"], whole["x"])
         _close(out["resumed"]["y"], whole["y"])
+
+
+BROKEN_RANK = '''
+import torch
+from bilevel import distributed
+from bilevel.problems.quadratic import Quadratic
+
+
+class BreaksOnRank1(Quadratic):
+    """The quadratic problem, whose lower loss fails on rank 1 from its 40th call on."""
+
+    def __init__(self):
+        super().__init__(n_samples_inner=64, n_samples_outer=64, dim_inner=5, dim_outer=4, batch_size=8)
+        self.calls = 0
+
+    def lower_loss(self, x, y, batch):
+        self.calls += 1
+        if distributed.rank() == 1 and self.calls >= 40:
+            raise RuntimeError("rank 1 broke on purpose")
+        return super().lower_loss(x, y, batch)
+'''
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_torchrun_job_with_its_error(tmp_path):
+    (tmp_path / "brokenrank.py").write_text(BROKEN_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "bilevel", "run", "problem=brokenrank:BreaksOnRank1", "solver=soba", "steps=200",
+                           "eval_every=5", f"output_dir={tmp_path}", "name=broken", "progress=false",
+                           "plot=false"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "rank 1 broke on purpose" in done.stderr
+    # rank 0's records written before the failure are whole lines of valid JSON
+    records = [json.loads(line) for line in (tmp_path / "broken" / "soba.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "start" and records[1]["event"] == "eval"
