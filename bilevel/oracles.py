@@ -241,8 +241,8 @@ def _split(batch: Any):
     """(the batch to differentiate on, a function summing result trees over the ranks): this
     rank's :class:`_Local` slice and :func:`bilevel.distributed.all_reduce_trees` in a data
     parallel run (not inside torch.func transforms), else the batch as is and the identity."""
-    part = None if _transformed() else distributed.shard(batch)
-    if part is None:
+    part = distributed.shard(batch)  # None at once in one process
+    if part is None or _transformed():
         return batch, _no_reduce
     return _Local(*part), distributed.all_reduce_trees
 
