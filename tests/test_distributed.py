@@ -78,6 +78,7 @@ RUNS = {
     "stocbio": ("stocbio", 4, {}),
     "aid-cg": ("aid-cg", 4, {}),
     "accbo": ("accbo", 5, {"neumann_lr": 0.1}),
+    "accbo-forward": ("accbo", 3, {"neumann_lr": 0.1, "hvp_mode": "forward"}),
 }
 
 
