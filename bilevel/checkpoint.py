@@ -241,8 +241,10 @@ def save_checkpoint(path: Union[str, Path], state, *, solver, problem, kind: str
                     history: Optional[List[Dict[str, Any]]] = None) -> Path:
     """Write ``state`` with its provenance to ``path`` atomically. ``kind`` says what the state
     is: ``"checkpoint"`` (periodic), ``"interrupted"``, ``"last-good"`` (before a NaN) or
-    ``"final"``."""
-    from . import __version__
+    ``"final"``. In a data-parallel run only rank 0 writes (the others return at once)."""
+    from . import __version__, distributed
+    if not distributed.is_main():
+        return Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
                "kind": kind, "solver": solver_name(solver), "hyperparameters": plain(solver.hyperparameters()),
                "problem": problem_description(problem), "history": plain(history or []),

@@ -82,11 +82,14 @@ def local_rank() -> int:
 
 def setup(device=None) -> bool:
     """Initialise the default process group from torchrun's environment (``env://``) when
-    ``WORLD_SIZE`` > 1 and none exists yet: NCCL when ``device`` is CUDA, else gloo. On CUDA the
-    rank's device is ``cuda:LOCAL_RANK`` (:func:`rank_device`). Returns :func:`active`."""
+    ``WORLD_SIZE`` > 1 and none exists yet: NCCL when ``device`` is CUDA (None or "auto": when
+    CUDA is available, :func:`bilevel.device.resolve_device`), else gloo. On CUDA the rank's
+    current device becomes ``cuda:LOCAL_RANK``, so "cuda" means the rank's GPU
+    (:func:`rank_device`). Returns :func:`active`."""
     if not available() or torch.distributed.is_initialized() or env_world_size() == 1:
         return active()
-    cuda = device is not None and torch.device(device).type == "cuda"
+    from .device import resolve_device
+    cuda = resolve_device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank())
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
