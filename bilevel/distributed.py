@@ -151,18 +151,27 @@ def all_reduce_trees(*trees: Optional[Tree]) -> Tuple[Optional[Tree], ...]:
     return tuple(out)
 
 
-_ON_SLICE: List[bool] = []
+_ON_SLICE: List[float] = []
 
 
 @contextlib.contextmanager
-def on_slice() -> Iterator[None]:
-    """Marks the forward pass of a loss on this rank's slice of a global batch (the oracles open
-    it): only there does :func:`gather_batch` gather across the ranks."""
-    _ON_SLICE.append(True)
+def on_slice(weight: float) -> Iterator[None]:
+    """Marks the forward pass of a loss on this rank's slice of a global batch, of weight
+    w_r = |B_r| / |B| (the oracles open it): only there does :func:`gather_batch` gather across
+    the ranks, and :func:`slice_weight` is w_r."""
+    _ON_SLICE.append(weight)
     try:
         yield
     finally:
         _ON_SLICE.pop()
+
+
+def slice_weight() -> float:
+    """w_r = |B_r| / |B| inside a loss evaluated on this rank's slice (:func:`on_slice`), else 1.
+    The oracles multiply a rank's loss by w_r, which is right for a mean over the batch; a loss
+    that SUMS over the batch (sum_i P_i l_i with softmax weights P summing to one over the global
+    batch) divides that sum by ``slice_weight()``."""
+    return _ON_SLICE[-1] if _ON_SLICE and not _WHOLE and active() else 1.0
 
 
 def gather_batch(values: Tensor) -> Tuple[Tensor, slice]:
@@ -173,13 +182,13 @@ def gather_batch(values: Tensor) -> Tuple[Tensor, slice]:
     (``torch.distributed.nn.functional.all_gather``: gradients reaching another rank's rows flow
     back to that rank); otherwise (one process, a batch computed whole) ``values`` and all rows.
 
-    The oracles weight a rank's loss by |B_r| / |B| and sum over the ranks, so a coupled loss
-    written as a mean over its local rows of per-sample terms that use the global values, e.g.
-    for softmax weights p = softmax(s) over the global batch,
+    The oracles weight a rank's loss by w_r = |B_r| / |B| and sum over the ranks, so a coupled
+    loss written with the global values and divided by w_r (:func:`slice_weight`), e.g. for
+    softmax weights p = softmax(s) over the global batch,
 
-        g_r = 1/|B_r| sum_{i in B_r} |B| p_i l_i        (= sum_{i in B} p_i l_i with one process),
+        g_r = sum_{i in B_r} p_i l_i / w_r              (= sum_{i in B} p_i l_i with one process),
 
-    gives sum_r |B_r|/|B| g_r = sum_{i in B} p_i l_i, the single-process loss."""
+    gives sum_r w_r g_r = sum_{i in B} p_i l_i, the single-process loss."""
     if not _ON_SLICE or _WHOLE or not active():
         return values, slice(0, values.shape[0])
     from torch.distributed.nn.functional import all_gather as gather

@@ -237,7 +237,7 @@ def _loss(loss_fn, x: Tree, y: Tree, batch: Any, which: str) -> Tensor:
     """``loss_fn(x, y, batch)`` checked to be 0-d; for a :class:`_Local` slice, the weighted
     local loss w_r l(x, y; B_r), whose derivatives summed over the ranks are those of l(x, y; B)."""
     if isinstance(batch, _Local):
-        with distributed.on_slice():  # a loss coupled across the batch may gather (gather_batch)
+        with distributed.on_slice(batch.weight):  # a loss coupled across the batch may gather (gather_batch)
             return _scalar(loss_fn(x, y, batch.batch), which) * batch.weight
     return _scalar(loss_fn(x, y, batch), which)
 

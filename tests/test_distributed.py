@@ -44,7 +44,7 @@ class SoftmaxWeighted:
     """A loss coupled across the batch, as BLISS's: g(x, y; B) = sum_{i in B} p_i l_i(y) with
     p = softmax over B of the scores s_i = <a_i, x>, l_i = 1/2 ||y - b_i||^2 (+ 1/2 ||y||^2);
     f(x, y; B) = mean over B of 1/2 ||y - c_i||^2 + 1/2 ||x||^2 / 10. Written per
-    :func:`bilevel.distributed.gather_batch` (a mean over this rank's rows of |B| p_i l_i)."""
+    :func:`bilevel.distributed.gather_batch` (this rank's rows' sum divided by slice_weight)."""
 
     name = "softmax-weighted"
 
@@ -57,7 +57,7 @@ class SoftmaxWeighted:
         every, mine = distributed.gather_batch(scores)
         p = torch.softmax(every, dim=0)[mine]
         per_sample = 0.5 * (y["t"] - self.b[batch]).square().sum(dim=1)
-        return (every.shape[0] * p * per_sample).mean() + 0.5 * y["t"].square().sum()
+        return (p * per_sample).sum() / distributed.slice_weight() + 0.5 * y["t"].square().sum()
 
     def upper_loss(self, x, y, batch):
         return 0.5 * (y["t"] - self.c[batch]).square().sum(dim=1).mean() + 0.05 * x["w"].square().sum()
@@ -261,3 +261,46 @@ def test_a_failing_rank_ends_the_torchrun_job_with_its_error(tmp_path):
     # rank 0's records written before the failure are whole lines of valid JSON
     records = [json.loads(line) for line in (tmp_path / "broken" / "soba.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "start" and records[1]["event"] == "eval"
+
+
+def _bliss(rank):
+    """BLISS's weights (this rank's rows), grad_lower and (hvp, cross, grad_y g) on a global
+    batch of 7 pool sequences of the tiny data-selection problem, in float64."""
+    from bilevel import make_problem
+    problem = make_problem("data-selection", preset="tiny", dtype="float64", device="cpu")
+    gen = torch.Generator().manual_seed(4)
+    x, y = problem.init(gen)
+    x = {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in x.items()}  # varied scores
+    v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in y.items()}
+    batch = torch.randperm(problem.n_samples("lower"), generator=gen)[:BATCH]
+    part = distributed.shard(batch)
+    local, weight = part if part is not None else (batch, 1.0)
+    with distributed.on_slice(weight):
+        weights = problem.weights(x, local)
+    return {"weights": weights, "grad_lower": grad_lower(problem, x, y, batch),
+            "hvp_cross_grad": hvp_and_cross(problem, x, y, v, batch)}
+
+
+def _bliss_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_bliss(rank), os.path.join(out_dir, f"bliss{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_bliss_softmax_runs_over_the_global_batch(tmp_path):
+    """On two ranks BLISS's softmax weights are the single-process weights of the global batch
+    (rank 0 holds the first 4, rank 1 the last 3), and so are its gradients and products."""
+    pytest.importorskip("tokenizers")
+    mp.spawn(_bliss_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"bliss{r}.pt", weights_only=False) for r in range(2)]
+    single = _bliss(0)
+    assert ranks[0]["weights"].shape == (4,) and ranks[1]["weights"].shape == (3,)
+    _close(torch.cat([ranks[0]["weights"], ranks[1]["weights"]]), single["weights"])
+    assert float(single["weights"].sum()) == pytest.approx(1.0)
+    for out in ranks:
+        _close(out["grad_lower"], single["grad_lower"])
+        _close(out["hvp_cross_grad"], single["hvp_cross_grad"])
