@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import schedules
+from .oracles import HVP_MODES
 from .registry import PROBLEMS, SOLVERS, check_options, preset_options
 
 
@@ -72,6 +73,9 @@ class RunConfig:
     #: default: the problems here are small, and several threads were 3x slower for three
     #: concurrent runs and 25x slower under outside load (measured; README, "Threads").
     threads: Optional[int] = 1
+    #: How Hessian-vector and cross products are taken in every solver's estimator: "reverse"
+    #: (reverse-over-reverse) or "forward" (forward-over-reverse); see README, "hvp_mode".
+    hvp_mode: str = "reverse"
     #: Metrics for the table and the plot; empty: the problem's ``headline_metrics`` or all.
     metrics: List[str] = field(default_factory=list)
     #: Where the run happens: "cpu", "cuda", "cuda:N"; null (or "auto"): cuda when available,
@@ -203,6 +207,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.dtype is not None and cfg.dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype must be one of {list(DTYPE_NAMES)} (or null for the problem's default), "
                           f"got {cfg.dtype!r}")
+    if cfg.hvp_mode not in HVP_MODES:
+        raise ConfigError(f"hvp_mode must be one of {list(HVP_MODES)}, got {cfg.hvp_mode!r}")
     if not cfg.divergence_bound > 0:
         raise ConfigError(f"divergence_bound must be a positive number, got {cfg.divergence_bound}")
     problem_cls = PROBLEMS.get(cfg.problem).cls

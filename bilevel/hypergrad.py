@@ -16,18 +16,20 @@ evaluated at the current lower iterate y (exact at y = y*(x)). Methods:
                   d/dx f(x, y_K(x)), y_{k+1} = y_k - lr grad_y g(x, y_k); ``truncate`` keeps only
                   the last steps in the graph.
 
-:func:`hypergradient` is the one-call entry point; :func:`implicit` is the building block that
-solvers combine with their own batches and warm starts.
+:func:`implicit`, :func:`exact`, :func:`itd` and :func:`fixed_point` are the mathematics. Each
+method is ONE estimator object of :mod:`bilevel.estimators` (``METHODS``: name -> class) that
+calls them; :func:`hypergradient` builds that object from ``method`` and its options, makes its
+draw from the batches (and the generator) it is given, and calls it, as solvers do with draws
+from their run's generator.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from . import linear_system, tree
-from .oracles import LowerProducts, _leaves, _record, _scalar, grad_upper, second_order
+from .oracles import LowerProducts, _leaves, _record, _scalar, grad_upper, resolve_mode, second_order
 from .tree import Tree
 
 LinearSolver = Callable[..., Tree]
@@ -46,7 +48,7 @@ class PerProduct(tuple):
 
 def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cross_batch: Any,
              solve: Callable[[Callable[[Tree], Tree], Tree], Tree],
-             hvp_mode: str = "reverse") -> Tuple[Tree, Tree]:
+             hvp_mode: Optional[str] = None) -> Tuple[Tree, Tree]:
     """Implicit hypergradient ``grad_x f - d2_xy g . v`` with ``v = solve(matvec, grad_y f)``.
 
     ``solve`` is any linear-system solver closed over its options (see
@@ -58,8 +60,10 @@ def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cr
     (:class:`~bilevel.oracles.LowerProducts`): all products on one shared batch, and the cross
     product when it is that batch, cost one lower forward; the values and oracle counts are
     those of one :func:`~bilevel.oracles.hvp` / :func:`~bilevel.oracles.cross` call per product.
+    ``hvp_mode``: "reverse", "forward" or None (the run's, :func:`bilevel.oracles.second_order_mode`).
     Returns ``(hypergradient, v)``.
     """
+    hvp_mode = resolve_mode(hvp_mode)
     gx_f, gy_f = grad_upper(problem, x, y, upper_batch)
     per_product = isinstance(hessian_batch, PerProduct)
     # One gradient graph per distinct batch object: every product on the shared Hessian batch
@@ -100,10 +104,15 @@ MAX_DENSE_BYTES = 2 * 1024 ** 3
 JACOBIAN_CHUNK = 64
 
 
-def exact(problem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any) -> Tuple[Tree, Tree]:
+_SAME = object()
+
+
+def exact(problem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any,
+          cross_batch: Any = _SAME) -> Tuple[Tree, Tree]:
     """Dense implicit hypergradient: builds d2_yy g and d2_xy g explicitly (reverse-over-reverse
     Jacobians of the flattened gradient, ``JACOBIAN_CHUNK`` rows at a time) and solves with
-    ``torch.linalg.solve``.
+    ``torch.linalg.solve``. d2_yy g is taken on ``lower_batch`` and d2_xy g on ``cross_batch``
+    (default: the same batch, both from one Jacobian of grad_y g).
 
     Memory grows as dim(y) (dim(y) + dim(x)): meant for small problems and as the reference in
     tests; beyond ``MAX_DENSE_BYTES`` it raises a ValueError naming the sizes (use ``cg``).
@@ -120,8 +129,16 @@ def exact(problem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any) -> Tupl
         return _scalar(problem.lower_loss(tree.unflatten(xv, x), tree.unflatten(yv, y), lower_batch), "lower_loss")
 
     with second_order(problem):  # twice-differentiable kernels (attention, RNNs)
-        cross_jac, hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=(0, 1),
-                                               chunk_size=JACOBIAN_CHUNK)(xf, yf)
+        if cross_batch is _SAME or cross_batch is lower_batch:
+            cross_jac, hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=(0, 1),
+                                                   chunk_size=JACOBIAN_CHUNK)(xf, yf)
+        else:
+            def cross_flat(xv, yv):
+                return _scalar(problem.lower_loss(tree.unflatten(xv, x), tree.unflatten(yv, y), cross_batch), "lower_loss")
+            hessian = torch.func.jacrev(torch.func.grad(lower_flat, argnums=1), argnums=1,
+                                        chunk_size=JACOBIAN_CHUNK)(xf, yf)
+            cross_jac = torch.func.jacrev(torch.func.grad(cross_flat, argnums=1), argnums=0,
+                                          chunk_size=JACOBIAN_CHUNK)(xf, yf)
     gx_f, gy_f = grad_upper(problem, x, y, upper_batch)
     try:
         v = torch.linalg.solve(hessian, tree.flatten(gy_f))
@@ -218,58 +235,15 @@ def fixed_point(problem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any, *
 
 
 # ---------------------------------------------------------------------------------------------
-# One-call entry point.
-
-def _cg(problem, x, y, ub, lb, *, steps=10, tol=0.0, init=None, hvp_mode="reverse", negative_curvature="raise"):
-    return implicit(problem, x, y, ub, lb, lb, lambda mv, b: linear_system.conjugate_gradient(
-        mv, b, steps=steps, init=init, tol=tol, negative_curvature=negative_curvature), hvp_mode)[0]
-
-
-def _neumann(problem, x, y, ub, lb, *, lr, steps=10, variant="sum", generator=None, hvp_mode="reverse"):
-    return implicit(problem, x, y, ub, lb, lb, lambda mv, b: linear_system.neumann_series(
-        mv, b, steps=steps, lr=lr, variant=variant, generator=generator), hvp_mode)[0]
-
-
-def _linear_sgd(problem, x, y, ub, lb, *, lr, steps=10, init=None, radius=None, hvp_mode="reverse"):
-    return implicit(problem, x, y, ub, lb, lb, lambda mv, b: linear_system.linear_sgd(
-        mv, b, steps=steps, lr=lr, init=init, radius=radius), hvp_mode)[0]
-
-
-def _exact(problem, x, y, ub, lb):
-    return exact(problem, x, y, ub, lb)[0]
-
-
-def _itd(problem, x, y, ub, lb, *, lr, steps=10, truncate=None):
-    return itd(problem, x, y, ub, [lb] * steps, lr=lr, truncate=truncate)[0]
-
-
-def _fixed_point(problem, x, y, ub, lb, *, steps=10, lr=None, tol=0.0, init=None):
-    return fixed_point(problem, x, y, ub, lb, steps=steps, lr=lr, tol=tol, init=init)[0]
-
-
-METHODS: Dict[str, Callable[..., Tree]] = {
-    "exact": _exact, "cg": _cg, "neumann": _neumann, "linear_sgd": _linear_sgd,
-    "itd": _itd, "fixed_point": _fixed_point,
-}
-
+# One-call entry point: builds the method's estimator object and calls it once.
 
 def method_options(method: str) -> Dict[str, Any]:
-    """The options ``method`` accepts, with their defaults (``inspect.Parameter.empty``: required)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")
-    return dict(_options_of(METHODS[method]))
-
-
-_OPTIONS: Dict[Callable[..., Tree], Dict[str, Any]] = {}
-
-
-def _options_of(function: Callable[..., Tree]) -> Dict[str, Any]:
-    """The keyword options of a METHODS entry, read from its signature once per function."""
-    options = _OPTIONS.get(function)
-    if options is None:
-        params = list(inspect.signature(function).parameters.values())[5:]
-        options = _OPTIONS[function] = {p.name: p.default for p in params}
-    return options
+    """The options ``method`` accepts in :func:`hypergradient`, with their defaults
+    (``inspect.Parameter.empty``: required): the fields of its estimator class that describe the
+    estimate, plus ``generator`` (randomized estimators) and ``init`` (warm-startable ones).
+    Read from the class once."""
+    from . import estimators
+    return dict(estimators.entry_options(method))
 
 
 def hypergradient(problem, x: Tree, y: Tree, upper_batch: Any = None, lower_batch: Any = None,
@@ -279,25 +253,32 @@ def hypergradient(problem, x: Tree, y: Tree, upper_batch: Any = None, lower_batc
     Args:
         problem: a :class:`~bilevel.BilevelProblem`.
         x, y: dicts of tensors.
-        upper_batch, lower_batch: passed untouched to the losses (``None`` for deterministic ones).
-        method: one of ``exact, cg, neumann, linear_sgd, itd, fixed_point``.
-        **options: ``steps`` (iterations, Neumann Hessian-vector products or unrolled steps),
-            ``lr`` (step size, needed by neumann, linear_sgd and itd), and per method: ``tol``,
-            ``init`` (warm start for cg, linear_sgd, fixed_point), ``variant`` ("sum" |
-            "randomized") and ``generator`` for neumann, ``radius`` for linear_sgd, ``truncate`` for itd, ``hvp_mode``
-            ("reverse" | "forward") for cg, neumann and linear_sgd.
+        upper_batch, lower_batch: passed untouched to the losses (``None`` for deterministic ones);
+            every Hessian-vector product and the cross product use ``lower_batch``.
+        method: one of ``exact, cg, neumann, linear_sgd, itd, fixed_point`` (the estimator
+            classes of :mod:`bilevel.estimators`).
+        **options: the estimator's fields (checked when it is built: an unknown name is a
+            TypeError listing the valid ones, a bad value a ValueError naming field and rule):
+            ``steps`` (iterations, Neumann Hessian-vector products or unrolled steps), ``lr``
+            (step size, needed by neumann, linear_sgd and itd), and per method: ``tol``,
+            ``variant`` ("sum" | "randomized" | ``code_n*``) for neumann, ``radius`` for
+            linear_sgd, ``truncate`` for itd, ``negative_curvature`` for cg, ``hvp_mode``
+            ("reverse" | "forward"; None: the run's) for cg, neumann and linear_sgd; and two
+            inputs that are not fields: ``init`` (warm start v or z for cg, linear_sgd,
+            fixed_point: the estimator's state) and ``generator`` (the random Neumann term).
 
     Returns:
         The hypergradient, a dict shaped like x.
     """
-    accepted = method_options(method)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(f"hypergradient method {method!r} got unknown option(s) {unknown}; "
-                        f"valid: {sorted(accepted)}")
-    missing = sorted(k for k, d in accepted.items() if d is inspect.Parameter.empty and k not in options)
-    if missing:
-        raise TypeError(f"hypergradient method {method!r} needs option(s) {missing} "
-                        "(lr: a step size below 2/L, L the largest eigenvalue of d2_yy g on lower_batch)")
+    from . import estimators
+    estimator, init, generator = estimators.from_options(method, options)
     x, y = tree.as_tree(x, "x"), tree.as_tree(y, "y")
-    return METHODS[method](problem, x, y, upper_batch, lower_batch, **options)
+    draw = estimator.given(upper_batch, lower_batch, generator)
+    return estimator(problem, x, y, init, draw)[0]
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # the table lives with the estimator classes (imported lazily: no cycle)
+        from . import estimators
+        return estimators.METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,10 @@ Second-order products have two modes:
   have no forward-mode rule (oneDNN LSTM); the oracle then retries with oneDNN disabled and, if
   that fails too, falls back to reverse mode with a one-time warning.
 
+A mode of ``None`` (the default of every product here and of the estimators'
+``hvp_mode`` field) means the run's mode: the innermost :func:`second_order_mode` block, which
+:func:`bilevel.solve` opens with its ``hvp_mode`` option, or "reverse" outside any.
+
 Calls are counted in every active :func:`count_calls` context, so solvers need no bookkeeping.
 
 Every second-order product is taken inside :func:`second_order`, which selects kernels that
@@ -143,6 +147,40 @@ def _cudnn_disabled() -> Iterator[None]:
         torch.backends.cudnn.enabled = previous
 
 
+_MODES: List[str] = []
+
+
+def check_hvp_mode(mode: Optional[str], owner: str = "hvp_mode") -> Optional[str]:
+    """``mode`` if it is None (the run's mode) or one of :data:`HVP_MODES`, else a ValueError."""
+    if mode is not None and mode not in HVP_MODES:
+        raise ValueError(f"{owner} must be one of {list(HVP_MODES)} (or None: the run's mode), got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def second_order_mode(mode: Optional[str]) -> Iterator[str]:
+    """Within the block, second-order products whose mode is ``None`` use ``mode`` ("reverse"
+    or "forward"; ``None`` keeps the enclosing block's). :func:`bilevel.solve` opens one for its
+    ``hvp_mode`` option, so the option reaches every estimator and oracle a solver calls without
+    a field on each solver; an estimator or call with an explicit mode keeps its own."""
+    check_hvp_mode(mode)
+    _MODES.append(mode if mode is not None else resolve_mode(None))
+    try:
+        yield _MODES[-1]
+    finally:
+        _MODES.pop()
+
+
+def resolve_mode(mode: Optional[str]) -> str:
+    """An explicit mode as is (checked); ``None``: the innermost :func:`second_order_mode`, else
+    "reverse"."""
+    if mode is None:
+        return _MODES[-1] if _MODES else "reverse"
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    return mode
+
+
 def _record(kind: str, n: int = 1) -> None:
     for counts in _ACTIVE:
         counts[kind] += n
@@ -196,7 +234,8 @@ def _functional_second_order(problem, x, y, batch):
     """(grad_y g, its vjp v -> (d2_xy g . v, d2_yy g . v)) by torch.func.vjp of torch.func.grad."""
     def grad_y(xx, yy):
         return torch.func.grad(lambda a, b: _scalar(problem.lower_loss(a, b, batch), "lower_loss"), argnums=1)(xx, yy)
-    return torch.func.vjp(grad_y, x, y)
+    with second_order(problem):  # twice-differentiable kernels (attention, RNNs), chosen at the forward
+        return torch.func.vjp(grad_y, x, y)
 
 
 def _grad_both(loss_fn, which: str, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
@@ -299,7 +338,13 @@ def _remember_fallback(problem, kind: str) -> None:
 
 
 def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
-    """Forward-over-reverse products. When an operation has no forward-mode rule (the oneDNN
+    """Forward-over-reverse products: one ``torch.func.jvp`` of ``torch.func.grad`` along v in
+    y, whose primal output is the gradient and whose tangent holds both products,
+
+        d/dt grad g(x, y + t v) |_{t=0} = (d2_xy g . v, d2_yy g . v),
+
+    (the gradient in x only when the cross product is wanted). Returns (hvp, cross, grad_y g),
+    ``None`` for a product not wanted. When an operation has no forward-mode rule (the oneDNN
     LSTM kernel, an autograd.Function without jvp), retry with oneDNN off, then in reverse mode;
     the error is re-raised only if reverse mode fails too (a genuine error in the loss)."""
     xd = {k: t.detach() for k, t in x.items()}
@@ -310,16 +355,15 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
         return _scalar(problem.lower_loss(xx, yy, batch), "lower_loss")
 
     def compute():
-        with second_order(problem):
+        with second_order(problem):  # twice-differentiable kernels (attention, RNNs)
             return products()
 
     def products():
-        hv = cr = None
-        if want_hvp:
-            _, hv = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=1)(xd, yy), (yd,), (vd,))
-        if want_cross:  # d/dt grad_x g(x, y + t v) = d2_xy g . v
-            _, cr = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=0)(xd, yy), (yd,), (vd,))
-        return hv, cr
+        if want_cross:
+            (_, gy), (cr, hv) = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=(0, 1))(xd, yy), (yd,), (vd,))
+            return (hv if want_hvp else None), cr, gy
+        gy, hv = torch.func.jvp(lambda yy: torch.func.grad(lower, argnums=1)(xd, yy), (yd,), (vd,))
+        return hv, None, gy
 
     fallback = _remembered_fallback(problem)
     if fallback is None:
@@ -337,7 +381,7 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
         except (NotImplementedError, RuntimeError) as error:
             first_error = error
     try:
-        hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+        result = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
     except Exception:
         raise first_error
     if _remembered_fallback(problem) != "reverse":
@@ -346,19 +390,18 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
             f"{type(problem).__name__}: forward-mode AD failed ({type(first_error).__name__}: "
             f"{str(first_error).splitlines()[0][:120]}); second-order oracles use reverse-over-reverse.",
             RuntimeWarning, stacklevel=3)
-    return hv, cr
+    return result
 
 
 def _second_order(problem, x, y, v, batch, mode, want_hvp, want_cross):
-    if mode not in HVP_MODES:
-        raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    """(hvp, cross, grad_y g) in ``mode`` (None: the run's), counting the products wanted."""
+    mode = resolve_mode(mode)
     if want_hvp:
         _record("hvp")
     if want_cross:
         _record("cross")
     if mode == "reverse":
-        hv, cr, _ = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
-        return hv, cr
+        return _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
     return _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross)
 
 
@@ -376,14 +419,14 @@ class LowerProducts:
     ``torch.func.jvp`` of ``torch.func.grad`` per product, as :func:`hvp` does: a linearization
     reused across products (``torch.func.linearize``) traces the gradient once per point, which
     costs about 0.5 s on CPU, far more than the products it would save (bench/README.md).
+    ``mode=None``: the run's mode (:func:`second_order_mode`), fixed when the object is built.
     Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
     """
 
     __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse")
 
-    def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: str = "reverse"):
-        if mode not in HVP_MODES:
-            raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: Optional[str] = None):
+        mode = resolve_mode(mode)
         self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
         self._graph = None
         self._sparse = set()  # "x" / "y" when some of those leaves do not enter grad_y g
@@ -436,21 +479,25 @@ class LowerProducts:
         return self._reverse(v, "x")
 
 
-def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: str = "reverse") -> Tree:
-    """d2_yy g(x, y; batch) . v. Counts one ``hvp``."""
+def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: Optional[str] = None) -> Tree:
+    """d2_yy g(x, y; batch) . v (``mode`` None: the run's). Counts one ``hvp``."""
     return _second_order(problem, x, y, v, batch, mode, True, False)[0]
 
 
-def cross(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: str = "reverse") -> Tree:
-    """d2_xy g(x, y; batch) . v, shaped like x. Counts one ``cross``."""
+def cross(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: Optional[str] = None) -> Tree:
+    """d2_xy g(x, y; batch) . v, shaped like x (``mode`` None: the run's). Counts one ``cross``."""
     return _second_order(problem, x, y, v, batch, mode, False, True)[1]
 
 
-def hvp_and_cross(problem, x: Tree, y: Tree, v: Tree, batch: Any) -> Tuple[Tree, Tree, Tree]:
-    """(d2_yy g . v, d2_xy g . v, grad_y g) from one double-backward pass on one batch.
+def hvp_and_cross(problem, x: Tree, y: Tree, v: Tree, batch: Any,
+                  mode: Optional[str] = None) -> Tuple[Tree, Tree, Tree]:
+    """(d2_yy g . v, d2_xy g . v, grad_y g) from one pass on one batch.
 
     Single-loop solvers (SOBA and kin) need all three at the same point and sample; sharing the
-    graph makes that cost about one HVP. Counts one ``hvp``, one ``cross`` and one ``grad_lower``.
+    graph makes that cost about one HVP: one double backward in reverse mode, one jvp of the
+    gradient in forward mode (its primal output is grad_y g). ``mode`` None: the run's
+    (:func:`second_order_mode`). Counts one ``hvp``, one ``cross`` and one ``grad_lower``.
     """
-    _record("hvp"), _record("cross"), _record("grad_lower")
-    return _reverse_second_order(problem, x, y, v, batch, True, True)
+    _record("grad_lower")
+    hv, cr, gy = _second_order(problem, x, y, v, batch, mode, True, True)
+    return hv, cr, {k: t.detach() for k, t in gy.items()}

@@ -25,7 +25,7 @@ import torch
 
 from . import tree
 from .linear_system import truncation_warnings
-from .oracles import OracleCounts, count_calls
+from .oracles import OracleCounts, count_calls, second_order_mode
 from .problem import BilevelProblem, ProblemError, validate
 from .registry import check_options, make_problem, make_solver
 from .sampling import copy_generator, run_generator
@@ -203,7 +203,8 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
 def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "soba", steps: int = 1000, *,
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
           progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
-          initial_eval: bool = True, device=None, **hyperparameters) -> Result:
+          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None,
+          **hyperparameters) -> Result:
     """Run ``solver`` on ``problem`` for ``steps`` outer iterations.
 
     Args:
@@ -229,6 +230,9 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
             the end (default: at every evaluation; 0: never).
         initial_eval: evaluate the starting point (False when resuming a run whose records
             already hold it).
+        hvp_mode: "reverse" or "forward": how every Hessian-vector and cross product of the run
+            is taken (:func:`bilevel.oracles.second_order_mode`; an estimator built with its own
+            ``hvp_mode`` keeps it); None: reverse, or the enclosing block's.
         device: where the run happens ("cpu", "cuda", "cuda:N"). A problem name is built there
             (None: cuda when available, else cpu); a problem object is moved there
             (:meth:`~bilevel.problem.BilevelProblem.to`; None: it stays where it is). The run's
@@ -266,7 +270,7 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
     history: List[Dict[str, Any]] = []
     elapsed = state.elapsed if state is not None else 0.0
     started_at = elapsed
-    with count_calls() as counts, truncation_warnings():  # a truncated-CG warning at most once per run
+    with second_order_mode(hvp_mode), count_calls() as counts, truncation_warnings():  # a truncated-CG warning at most once per run
         if state is None:
             x0, y0 = problem.init(generator)
             validate(problem, x0, y0, copy_generator(generator))  # a copy: the run wastes no draw

@@ -9,14 +9,13 @@ product and the cross product rerun the lower loss and a create_graph gradient,
 CG and the Neumann sum as textbook loops (the Neumann terms kept in a list). In float64 the
 library must return the same bits.
 """
-import inspect
 import warnings
 import weakref
 
 import pytest
 import torch
 
-from bilevel import hypergrad, linear_system, tree
+from bilevel import linear_system, tree
 from bilevel.hypergrad import PerProduct, hypergradient, implicit
 from bilevel.oracles import count_calls
 
@@ -178,17 +177,6 @@ def test_per_product_batches_evaluate_each_batch_once(quad, share):
     assert len(counting.lower_calls) == (4 if share else 5)
     for batch in [*hessian, cross]:
         assert sum(b is batch for b in counting.lower_calls) == 1
-
-
-def test_method_options_read_once(quad, monkeypatch):
-    x, y = quad.point()
-    hypergradient(quad, x, y, None, None, method="cg", steps=2)
-    calls = []
-    original = inspect.signature
-    monkeypatch.setattr(hypergrad.inspect, "signature", lambda *a, **k: calls.append(a) or original(*a, **k))
-    for _ in range(3):
-        hypergradient(quad, x, y, None, None, method="cg", steps=2)
-    assert calls == []
 
 
 # ---------------------------------------------------------------------------------------------
