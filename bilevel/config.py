@@ -203,12 +203,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.checkpoint_every is not None and cfg.checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every must be >= 0 (0: only at the end; null: at every evaluation), "
                           f"got {cfg.checkpoint_every}")
+    if cfg.hvp_mode not in HVP_MODES:
+        raise ConfigError(f"hvp_mode must be one of {list(HVP_MODES)}, got {cfg.hvp_mode!r}")
     _check_device(cfg.device)
     if cfg.dtype is not None and cfg.dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype must be one of {list(DTYPE_NAMES)} (or null for the problem's default), "
                           f"got {cfg.dtype!r}")
-    if cfg.hvp_mode not in HVP_MODES:
-        raise ConfigError(f"hvp_mode must be one of {list(HVP_MODES)}, got {cfg.hvp_mode!r}")
     if not cfg.divergence_bound > 0:
         raise ConfigError(f"divergence_bound must be a positive number, got {cfg.divergence_bound}")
     problem_cls = PROBLEMS.get(cfg.problem).cls

@@ -85,6 +85,40 @@ def count_calls() -> Iterator[OracleCounts]:
         _ACTIVE.remove(counts)
 
 
+_MODES: List[str] = []
+
+
+def check_hvp_mode(mode: Optional[str], owner: str = "hvp_mode") -> Optional[str]:
+    """``mode`` if it is None (the run's mode) or one of :data:`HVP_MODES`, else a ValueError."""
+    if mode is not None and mode not in HVP_MODES:
+        raise ValueError(f"{owner} must be one of {list(HVP_MODES)} (or None: the run's mode), got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def second_order_mode(mode: Optional[str]) -> Iterator[str]:
+    """Within the block, second-order products whose mode is ``None`` use ``mode`` ("reverse"
+    or "forward"; ``None`` keeps the enclosing block's). :func:`bilevel.solve` opens one for its
+    ``hvp_mode`` option, so the option reaches every estimator and oracle a solver calls without
+    a field on each solver; an estimator or call with an explicit mode keeps its own."""
+    check_hvp_mode(mode)
+    _MODES.append(mode if mode is not None else resolve_mode(None))
+    try:
+        yield _MODES[-1]
+    finally:
+        _MODES.pop()
+
+
+def resolve_mode(mode: Optional[str]) -> str:
+    """An explicit mode as is (checked); ``None``: the innermost :func:`second_order_mode`, else
+    "reverse"."""
+    if mode is None:
+        return _MODES[-1] if _MODES else "reverse"
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    return mode
+
+
 # -- kernels that can be differentiated twice -------------------------------------------------------
 
 _RECURRENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -145,40 +179,6 @@ def _cudnn_disabled() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.enabled = previous
-
-
-_MODES: List[str] = []
-
-
-def check_hvp_mode(mode: Optional[str], owner: str = "hvp_mode") -> Optional[str]:
-    """``mode`` if it is None (the run's mode) or one of :data:`HVP_MODES`, else a ValueError."""
-    if mode is not None and mode not in HVP_MODES:
-        raise ValueError(f"{owner} must be one of {list(HVP_MODES)} (or None: the run's mode), got {mode!r}")
-    return mode
-
-
-@contextlib.contextmanager
-def second_order_mode(mode: Optional[str]) -> Iterator[str]:
-    """Within the block, second-order products whose mode is ``None`` use ``mode`` ("reverse"
-    or "forward"; ``None`` keeps the enclosing block's). :func:`bilevel.solve` opens one for its
-    ``hvp_mode`` option, so the option reaches every estimator and oracle a solver calls without
-    a field on each solver; an estimator or call with an explicit mode keeps its own."""
-    check_hvp_mode(mode)
-    _MODES.append(mode if mode is not None else resolve_mode(None))
-    try:
-        yield _MODES[-1]
-    finally:
-        _MODES.pop()
-
-
-def resolve_mode(mode: Optional[str]) -> str:
-    """An explicit mode as is (checked); ``None``: the innermost :func:`second_order_mode`, else
-    "reverse"."""
-    if mode is None:
-        return _MODES[-1] if _MODES else "reverse"
-    if mode not in HVP_MODES:
-        raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
-    return mode
 
 
 def _record(kind: str, n: int = 1) -> None:
@@ -355,7 +355,7 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
         return _scalar(problem.lower_loss(xx, yy, batch), "lower_loss")
 
     def compute():
-        with second_order(problem):  # twice-differentiable kernels (attention, RNNs)
+        with second_order(problem):
             return products()
 
     def products():

@@ -203,8 +203,7 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
 def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "soba", steps: int = 1000, *,
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
           progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
-          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None,
-          **hyperparameters) -> Result:
+          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None, **hyperparameters) -> Result:
     """Run ``solver`` on ``problem`` for ``steps`` outer iterations.
 
     Args:
