@@ -7,14 +7,34 @@ SOBA's, measured in this process) and oracle calls per iteration.
 
 Hyperparameters per problem are in SETTINGS below (solver defaults where absent). Solvers that
 fail (NaN) are reported as such, not dropped.
+
+    python bench/solvers.py --jax [--steps 200] [--solvers soba saba ...]
+
+times one step per iteration, eager and compiled (``torch.compile``, bilevel.compiled), of the
+seven solvers that benchopt's bilevel benchmark also runs in JAX, on its quadratic instance
+(problem ``quadratic`` with its defaults: n = 1024, d = 100, batch 64; float32; each solver's
+defaults, which are benchopt's), against the fixed JAX figures in JAX_MS (benchopt's
+jit-compiled lax.scan on this 2-core machine), and the compiled step against the eager one
+measured in the same run. A step is the solver's whole iteration, its sampling included (the
+JAX scan samples inside too); the first steps (the eager one that records the sampling, the
+compiles) are not timed. Columns ``sample`` and ``call`` split the compiled step into the eager
+batch draws and the compiled call (guards, graph, oracle-count replay).
 """
 import argparse
 import statistics
+import time
+import warnings
 
 import torch
 
 import bilevel
-from bilevel import SOLVERS, make_problem
+from bilevel import SOLVERS, compiled, make_problem, make_solver
+from bilevel.sampling import run_generator
+
+#: ms per iteration of benchopt bilevel's JAX solvers (jit-compiled lax.scan) on the benchmark's
+#: quadratic (d = 100, n = 1024, batch 64, float32, rank-one factored oracles), this machine.
+JAX_MS = {"soba": 0.069, "saba": 0.059, "amigo": 0.261, "stocbio": 0.197, "mrbo": 0.084, "ttsa": 0.068,
+          "f2sa": 0.647}
 
 PROBLEMS = {
     "quadratic": dict(options=dict(n_samples_inner=1024, n_samples_outer=1024, dim_inner=100, dim_outer=10,
@@ -82,13 +102,81 @@ def run(problem_name, solver, steps, seeds):
                 calls=statistics.median(calls), failures=failures)
 
 
+def _median_ms(step, state, steps):
+    """Median over ``steps`` single steps (ms) and the final state."""
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        state = step(state)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times), state
+
+
+def time_steps(problem, name, steps, warmup=3):
+    """Eager and compiled ms per step of solver ``name`` (its defaults), compile seconds, and the
+    compiled step split into sampling and compiled call; None for compiled when it fell back."""
+    solver = make_solver(name)
+    generator = run_generator(0)
+    x, y = problem.init(generator)
+    state = solver.init(problem, x, y, generator)
+    eager_ms, state = _median_ms(lambda s: solver.step(problem, s), state, steps)
+    step = compiled.CompiledStep(solver, problem)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", compiled.CompileFallback)
+        for _ in range(warmup):  # the recording step, the first compile, the dynamic-int recompile
+            state = step(state)
+    compile_s = time.perf_counter() - started
+    compiled_ms, state = _median_ms(step, state, steps)
+    out = dict(eager=eager_ms, compiled=None, compile_s=compile_s, compiles=step.compiles, reason=step.reason)
+    if step.reason is None:
+        out["compiled"] = compiled_ms
+        # the parts of a compiled step: the eager draws, then the compiled call on fixed batches
+        solver, generator = step.resolved_solver(state), state.generator
+        out["sample"], _ = _median_ms(lambda g: solver.sample(problem, state.iteration, g) and g, generator, steps)
+        batches = solver.sample(problem, state.iteration, generator)
+        deferred = compiled.oracles.DEFERRED
+
+        def call(core):
+            deferred.clear()  # as CompiledStep does (its guard: the list is empty on entry)
+            step._compiled(solver, core, batches)
+            return core
+        out["call"], _ = _median_ms(call, state.core, steps)
+        deferred.clear()
+    return out
+
+
+def jax_table(steps, solvers):
+    problem = make_problem("quadratic", dtype="float32", batch_size=64)
+    print(f"benchopt quadratic (n = 1024, d = 100, batch 64, float32), solver defaults, median of {steps} steps;"
+          " ratios to the fixed JAX figures and to eager in this run")
+    print(f"{'solver':<9s}{'JAX ms':>8s}{'eager':>8s}{'x JAX':>7s}{'compiled':>10s}{'x JAX':>7s}{'x eager':>9s}"
+          f"{'sample':>8s}{'call':>7s}{'compile s':>11s}  status")
+    for name in solvers:
+        r = time_steps(problem, name, steps)
+        jax = JAX_MS.get(name, float("nan"))
+        if r["compiled"] is None:
+            print(f"{name:<9s}{jax:>8.3f}{r['eager']:>8.3f}{r['eager'] / jax:>7.1f}{'-':>10s}{'-':>7s}{'-':>9s}"
+                  f"{'-':>8s}{'-':>7s}{r['compile_s']:>11.1f}  eager: {r['reason']}")
+            continue
+        print(f"{name:<9s}{jax:>8.3f}{r['eager']:>8.3f}{r['eager'] / jax:>7.1f}{r['compiled']:>10.3f}"
+              f"{r['compiled'] / jax:>7.1f}{r['compiled'] / r['eager']:>9.2f}{r['sample']:>8.3f}{r['call']:>7.3f}"
+              f"{r['compile_s']:>11.1f}  compiled ({r['compiles']} graphs)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS))
     parser.add_argument("--solvers", nargs="+", default=None)
+    parser.add_argument("--jax", action="store_true", help="eager and compiled steps against the JAX figures")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.jax:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread")
+        jax_table(args.steps, args.solvers or list(JAX_MS))
+        return
     solvers = args.solvers or SOLVERS.names()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, {args.seeds} seeds")
     for problem_name in args.problems:

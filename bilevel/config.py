@@ -73,6 +73,9 @@ class RunConfig:
     #: default: the problems here are small, and several threads were 3x slower for three
     #: concurrent runs and 25x slower under outside load (measured; README, "Threads").
     threads: Optional[int] = 1
+    #: Run each solver step through torch.compile (bilevel.compiled); a step that cannot be
+    #: traced runs eagerly with one warning naming the reason.
+    compile: bool = False
     #: How Hessian-vector and cross products are taken in every solver's estimator: "reverse"
     #: (reverse-over-reverse) or "forward" (forward-over-reverse); see README, "hvp_mode".
     hvp_mode: str = "reverse"

@@ -175,7 +175,9 @@ class Exact(Estimator):
 class ConjugateGradient(Estimator):
     """v by ``steps`` CG iterations (:func:`bilevel.linear_system.conjugate_gradient`: stop at
     ||r|| <= tol ||b||; ``negative_curvature`` "raise" or "truncate"), warm-started from the
-    previous v (the state) when ``warm_start``. State: v, None before the first call (cold)."""
+    previous v (the state) when ``warm_start``. State: v, zeros at init (a tree of tensors from
+    the start, as vmap needs; the first solve then starts from v = 0, whose residual b - A 0 = b
+    costs one product, as every later warm start does), None without ``warm_start``."""
     steps: int = 10
     warm_start: bool = True
     tol: float = 0.0
@@ -191,6 +193,9 @@ class ConjugateGradient(Estimator):
         _check_tolerance(self)
         _check_hvp_mode(self)
         _check_choice(self, "negative_curvature", linear_system.NEGATIVE_CURVATURE)
+
+    def init(self, x: Tree, y: Tree) -> Optional[Tree]:
+        return tree.zeros_like(y) if self.warm_start else None
 
     def __call__(self, problem, x, y, v_prev, sample: Draw):
         init = v_prev if self.warm_start else None

@@ -310,7 +310,8 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
     checkpoint_every = 0 if cfg.checkpoint_every == 0 else (cfg.checkpoint_every or cfg.eval_every)
     try:
         result = solve(problem, solver, steps, seed=cfg.seed, eval_every=cfg.eval_every, callbacks=callbacks,
-                       state=state, checkpoint_every=checkpoint_every, initial_eval=initial_eval, hvp_mode=cfg.hvp_mode)
+                       state=state, checkpoint_every=checkpoint_every, initial_eval=initial_eval, hvp_mode=cfg.hvp_mode,
+                       compile=cfg.compile)
     except KeyboardInterrupt as error:
         good = getattr(error, "state", None)
         iteration = good.iteration if good is not None else None

@@ -296,9 +296,11 @@ def linear_sgd(matvec: Matvec, b: Tree, *, steps: int = 1, lr: float, init: Opti
 
 
 def project_ball(z: Tree, radius: float) -> Tree:
-    """Euclidean projection of the whole tree onto {||z|| <= radius}."""
-    n = float(tree.norm(z))
-    return tree.scale(z, radius / n) if n > radius else z
+    """Euclidean projection of the whole tree onto {||z|| <= radius}: z min(1, radius / ||z||), the
+    factor chosen with ``torch.where`` (no host read of the norm, so a solver step holding it can
+    be vmapped or compiled)."""
+    n = tree.norm(z)
+    return tree.scale(z, torch.where(n > radius, radius / n, torch.ones_like(n)))
 
 
 def _check_steps(steps: int, minimum: int = 1) -> None:

@@ -85,6 +85,12 @@ def count_calls() -> Iterator[OracleCounts]:
         _ACTIVE.remove(counts)
 
 
+#: Oracle calls made inside a torch.compile'd step (bilevel.compiled): traced as appends to this
+#: list, which the compiled code replays at each call; the caller drains it into the counts.
+#: (Incrementing the counts' ints inside the trace would make every call a new graph.)
+DEFERRED: List[Tuple[str, int]] = []
+
+
 _MODES: List[str] = []
 
 
@@ -182,6 +188,9 @@ def _cudnn_disabled() -> Iterator[None]:
 
 
 def _record(kind: str, n: int = 1) -> None:
+    if torch.compiler.is_compiling():
+        DEFERRED.append((kind, n))
+        return
     for counts in _ACTIVE:
         counts[kind] += n
 

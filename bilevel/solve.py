@@ -155,10 +155,12 @@ def _synchronizer(device: torch.device):
 
 
 def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callbacks, counts, history, elapsed,
-              label, initial_eval=True, sync=lambda: None):
+              label, initial_eval=True, sync=lambda: None, step=None):
     """The loop proper: appends evaluation records to ``history``; returns (state, elapsed).
+    ``step(state) -> state`` is one outer iteration (default: ``solver.step`` on ``problem``).
     Records count from the state's cumulative calls and time (non-zero when resuming). On any
     exception the last good resumable state is attached to it as ``error.state``."""
+    step = step or (lambda s: solver.step(problem, s))
     earlier_calls = OracleCounts(state.calls or {})
     good, good_generator, good_elapsed = state, copy_generator(state.generator), elapsed
     good_calls = counts + earlier_calls
@@ -178,7 +180,7 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
             evaluate_and_report()
         for t in range(steps):
             started = time.perf_counter()
-            state = solver.step(problem, state)  # sample from the run's generator, then the pure update
+            state = step(state)  # sample from the run's generator, then the pure update
             sync()
             elapsed += time.perf_counter() - started
             problem_found = _non_finite(label, state)
@@ -203,7 +205,8 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
 def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "soba", steps: int = 1000, *,
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
           progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
-          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None, **hyperparameters) -> Result:
+          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None, compile: bool = False,
+          **hyperparameters) -> Result:
     """Run ``solver`` on ``problem`` for ``steps`` outer iterations.
 
     Args:
@@ -236,6 +239,10 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
             (None: cuda when available, else cpu); a problem object is moved there
             (:meth:`~bilevel.problem.BilevelProblem.to`; None: it stays where it is). The run's
             generator is created on that device; step times wait for the device's queued work.
+        compile: run the solver step through ``torch.compile`` (:mod:`bilevel.compiled`): the
+            batches are drawn eagerly, the update compiled; results equal the eager run's up to
+            floating-point rounding. A step that cannot be traced runs eagerly, with one
+            :class:`~bilevel.compiled.CompileFallback` warning naming the reason.
         **hyperparameters: solver options, e.g. ``upper_lr=0.05``; unknown names raise TypeError.
     """
     from .checkpoint import Checkpoint, check_compatible
@@ -251,6 +258,8 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
     for key, value, minimum in (("eval_every", eval_every, 1), ("checkpoint_every", checkpoint_every, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
             raise ValueError(f"{key} must be an integer >= {minimum} (or None for the default), got {value!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     eval_every = eval_every or max(1, steps // 20)
     checkpoint_every = eval_every if checkpoint_every is None else checkpoint_every
     callbacks = list(callbacks)
@@ -282,10 +291,14 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
             cb.on_start({"problem": problem_name, "solver": name, "steps": steps, "seed": seed,
                          "hyperparameters": solver.hyperparameters()})
         first = state.iteration
+        step = None
+        if compile:
+            from .compiled import compiled_step
+            step = compiled_step(solver, problem)
         try:
             state, elapsed = _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callbacks,
                                        counts, history, elapsed, f"{name} on {problem_name}", initial_eval,
-                                       _synchronizer(run_device))
+                                       _synchronizer(run_device), step)
         except BaseException as error:
             for cb in callbacks:
                 cb.on_error(error)

@@ -107,7 +107,8 @@ class F2SA(Solver):
         check_exponent(self, "delta_lambda", "lower_lr_decay", "penalty_lr_decay", "upper_lr_decay", "lambda_decay")
 
     def init(self, problem, x, y, generator):
-        multiplier = torch.tensor(float(self.lambda0), dtype=torch.float64)
+        device = next(iter(x.values())).device if x else None
+        multiplier = torch.tensor(float(self.lambda0), dtype=torch.float64, device=device)
         return self.start(F2SAState(x=x, y=tree.clone(y), penalized=tree.clone(y), multiplier=multiplier,
                                     upper=self._upper().init(x)), generator)
 

@@ -31,9 +31,9 @@ SOLVERS = {
     "vrbo": {"neumann_lr": 0.5, "neumann_steps": 2, "inner_steps": 2, "period": 2, "refresh_batches": 2},
     "f2sa": {"inner_steps": 2}, "itd-bio": {"lower_lr": 0.3, "inner_steps": 3}, "lower-only": {"inner_steps": 2},
 }
-#: Solvers whose typed state changes structure after the first step: CG's warm start v is None
-#: until the first solve (bilevel.estimators.ConjugateGradient.init).
-STRUCTURE_CHANGES = {"aid-cg"}
+#: Solvers whose typed state changes structure after the first step: none (CG's warm start v is
+#: zeros from bilevel.estimators.ConjugateGradient.init, no longer None until the first solve).
+STRUCTURE_CHANGES = set()
 
 
 def quadratic():
@@ -151,7 +151,8 @@ def _vmapped_update(problem, solver, cores, batches):
 
 #: Updates that torch.func.vmap takes over copies with their own batches (the brief's SOBA, BO-REP
 #: and a Neumann solver, StocBiO, and every other that works today).
-VMAPPABLE = ["soba", "bo-rep", "stocbio", "slip", "accbo", "adambo", "amigo", "mrbo", "vrbo", "f2sa", "lower-only"]
+VMAPPABLE = ["soba", "bo-rep", "stocbio", "slip", "accbo", "adambo", "amigo", "mrbo", "vrbo", "f2sa", "lower-only",
+             "ma-soba"]
 #: Why the others cannot be vmapped over seeds yet.
 NOT_VMAPPABLE = {
     "bsa": "randomized Neumann: each copy draws its own q, so the copies make different numbers of HVPs",
@@ -159,7 +160,6 @@ NOT_VMAPPABLE = {
     "saba": "the SAGA memory is indexed by each copy's own mini-batch index (a Python int)",
     "aid-cg": "CG's curvature and tolerance checks read tensors in Python (bilevel.linear_system)",
     "itd-bio": "bilevel.hypergrad.itd makes autograd leaves (requires_grad_), refused inside torch.func",
-    "ma-soba": "only with z_radius: bilevel.linear_system.project_ball reads the norm with float()",
 }
 
 
