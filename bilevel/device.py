@@ -12,8 +12,7 @@ tensors without a copy. The problems' losses and samplers then read nothing back
 except where a shape is chosen from data (the block order of a new epoch, :mod:`bilevel.sampling`;
 the padded length of a token batch, :func:`problems.batches.trim_padding`); evaluation reads its
 metrics. (Solver parts that still read a value about once a step: CG's report of the first
-non-positive curvature, the term count of randomized Neumann, ``linear_system.project_ball`` and
-``solve``'s NaN check.)
+non-positive curvature, the term count of randomized Neumann and ``solve``'s NaN check.)
 
 The same seed gives different draws on different devices (CUDA and CPU generators are different
 algorithms); on one device a seed gives one run.
