@@ -166,6 +166,9 @@ def second_order(problem) -> Iterator[None]:
 
     The kernels are chosen when the graph is recorded, so the context covers the lower forward
     and the create_graph backward; later backward passes through the recorded graph need none.
+    While ``torch.compile`` traces (``compile=True`` runs) the context does nothing: dynamo
+    cannot trace these context managers, and the compiled graph picks its own kernels (not
+    checked on a GPU: a compiled step through fused attention or a cuDNN RNN may still fail).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     if torch.compiler.is_compiling():  # dynamo cannot trace these context managers (its own graph's kernels)
