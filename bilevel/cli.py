@@ -1,4 +1,5 @@
 """Command line: ``bilevel run [CONFIG.yaml] [key=value ...]``, ``bilevel resume RUN_DIR``,
+``bilevel select [CONFIG.yaml] [key=value ...]`` (data selection: BLISS against the baselines),
 ``bilevel list``, ``bilevel check [problem=NAME ...]`` and ``bilevel data list|fetch|path``.
 
 Exit codes: 0 every solver finished ok; 1 a solver failed or diverged (the others' results are
@@ -47,6 +48,25 @@ def _run(args) -> int:
         print(to_yaml(cfg))
         return 0
     return _report(run_experiment(cfg))
+
+
+def _select(args) -> int:
+    from .select import load_select_config, run_select
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path:  # `bilevel select key=value ...`
+        overrides.insert(0, config_path)
+        config_path = None
+    cfg = load_select_config(config_path, overrides)
+    if args.print_config:
+        from omegaconf import OmegaConf
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return 0
+    try:
+        run_select(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _resume(args) -> int:
@@ -131,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver=soba steps=200")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.set_defaults(func=_run)
+    sel = sub.add_parser("select", help="data selection for LM pretraining: BLISS rounds against random, full, "
+                                        "DSIR, perplexity and MATES (default: a tiny offline study)")
+    sel.add_argument("config", nargs="?", help="YAML config file (keys of bilevel.select.SelectConfig)")
+    sel.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds=3 methods=[bliss,random] "
+                                                  "data=files pool=[my.jsonl] validation=val.jsonl")
+    sel.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sel.set_defaults(func=_select)
     res = sub.add_parser("resume", help="continue every unfinished solver of a run folder from its last checkpoint")
     res.add_argument("run_dir", help="a folder written by bilevel run (holds config.yaml)")
     res.set_defaults(func=_resume)
@@ -158,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value items after a flag (`run job.yaml --print-config steps=4`)
-        if args.command != "run" or any("=" not in item for item in extra):
+        if args.command not in ("run", "select") or any("=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     previous = _sigterm_raises()

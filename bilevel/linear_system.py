@@ -16,6 +16,7 @@ from typing import Callable, Iterator, List, Optional
 import torch
 
 from . import tree
+from .upper import clip_each
 from .tree import Tree
 
 Matvec = Callable[[Tree], Tree]
@@ -277,19 +278,31 @@ def neumann_products(steps: int, variant: str, term: Optional[int] = None) -> in
 
 
 def linear_sgd(matvec: Matvec, b: Tree, *, steps: int = 1, lr: float, init: Optional[Tree] = None,
-               radius: Optional[float] = None) -> Tree:
-    """(Stochastic) gradient descent on the quadratic  1/2 <v, A v> - <b, v>:
+               radius: Optional[float] = None, damping: float = 0.0, clip: Optional[float] = None) -> Tree:
+    """(Stochastic) gradient descent on the quadratic  1/2 <v, (A + damping I) v> - <b, v>:
 
-        z <- Proj_{||z|| <= radius}( z - lr (A z - b) )
+        d <- A z + damping z - b,     d_k <- d_k min(1, clip / ||d_k||) per tensor k (when clip)
+        z <- Proj_{||z|| <= radius}( z - lr d )
 
     With ``init`` carried across outer iterations and one step per iteration this is the
     warm-started z of SOBA (Dagreou et al. 2022) and MA-SOBA (Chen et al. 2023); ``radius``
-    enables MA-SOBA's projection. ``steps`` products.
+    enables MA-SOBA's projection. ``damping`` (lambda) and the per-tensor ``clip`` of the
+    direction are BLISS's (arXiv:2510.06048, official code: 3 steps from a fresh z, lambda 1e-2,
+    clip 1.0), which solves (A + lambda I) z = b. ``steps`` products.
     """
     _check_steps(steps, minimum=0)
+    if not damping >= 0:
+        raise ValueError(f"damping must be >= 0, got {damping!r}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be positive or None, got {clip!r}")
     z = tree.zeros_like(b) if init is None else tree.clone(init)
     for _ in range(steps):
-        z = tree.axpy(-lr, tree.sub(matvec(z), b), z)
+        direction = tree.sub(matvec(z), b)
+        if damping:
+            direction = tree.axpy(damping, z, direction)
+        if clip is not None:
+            direction = clip_each(direction, clip)
+        z = tree.axpy(-lr, direction, z)
         if radius is not None:
             z = project_ball(z, radius)
     return z

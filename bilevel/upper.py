@@ -190,6 +190,42 @@ def clip(max_norm: float) -> Transform:
     return Transform(lambda x: Stateless(), update)
 
 
+def clip_each(u: Tree, max_norm: float) -> Tree:
+    """Every tensor scaled to norm at most ``max_norm`` on its own (no host synchronisation)."""
+    return {k: v * torch.clamp(max_norm / v.norm(), max=1.0) for k, v in u.items()}
+
+
+def clip_per_tensor(max_norm: float) -> Transform:
+    """u_k <- u_k min(1, max_norm / ||u_k||) for every tensor k separately (BLISS's ``grad_clip``
+    on the score model's hypergradient: a tensor whose norm exceeds 1 is scaled to unit norm)."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    return Transform(lambda x: Stateless(), lambda u, state, **extra: (clip_each(u, max_norm), state))
+
+
+def decoupled_weight_decay(weight_decay: float) -> Transform:
+    """u <- u + weight_decay x (Loshchilov and Hutter, "Decoupled Weight Decay Regularization",
+    ICLR 2019): after :func:`adam` and before :func:`scale`, the step x <- x - lr_t (adam + wd x)
+    is torch.optim.AdamW's. The update needs the current point: ``update(u, state, params=x)``."""
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+    def update(u, state, params: Optional[Tree] = None, **extra):
+        if not weight_decay:
+            return u, state
+        if params is None:
+            raise ValueError("decoupled_weight_decay needs params=<the current x> in update()")
+        return tree.axpy(weight_decay, params, u), state
+    return Transform(lambda x: Stateless(), update)
+
+
+def adamw(step_size: StepSize, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 1e-2) -> Transform:
+    """torch.optim.AdamW as a chain: ``chain(adam(b1, b2, eps), decoupled_weight_decay(wd),
+    scale(lr))``; call ``update(h, state, params=x)``."""
+    return chain(adam(b1, b2, eps), decoupled_weight_decay(weight_decay), scale(step_size))
+
+
 def adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
     """Adam's direction with bias correction (Kingma and Ba 2015); chain with :func:`scale`:
 

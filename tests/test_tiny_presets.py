@@ -26,8 +26,9 @@ DATA = {
     "auc": ["problem_options.data_path={rt}"],
     "hpo-rnn": ["problem_options.data_path={rt}"],
     "hyperclean": ["problem_options.data_path={rt}"],
+    "data-selection": [],
 }
-SLOW = {"hyperrep", "auc", "hpo-rnn", "hyperclean"}
+SLOW = {"hyperrep", "auc", "hpo-rnn", "hyperclean", "data-selection"}
 
 
 def test_every_problem_has_a_default_tiny_run():

@@ -30,6 +30,7 @@ SOLVERS = {
     "sustain": {"neumann_lr": 0.5, "neumann_steps": 3}, "mrbo": {"neumann_lr": 0.5, "neumann_steps": 3},
     "vrbo": {"neumann_lr": 0.5, "neumann_steps": 2, "inner_steps": 2, "period": 2, "refresh_batches": 2},
     "f2sa": {"inner_steps": 2}, "itd-bio": {"lower_lr": 0.3, "inner_steps": 3}, "lower-only": {"inner_steps": 2},
+    "bliss": {"inner_steps": 2, "z_steps": 2, "upper_lr": 0.01, "lower_lr": 0.01},
 }
 #: Solvers whose typed state changes structure after the first step: none (CG's warm start v is
 #: zeros from bilevel.estimators.ConjugateGradient.init, no longer None until the first solve).
@@ -152,7 +153,7 @@ def _vmapped_update(problem, solver, cores, batches):
 #: Updates that torch.func.vmap takes over copies with their own batches (the brief's SOBA, BO-REP
 #: and a Neumann solver, StocBiO, and every other that works today).
 VMAPPABLE = ["soba", "bo-rep", "stocbio", "slip", "accbo", "adambo", "amigo", "mrbo", "vrbo", "f2sa", "lower-only",
-             "ma-soba"]
+             "ma-soba", "bliss"]
 #: Why the others cannot be vmapped over seeds yet.
 NOT_VMAPPABLE = {
     "bsa": "randomized Neumann: each copy draws its own q, so the copies make different numbers of HVPs",

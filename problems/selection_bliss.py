@@ -1,0 +1,84 @@
+"""One BLISS round for ``bilevel select``: the bilevel phase, then scoring the pool.
+
+BLISS (Hao et al., ICML 2026, arXiv:2510.06048), section "rounds" of its ``scripts/run.sh``: with
+the target LM frozen, the ``bliss`` solver runs ``bilevel_steps`` outer steps on the
+``data-selection`` problem (x = score model initialised from the proxy, y = the proxy; the KL term
+pulls the proxy toward the *current* target), then the learned score model scores every pool
+sequence. Everything goes through :func:`bilevel.solve`, the same estimators and oracles as any
+other solver.
+
+The problem is built once per run from the pipeline's own splits and tokenizer, with no warm-up
+(``warmup_steps=0``); its pool, validation set and the proxy / target parameters are then set to
+the pipeline's (the shared warm-up checkpoint, the current target), so that indices and models are
+the pipeline's. The proxy the bilevel phase ends with is carried to the next round (written into
+the pipeline's proxy module); the score model is fresh from the proxy each round unless
+``keep_score_model`` (an ablation).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .selection_methods import RoundInputs, score_with
+
+__all__ = ["bliss_round", "build_problem"]
+
+
+def build_problem(inputs: RoundInputs):
+    """The ``data-selection`` problem on the pipeline's data (cached in ``inputs.options``)."""
+    cache = inputs.options.setdefault("_cache", {})
+    if "problem" in cache:
+        return cache["problem"]
+    from .data_selection import DataSelection
+    o = inputs.options
+    p_opts = dict(o.get("problem_options") or {})
+    unknown = set(p_opts) - {"gamma", "reg", "batch_size", "val_batch_size", "sampling"}
+    if unknown:
+        raise ValueError(f"problem_options {sorted(unknown)}: bilevel select passes only gamma, reg, batch_size, "
+                         "val_batch_size and sampling to the data-selection problem (the data and models are the "
+                         "pipeline's)")
+    p_opts.setdefault("batch_size", int(o.get("batch_size", 8)))
+    data = o["_data"]
+    problem = DataSelection(splits=data.splits, tokenizer_path=str(data.tokenizer_path),
+                            model_preset=o["preset"], seq_len=int(inputs.pool.tokens.shape[1]), warmup_steps=0,
+                            eval_pool=min(256, len(inputs.pool)), max_eval=o.get("max_eval_sequences"),
+                            seed=inputs.seed, **p_opts)
+    problem.pool, problem.n_train = inputs.pool, len(inputs.pool)
+    problem.validation, problem.n_val = inputs.validation, len(inputs.validation)
+    cache["problem"] = problem
+    return problem
+
+
+def _params(module: torch.nn.Module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def bliss_round(inputs: RoundInputs) -> np.ndarray:
+    """Run the bilevel phase of round ``inputs.round`` and return the pool's scores."""
+    from bilevel.solve import solve
+    from .language_model import score_params_from_lm
+    o = inputs.options
+    problem = build_problem(inputs)
+    problem.proxy_params = _params(inputs.proxy)
+    problem.target_params = _params(inputs.target)
+    y0 = {k: v.clone() for k, v in problem.proxy_params.items()}
+    if o.get("keep_score_model") and "score" in inputs.state:
+        x0 = {k: v.clone() for k, v in inputs.state["score"].items()}
+    else:
+        x0 = score_params_from_lm(problem.score, problem.proxy_params,
+                                  torch.Generator().manual_seed(1000 * inputs.seed + inputs.round))
+    problem.init = lambda generator: ({k: v.clone() for k, v in x0.items()}, {k: v.clone() for k, v in y0.items()})
+    steps = int(o.get("bilevel_steps", 20))
+    solver_options = {"total_steps": max(1, steps), **dict(o.get("solver_options") or {})}
+    result = solve(problem, "bliss", steps=steps, seed=1000 * inputs.seed + inputs.round, eval_every=max(1, steps),
+                   progress=bool(o.get("progress")), initial_eval=False, **solver_options)
+    del problem.init  # back to the class's init
+    with torch.no_grad():
+        for name, p in inputs.proxy.named_parameters():
+            p.copy_(result.y[name])
+    x = {k: v.detach() for k, v in result.x.items()}
+    if o.get("keep_score_model"):
+        inputs.state["score"] = {k: v.clone() for k, v in x.items()}
+    inputs.state.setdefault("bilevel", []).append({"round": inputs.round, **{
+        k: v for k, v in result.final.items() if isinstance(v, (int, float))}})
+    return score_with(problem.score, x, inputs.pool.tokens, inputs.pool.mask)
