@@ -171,8 +171,14 @@ def second_order(problem) -> Iterator[None]:
 
     The kernels are chosen when the graph is recorded, so the context covers the lower forward
     and the create_graph backward; later backward passes through the recorded graph need none.
+    While ``torch.compile`` traces (``compile=True`` runs) the context does nothing: dynamo
+    cannot trace these context managers, and the compiled graph picks its own kernels (not
+    checked on a GPU: a compiled step through fused attention or a cuDNN RNN may still fail).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    if torch.compiler.is_compiling():  # dynamo cannot trace these context managers (its own graph's kernels)
+        yield
+        return
     with contextlib.ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if has_recurrent_model(problem):
@@ -279,7 +285,8 @@ def _functional_second_order(problem, x, y, batch):
     """(grad_y g, its vjp v -> (d2_xy g . v, d2_yy g . v)) by torch.func.vjp of torch.func.grad."""
     def grad_y(xx, yy):
         return torch.func.grad(lambda a, b: _loss(problem.lower_loss, a, b, batch, "lower_loss"), argnums=1)(xx, yy)
-    return torch.func.vjp(grad_y, x, y)
+    with second_order(problem):  # twice-differentiable kernels (attention, RNNs), chosen at the forward
+        return torch.func.vjp(grad_y, x, y)
 
 
 def _grad_both(loss_fn, which: str, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
