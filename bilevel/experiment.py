@@ -38,6 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as config_module
+from . import distributed
 from . import report
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .logging import JsonlLogger, ProgressBar, WandbLogger, _jsonable
@@ -81,6 +82,10 @@ class ExperimentResult:
     @property
     def any_ok(self) -> bool:
         return any(s == "ok" for s in self.statuses.values())
+
+
+def _silent(*args, **kwargs) -> None:
+    """The echo of ranks other than 0 in a data-parallel run."""
 
 
 def new_run_dir(output_dir: str, name: Optional[str], problem: str) -> Path:
@@ -226,12 +231,15 @@ def _events(path: Path) -> List[dict]:
 def run_experiment(cfg: DictConfig, echo=print, resume_dir: Optional[Path] = None) -> ExperimentResult:
     """Run every solver of ``cfg`` (validated by :func:`bilevel.config.load`); with
     ``resume_dir``, continue that run folder instead of creating one."""
+    if distributed.setup(cfg.get("device")) and not distributed.is_main():
+        echo = _silent  # under torchrun: rank 0 speaks and writes (bilevel.distributed)
     plan = prepare(cfg)
     problem, metrics = plan.problem, plan.metrics
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if resume_dir is None:
-        run_dir = new_run_dir(cfg.output_dir, cfg.name, cfg.problem)
+        run_dir = distributed.broadcast_object(
+            new_run_dir(cfg.output_dir, cfg.name, cfg.problem) if distributed.is_main() else None)
         atomic_write(run_dir / "config.yaml", config_module.to_yaml(cfg))
         echo(f"run folder: {run_dir}")
     else:
@@ -263,8 +271,10 @@ def run_experiment(cfg: DictConfig, echo=print, resume_dir: Optional[Path] = Non
         columns = ["solver", *metrics, "wall_time_s", "ms_per_iter", "oracle_calls", "status"]
         table = report.format_table(rows, columns)
         atomic_write(run_dir / "summary.md", f"# {cfg.problem}, {cfg.steps} steps, seed {cfg.seed}\n\n{table}\n")
-        report.write_csv(rows, run_dir / "summary.csv")
-        plotted = bool(cfg.plot) and report.plot_curves(
+        main = distributed.is_main()
+        if main:
+            report.write_csv(rows, run_dir / "summary.csv")
+        plotted = main and bool(cfg.plot) and report.plot_curves(
             {n: h for n, h in histories.items() if h}, metrics, run_dir / "curves.png",
             title=f"{cfg.problem} (seed {cfg.seed})")
     echo(table)
@@ -299,7 +309,7 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
                                                          {"event": "resume", "iteration": k}]]
             atomic_write(jsonl, "\n".join(lines) + "\n")  # records after the checkpoint are dropped: they come again
             echo(f"{name}: continuing from iteration {k} of {cfg.steps}")
-        elif (run_dir / f"{name}.jsonl").exists():  # killed before its first checkpoint: start over
+        elif (run_dir / f"{name}.jsonl").exists() and distributed.is_main():  # killed before its first checkpoint: start over
             (run_dir / f"{name}.jsonl").unlink()
     histories[name] = history
     callbacks = [JsonlLogger(run_dir / f"{name}.jsonl"), _Checkpoints(state_path, solver, problem, history)]
@@ -331,7 +341,8 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
         if good is not None:
             save_checkpoint(run_dir / f"{name}.last-good.state.pt", good, solver=solver, problem=problem,
                             kind="last-good", history=[r for r in history if r["iteration"] <= good.iteration])
-        state_path.unlink(missing_ok=True)  # the periodic checkpoint is older than the last good state
+        if distributed.is_main():
+            state_path.unlink(missing_ok=True)  # the periodic checkpoint is older than the last good state
         echo(f"{name} diverged: {error}")
         statuses[name] = f"diverged: {_first_clause(error)}"
         outcomes[name] = error
@@ -339,6 +350,8 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
     except (FloatingPointError, ValueError, RuntimeError, TypeError) as error:
         # TypeError: the solver cannot handle this problem (e.g. SABA on a problem that is
         # not a finite sum); the message says what is missing. The other solvers still run.
+        if distributed.active():  # the ranks must not part ways: the job ends with this rank's error
+            raise
         echo(f"{name} failed: {type(error).__name__}: {error}")
         statuses[name] = f"failed: {type(error).__name__}"
         outcomes[name] = error

@@ -75,6 +75,8 @@ def dot(a: Tree, b: Tree) -> Tensor:
     """Sum over leaves of <a_k, b_k>, a 0-d tensor."""
     _check_keys(a, b)
     terms = [(a[k] * b[k]).sum() for k in a]
+    if len(terms) == 1:  # one leaf: its sum as is (stacking and summing one number is exact but costs two ops)
+        return terms[0]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
