@@ -64,7 +64,11 @@ class CheckpointMismatch(CheckpointError):
 def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so
     readers see either the old file or the complete new one. On failure (full disk, interrupt)
-    the temporary file is removed and the error re-raised."""
+    the temporary file is removed and the error re-raised. In a data-parallel run
+    (:mod:`bilevel.distributed`) only rank 0 writes; the other ranks return at once."""
+    from . import distributed
+    if not distributed.is_main():
+        return
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -237,8 +241,10 @@ def save_checkpoint(path: Union[str, Path], state, *, solver, problem, kind: str
                     history: Optional[List[Dict[str, Any]]] = None) -> Path:
     """Write ``state`` with its provenance to ``path`` atomically. ``kind`` says what the state
     is: ``"checkpoint"`` (periodic), ``"interrupted"``, ``"last-good"`` (before a NaN) or
-    ``"final"``."""
-    from . import __version__
+    ``"final"``. In a data-parallel run only rank 0 writes (the others return at once)."""
+    from . import __version__, distributed
+    if not distributed.is_main():
+        return Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
                "kind": kind, "solver": solver_name(solver), "hyperparameters": plain(solver.hyperparameters()),
                "problem": problem_description(problem), "history": plain(history or []),

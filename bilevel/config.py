@@ -56,6 +56,14 @@ class RunConfig:
     solver_options: Dict[str, Any] = field(default_factory=dict)
     steps: int = 1000
     seed: int = 0
+    #: Many runs in one process (bilevel.many): one copy per seed, batched with torch.func.vmap
+    #: (``seeds=[0,1,2]``); null: the single run with ``seed``. Summaries then hold mean +- std
+    #: over seeds.
+    seeds: Optional[List[int]] = None
+    #: A step-size grid crossed with the seeds (``grid.upper_lr=[0.01,0.1]``): field -> list of
+    #: values, applied to every selected solver that has the field; the summary picks the best
+    #: point per solver on the problem's validation metric (its ``selection``).
+    grid: Dict[str, Any] = field(default_factory=dict)
     eval_every: int = 50
     #: Parent folder of run folders.
     output_dir: str = "results"
@@ -209,6 +217,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.hvp_mode not in HVP_MODES:
         raise ConfigError(f"hvp_mode must be one of {list(HVP_MODES)}, got {cfg.hvp_mode!r}")
     _check_device(cfg.device)
+    _check_many(cfg)
     if cfg.dtype is not None and cfg.dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype must be one of {list(DTYPE_NAMES)} (or null for the problem's default), "
                           f"got {cfg.dtype!r}")
@@ -230,6 +239,42 @@ def validate(cfg: DictConfig) -> None:
         build_solver(cfg, name)  # value checks (a NaN or negative step size, ...)
     if cfg.wandb.mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode must be online, offline or disabled, got {cfg.wandb.mode!r}")
+
+
+def _check_many(cfg: DictConfig) -> None:
+    """seeds: a non-empty list of distinct integers >= 0; grid: step-size field -> non-empty list
+    of positive numbers, each field a step size of at least one selected solver."""
+    from .many import check_seeds, grid_points
+    if cfg.get("compile") and (cfg.seeds is not None or cfg.grid):
+        raise ConfigError("compile=true is not supported with seeds or grid (many runs are batched with vmap, "
+                          "not compiled); drop one of them")
+    if cfg.seeds is not None:
+        try:
+            check_seeds(list(cfg.seeds))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if not cfg.grid:
+        return
+    grid = OmegaConf.to_container(cfg.grid)
+    for key, values in grid.items():
+        if not isinstance(values, list):
+            raise ConfigError(f"grid.{key} must be a list of step sizes, e.g. grid.{key}=[0.01,0.1], got {values!r}")
+        owners = [n for n in cfg.solvers if key in schedules.step_size_fields(SOLVERS.get(n).cls)]
+        if not owners:
+            raise ConfigError(f"grid.{key}: no selected solver has a step-size field {key!r} "
+                              f"(solvers: {list(cfg.solvers)})")
+    for name in cfg.solvers:
+        try:
+            grid_points(build_solver(cfg, name), solver_grid(cfg, name))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def solver_grid(cfg: DictConfig, name: str) -> Dict[str, list]:
+    """The part of ``cfg.grid`` that applies to solver ``name`` (the fields it has)."""
+    fields = set(schedules.step_size_fields(SOLVERS.get(name).cls))
+    grid = OmegaConf.to_container(cfg.grid) if cfg.grid else {}
+    return {k: v for k, v in grid.items() if k in fields}
 
 
 def resolve_problem(name: str):

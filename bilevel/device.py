@@ -8,9 +8,11 @@ A run happens on one device. :func:`bilevel.make_problem` builds a problem and m
 (``make_problem(name, device=...)``); :func:`bilevel.solve` seeds the run's generator
 (:class:`~bilevel.sampling.RunGenerator`) on the problem's device, so every ``torch.randint`` /
 ``randperm`` of ``problem.sample`` draws there and the indices it returns index the problem's
-tensors without a copy. A step then reads nothing back to the host except where a problem
-chooses a shape from data (the block order of a new epoch, :mod:`bilevel.sampling`; the padded
-length of a token batch, :func:`problems.batches.trim_padding`); evaluation reads its metrics.
+tensors without a copy. The problems' losses and samplers then read nothing back to the host
+except where a shape is chosen from data (the block order of a new epoch, :mod:`bilevel.sampling`;
+the padded length of a token batch, :func:`problems.batches.trim_padding`); evaluation reads its
+metrics. (Solver parts that still read a value about once a step: CG's report of the first
+non-positive curvature, the term count of randomized Neumann and ``solve``'s NaN check.)
 
 The same seed gives different draws on different devices (CUDA and CPU generators are different
 algorithms); on one device a seed gives one run.

@@ -38,6 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as config_module
+from . import distributed
 from . import report
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .logging import JsonlLogger, ProgressBar, WandbLogger, _jsonable
@@ -81,6 +82,10 @@ class ExperimentResult:
     @property
     def any_ok(self) -> bool:
         return any(s == "ok" for s in self.statuses.values())
+
+
+def _silent(*args, **kwargs) -> None:
+    """The echo of ranks other than 0 in a data-parallel run."""
 
 
 def new_run_dir(output_dir: str, name: Optional[str], problem: str) -> Path:
@@ -226,18 +231,25 @@ def _events(path: Path) -> List[dict]:
 def run_experiment(cfg: DictConfig, echo=print, resume_dir: Optional[Path] = None) -> ExperimentResult:
     """Run every solver of ``cfg`` (validated by :func:`bilevel.config.load`); with
     ``resume_dir``, continue that run folder instead of creating one."""
+    if distributed.setup(cfg.get("device")) and not distributed.is_main():
+        echo = _silent  # under torchrun: rank 0 speaks and writes (bilevel.distributed)
     plan = prepare(cfg)
     problem, metrics = plan.problem, plan.metrics
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if resume_dir is None:
-        run_dir = new_run_dir(cfg.output_dir, cfg.name, cfg.problem)
+        run_dir = distributed.broadcast_object(
+            new_run_dir(cfg.output_dir, cfg.name, cfg.problem) if distributed.is_main() else None)
         atomic_write(run_dir / "config.yaml", config_module.to_yaml(cfg))
         echo(f"run folder: {run_dir}")
     else:
         run_dir = Path(resume_dir)
         echo(f"resuming run folder: {run_dir}")
 
+    if cfg.seeds is not None or cfg.grid:
+        if resume_dir is not None:
+            raise config_module.ConfigError("bilevel resume: runs with seeds or grid are not resumable; run them again")
+        return _run_many(cfg, plan, run_dir, echo)
     outcomes: Dict[str, object] = {}
     histories: Dict[str, List[dict]] = {}
     statuses: Dict[str, str] = {}
@@ -259,8 +271,10 @@ def run_experiment(cfg: DictConfig, echo=print, resume_dir: Optional[Path] = Non
         columns = ["solver", *metrics, "wall_time_s", "ms_per_iter", "oracle_calls", "status"]
         table = report.format_table(rows, columns)
         atomic_write(run_dir / "summary.md", f"# {cfg.problem}, {cfg.steps} steps, seed {cfg.seed}\n\n{table}\n")
-        report.write_csv(rows, run_dir / "summary.csv")
-        plotted = bool(cfg.plot) and report.plot_curves(
+        main = distributed.is_main()
+        if main:
+            report.write_csv(rows, run_dir / "summary.csv")
+        plotted = main and bool(cfg.plot) and report.plot_curves(
             {n: h for n, h in histories.items() if h}, metrics, run_dir / "curves.png",
             title=f"{cfg.problem} (seed {cfg.seed})")
     echo(table)
@@ -295,7 +309,7 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
                                                          {"event": "resume", "iteration": k}]]
             atomic_write(jsonl, "\n".join(lines) + "\n")  # records after the checkpoint are dropped: they come again
             echo(f"{name}: continuing from iteration {k} of {cfg.steps}")
-        elif (run_dir / f"{name}.jsonl").exists():  # killed before its first checkpoint: start over
+        elif (run_dir / f"{name}.jsonl").exists() and distributed.is_main():  # killed before its first checkpoint: start over
             (run_dir / f"{name}.jsonl").unlink()
     histories[name] = history
     callbacks = [JsonlLogger(run_dir / f"{name}.jsonl"), _Checkpoints(state_path, solver, problem, history)]
@@ -327,7 +341,8 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
         if good is not None:
             save_checkpoint(run_dir / f"{name}.last-good.state.pt", good, solver=solver, problem=problem,
                             kind="last-good", history=[r for r in history if r["iteration"] <= good.iteration])
-        state_path.unlink(missing_ok=True)  # the periodic checkpoint is older than the last good state
+        if distributed.is_main():
+            state_path.unlink(missing_ok=True)  # the periodic checkpoint is older than the last good state
         echo(f"{name} diverged: {error}")
         statuses[name] = f"diverged: {_first_clause(error)}"
         outcomes[name] = error
@@ -335,6 +350,8 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
     except (FloatingPointError, ValueError, RuntimeError, TypeError) as error:
         # TypeError: the solver cannot handle this problem (e.g. SABA on a problem that is
         # not a finite sum); the message says what is missing. The other solvers still run.
+        if distributed.active():  # the ranks must not part ways: the job ends with this rank's error
+            raise
         echo(f"{name} failed: {type(error).__name__}: {error}")
         statuses[name] = f"failed: {type(error).__name__}"
         outcomes[name] = error
@@ -344,6 +361,63 @@ def _run_one(cfg, run_dir, name, solver, problem, metrics, resuming, outcomes, h
         outcomes[name] = result
         statuses[name] = report.divergence(result, metrics, cfg.divergence_bound) or "ok"
     return None, None
+
+
+def _run_many(cfg: DictConfig, plan: _Plan, run_dir: Path, echo) -> ExperimentResult:
+    """Seeds and a grid (bilevel.many): every solver's copies batched in one process. Writes
+    ``<solver>.runs.jsonl`` (one record per evaluation and copy, with its seed and grid point),
+    ``summary.md`` / ``summary.csv`` (per solver and grid point: mean +- std over seeds; then,
+    when the problem names a ``selection``, the best grid point per solver on its validation
+    metric and its test metric) and ``curves.png`` (mean with a min-max band over seeds against
+    iterations, time and oracle calls). No checkpoints: a batched run is not resumable."""
+    from .many import LoopFallback
+    import warnings
+    seeds = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
+    all_runs, statuses, outcomes = {}, {}, {}
+    for name, solver in plan.solvers.items():
+        grid = config_module.solver_grid(cfg, name)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", LoopFallback)
+                runs = solve(plan.problem, solver, cfg.steps, seeds=seeds, grid=grid or None, eval_every=cfg.eval_every,
+                             hvp_mode=cfg.hvp_mode)
+        except (FloatingPointError, ValueError, RuntimeError, TypeError) as error:
+            echo(f"{name} failed: {type(error).__name__}: {error}")
+            statuses[name], outcomes[name] = f"failed: {type(error).__name__}", error
+            continue
+        for warning in caught:
+            echo(f"{name}: {warning.message}")
+        all_runs[name], outcomes[name] = runs, runs
+        diverged = sum(r.error is not None for r in runs)
+        statuses[name] = "ok" if not diverged else f"{diverged} of {len(runs)} copies diverged"
+        lines = []
+        for r in runs:
+            lines += [json.dumps(_jsonable({"event": "eval", "seed": r.seed, "point": r.point, **rec})) for rec in r.history]
+            if r.error:
+                lines.append(json.dumps({"event": "error", "seed": r.seed, "point": r.point, "error": r.error}))
+        atomic_write(run_dir / f"{name}.runs.jsonl", "\n".join(lines) + "\n")
+        echo(f"{name}: {len(runs)} copies ({len(runs.points)} grid points x {len(seeds)} seeds), "
+             f"{'vmapped' if runs.batched else 'partly looped: ' + runs.reason}, {runs.wall_time:.1f} s")
+    rows = [row for name, runs in all_runs.items() for row in report.many_rows(name, runs, plan.metrics)]
+    table = report.format_table(rows, ["solver", "grid point", "seeds", *plan.metrics, "diverged"])
+    text = f"# {cfg.problem}, {cfg.steps} steps, seeds {seeds}\n\nFinal metrics, mean +- std over seeds:\n\n{table}\n"
+    chosen = report.selection(plan.problem)
+    if chosen is not None and all_runs:
+        validation, mode, test = chosen
+        best = report.best_rows(all_runs, validation, mode, test)
+        best_table = report.format_table(best, ["solver", "best grid point", validation, test, "seeds"])
+        text += f"\nBest grid point per solver ({mode} mean {validation}), then {test}:\n\n{best_table}\n"
+        table += "\n\n" + best_table
+    failed = [f"{n}: {s}" for n, s in statuses.items() if s.startswith("failed")]
+    if failed:
+        text += "\n" + "\n".join(failed) + "\n"
+    atomic_write(run_dir / "summary.md", text)
+    report.write_csv(rows, run_dir / "summary.csv")
+    plotted = bool(cfg.plot) and report.plot_bands(all_runs, plan.metrics, run_dir / "curves.png",
+                                                   title=f"{cfg.problem} (seeds {seeds})")
+    echo(table)
+    echo(f"wrote {run_dir}/summary.md, summary.csv" + (", curves.png" if plotted else ""))
+    return ExperimentResult(run_dir, outcomes, rows, table, statuses, None, None, plotted)
 
 
 def _first_clause(error: BaseException) -> str:

@@ -31,6 +31,10 @@ double backward). First-order oracles keep the fast kernels.
 
 :class:`LowerProducts` holds one lower-gradient graph at a point and batch and takes any number
 of products from it; :func:`bilevel.hypergrad.implicit` uses one per distinct batch.
+
+Data parallelism (:mod:`bilevel.distributed`, torchrun): each oracle differentiates
+w_r l(x, y; B_r) on this rank's slice B_r of the global batch B (w_r = |B_r| / |B|) and sums
+the results over the ranks, so it returns the single-process value on B (:func:`_split`).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import distributed
 from .tree import Tree
 
 HVP_MODES = ("reverse", "forward")
@@ -166,8 +171,14 @@ def second_order(problem) -> Iterator[None]:
 
     The kernels are chosen when the graph is recorded, so the context covers the lower forward
     and the create_graph backward; later backward passes through the recorded graph need none.
+    While ``torch.compile`` traces (``compile=True`` runs) the context does nothing: dynamo
+    cannot trace these context managers, and the compiled graph picks its own kernels (not
+    checked on a GPU: a compiled step through fused attention or a cuDNN RNN may still fail).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    if torch.compiler.is_compiling():  # dynamo cannot trace these context managers (its own graph's kernels)
+        yield
+        return
     with contextlib.ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if has_recurrent_model(problem):
@@ -220,6 +231,37 @@ def _vjp(outputs: Tree, inputs: Tree, cotangent: Tree) -> Tree:
     return {k: v.detach() for k, v in zip(inputs.keys(), values)}
 
 
+class _Local:
+    """This rank's slice of a global batch and its weight w_r = |B_r| / |B| (data parallelism)."""
+    __slots__ = ("batch", "weight")
+
+    def __init__(self, batch: Tensor, weight: float):
+        self.batch, self.weight = batch, weight
+
+
+def _loss(loss_fn, x: Tree, y: Tree, batch: Any, which: str) -> Tensor:
+    """``loss_fn(x, y, batch)`` checked to be 0-d; for a :class:`_Local` slice, the weighted
+    local loss w_r l(x, y; B_r), whose derivatives summed over the ranks are those of l(x, y; B)."""
+    if isinstance(batch, _Local):
+        with distributed.on_slice(batch.weight):  # a loss coupled across the batch may gather (gather_batch)
+            return _scalar(loss_fn(x, y, batch.batch), which) * batch.weight
+    return _scalar(loss_fn(x, y, batch), which)
+
+
+def _no_reduce(*trees):
+    return trees
+
+
+def _split(batch: Any):
+    """(the batch to differentiate on, a function summing result trees over the ranks): this
+    rank's :class:`_Local` slice and :func:`bilevel.distributed.all_reduce_trees` in a data
+    parallel run (not inside torch.func transforms), else the batch as is and the identity."""
+    part = distributed.shard(batch)  # None at once in one process
+    if part is None or _transformed():
+        return batch, _no_reduce
+    return _Local(*part), distributed.all_reduce_trees
+
+
 def _scalar(value: Tensor, which: str) -> Tensor:
     if not isinstance(value, Tensor) or value.dim() != 0:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -236,21 +278,22 @@ def _transformed() -> bool:
 
 def _functional_grad(loss_fn, which: str, x: Tree, y: Tree, batch: Any, argnums) -> Any:
     """torch.func.grad of the loss w.r.t. x (0), y (1) or both ((0, 1))."""
-    return torch.func.grad(lambda xx, yy: _scalar(loss_fn(xx, yy, batch), which), argnums=argnums)(x, y)
+    return torch.func.grad(lambda xx, yy: _loss(loss_fn, xx, yy, batch, which), argnums=argnums)(x, y)
 
 
 def _functional_second_order(problem, x, y, batch):
     """(grad_y g, its vjp v -> (d2_xy g . v, d2_yy g . v)) by torch.func.vjp of torch.func.grad."""
     def grad_y(xx, yy):
-        return torch.func.grad(lambda a, b: _scalar(problem.lower_loss(a, b, batch), "lower_loss"), argnums=1)(xx, yy)
-    return torch.func.vjp(grad_y, x, y)
+        return torch.func.grad(lambda a, b: _loss(problem.lower_loss, a, b, batch, "lower_loss"), argnums=1)(xx, yy)
+    with second_order(problem):  # twice-differentiable kernels (attention, RNNs), chosen at the forward
+        return torch.func.vjp(grad_y, x, y)
 
 
 def _grad_both(loss_fn, which: str, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
     if _transformed():
         return _functional_grad(loss_fn, which, x, y, batch, (0, 1))
     xl, yl = _leaves(x), _leaves(y)
-    loss = _scalar(loss_fn(xl, yl, batch), which)
+    loss = _loss(loss_fn, xl, yl, batch, which)
     grads = torch.autograd.grad(loss, [*xl.values(), *yl.values()], allow_unused=True, materialize_grads=True)
     return dict(zip(xl, grads[:len(xl)])), dict(zip(yl, grads[len(xl):]))
 
@@ -258,23 +301,30 @@ def _grad_both(loss_fn, which: str, x: Tree, y: Tree, batch: Any) -> Tuple[Tree,
 def grad_upper(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
     """(grad_x f, grad_y f) at (x, y) on ``batch``. Counts one ``grad_upper``."""
     _record("grad_upper")
-    return _grad_both(problem.upper_loss, "upper_loss", x, y, batch)
+    batch, reduce = _split(batch)
+    return reduce(*_grad_both(problem.upper_loss, "upper_loss", x, y, batch))
 
 
 def grad_lower(problem, x: Tree, y: Tree, batch: Any) -> Tuple[Tree, Tree]:
     """(grad_x g, grad_y g) at (x, y) on ``batch``. Counts one ``grad_lower``."""
     _record("grad_lower")
-    return _grad_both(problem.lower_loss, "lower_loss", x, y, batch)
+    batch, reduce = _split(batch)
+    return reduce(*_grad_both(problem.lower_loss, "lower_loss", x, y, batch))
 
 
 def _grad_one(loss_fn, which: str, x: Tree, y: Tree, batch: Any, wrt: str) -> Tree:
     """The gradient of ``loss_fn`` w.r.t. x or y only (``wrt``); the other variable enters
     detached, so autograd never computes the unused gradient."""
+    batch, reduce = _split(batch)
     if _transformed():
         return _functional_grad(loss_fn, which, x, y, batch, 0 if wrt == "x" else 1)
+    return reduce(_grad_one_local(loss_fn, which, x, y, batch, wrt))[0]
+
+
+def _grad_one_local(loss_fn, which: str, x: Tree, y: Tree, batch: Any, wrt: str) -> Tree:
     xl = _leaves(x) if wrt == "x" else {k: v.detach() for k, v in x.items()}
     yl = _leaves(y) if wrt == "y" else {k: v.detach() for k, v in y.items()}
-    loss, inputs = _scalar(loss_fn(xl, yl, batch), which), xl if wrt == "x" else yl
+    loss, inputs = _loss(loss_fn, xl, yl, batch, which), xl if wrt == "x" else yl
     if not loss.requires_grad:  # the loss does not depend on that variable (e.g. f free of y)
         return {k: torch.zeros_like(v) for k, v in inputs.items()}
     return {k: v.detach() for k, v in _grad(loss, inputs).items()}
@@ -309,7 +359,7 @@ def _reverse_graph(problem, x, y, batch):
     product d/d(x, y) <grad_y g, v> is one backward pass through it, no new forward."""
     xl, yl = _leaves(x), _leaves(y)
     with second_order(problem):
-        loss = _scalar(problem.lower_loss(xl, yl, batch), "lower_loss")
+        loss = _loss(problem.lower_loss, xl, yl, batch, "lower_loss")
         return xl, yl, _grad(loss, yl, create_graph=True)
 
 
@@ -360,7 +410,7 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
     vd = {k: v[k].detach() for k in y}  # jvp needs the tangent's keys in the primal's order
 
     def lower(xx, yy):
-        return _scalar(problem.lower_loss(xx, yy, batch), "lower_loss")
+        return _loss(problem.lower_loss, xx, yy, batch, "lower_loss")
 
     def compute():
         with second_order(problem):
@@ -401,16 +451,20 @@ def _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross):
     return result
 
 
-def _second_order(problem, x, y, v, batch, mode, want_hvp, want_cross):
-    """(hvp, cross, grad_y g) in ``mode`` (None: the run's), counting the products wanted."""
+def _second_order(problem, x, y, v, batch, mode, want_hvp, want_cross, want_grad=False):
+    """(hvp, cross, grad_y g) in ``mode`` (None: the run's), counting the products wanted
+    (grad_y g: None unless ``want_grad``)."""
     mode = resolve_mode(mode)
     if want_hvp:
         _record("hvp")
     if want_cross:
         _record("cross")
+    batch, reduce = _split(batch)
     if mode == "reverse":
-        return _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
-    return _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+        hv, cr, gy = _reverse_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+    else:
+        hv, cr, gy = _forward_second_order(problem, x, y, v, batch, want_hvp, want_cross)
+    return reduce(hv, cr, gy if want_grad else None)
 
 
 class LowerProducts:
@@ -431,10 +485,11 @@ class LowerProducts:
     Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
     """
 
-    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse")
+    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse", "_reduce")
 
     def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: Optional[str] = None):
         mode = resolve_mode(mode)
+        batch, self._reduce = _split(batch)  # this rank's slice in a data-parallel run
         self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
         self._graph = None
         self._sparse = set()  # "x" / "y" when some of those leaves do not enter grad_y g
@@ -476,15 +531,15 @@ class LowerProducts:
         """d2_yy g . v. Counts one ``hvp``."""
         _record("hvp")
         if self.mode == "forward":
-            return _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
-        return self._reverse(v, "y")
+            return self._reduce(_forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0])[0]
+        return self._reduce(self._reverse(v, "y"))[0]
 
     def cross(self, v: Tree) -> Tree:
         """d2_xy g . v, shaped like x. Counts one ``cross``."""
         _record("cross")
         if self.mode == "forward":
-            return _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
-        return self._reverse(v, "x")
+            return self._reduce(_forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1])[0]
+        return self._reduce(self._reverse(v, "x"))[0]
 
 
 def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: Optional[str] = None) -> Tree:
@@ -507,5 +562,5 @@ def hvp_and_cross(problem, x: Tree, y: Tree, v: Tree, batch: Any,
     (:func:`second_order_mode`). Counts one ``hvp``, one ``cross`` and one ``grad_lower``.
     """
     _record("grad_lower")
-    hv, cr, gy = _second_order(problem, x, y, v, batch, mode, True, True)
+    hv, cr, gy = _second_order(problem, x, y, v, batch, mode, True, True, want_grad=True)
     return hv, cr, {k: t.detach() for k, t in gy.items()}

@@ -144,3 +144,114 @@ def plot_curves(outcomes: Mapping[str, object], metrics: Sequence[str], path: Pa
     plt.close(fig)
     atomic_write(path, buffer.getvalue())
     return True
+
+
+# -- many runs (seeds and grids, bilevel.many) ------------------------------------------------------
+
+def mean_std(values: Sequence[float]) -> str:
+    """"mean +- std" over seeds (sample standard deviation; a lone value alone); "-" when empty."""
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.4g}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.4g} +- {std:.2g}"
+
+
+def point_label(point: Mapping[str, float]) -> str:
+    """A grid point as ``upper_lr=0.1 lower_lr=0.5`` ("-" for no grid)."""
+    return " ".join(f"{k}={v:g}" for k, v in point.items()) or "-"
+
+
+def many_rows(solver: str, runs, metrics: Sequence[str]) -> List[Dict[str, object]]:
+    """One row per grid point of a :class:`bilevel.many.Runs`: each metric's final value as
+    mean +- std over the seeds that stayed finite, and how many seeds diverged."""
+    rows = []
+    for point, results in runs.groups():
+        ok = [r for r in results if r.error is None]
+        row: Dict[str, object] = {"solver": solver, "grid point": point_label(point), "seeds": len(results)}
+        for m in metrics:
+            row[m] = mean_std([r.final.get(m) for r in ok])
+        row["diverged"] = len(results) - len(ok)
+        rows.append(row)
+    return rows
+
+
+def selection(problem) -> Optional[tuple]:
+    """(validation metric, "min" or "max", test metric) the problem names for choosing a grid
+    point (its ``selection`` attribute), or None."""
+    chosen = getattr(problem, "selection", None)
+    if chosen is None:
+        return None
+    metric, mode, test = chosen
+    if mode not in ("min", "max"):
+        raise ValueError(f"problem selection: mode must be 'min' or 'max', got {mode!r}")
+    return metric, mode, test
+
+
+def best_rows(all_runs: Mapping[str, object], validation: str, mode: str, test: str) -> List[Dict[str, object]]:
+    """Per solver, the grid point with the best mean final ``validation`` metric over seeds
+    (points where a seed diverged are skipped), then its ``test`` metric as mean +- std: the
+    grid search of the BO-REP paper (Hao et al., ICLR 2024), step sizes picked on validation."""
+    rows = []
+    for solver, runs in all_runs.items():
+        try:
+            best = runs.best(validation, mode)
+        except ValueError:
+            rows.append({"solver": solver, "best grid point": "none finite", validation: "-", test: "-"})
+            continue
+        results = [r for r in runs if r.point == best["point"]]
+        rows.append({"solver": solver, "best grid point": point_label(best["point"]),
+                     validation: mean_std([r.final.get(validation) for r in results]),
+                     test: mean_std([r.final.get(test) for r in results]), "seeds": len(results)})
+    return rows
+
+
+def plot_bands(all_runs: Mapping[str, object], metrics: Sequence[str], path: Path, title: str = "") -> bool:
+    """Curves with a band over seeds: for each solver and grid point, the mean of each metric
+    over its finite seeds, shaded between min and max, against iterations, solver time and
+    oracle calls (one row per metric). Returns whether a plot was written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for solver, runs in all_runs.items():
+        for point, results in runs.groups():
+            ok = [r for r in results if r.error is None and r.history]
+            if ok:
+                label = solver if len(runs.points) == 1 else f"{solver} {point_label(point)}"
+                curves.append((label, ok))
+    if not curves or not metrics:
+        return False
+    axes_keys = (("iteration", "iterations"), ("time", "solver time (s)"), ("calls/total", "oracle calls"))
+    fig, axes = plt.subplots(len(metrics), 3, figsize=(14, 3.2 * len(metrics)), squeeze=False)
+    for i, metric in enumerate(metrics):
+        for j, (key, label) in enumerate(axes_keys):
+            ax = axes[i][j]
+            for name, results in curves:
+                length = min(len(r.history) for r in results)
+                xs = [sum(r.history[k][key] for r in results) / len(results) for k in range(length)]
+                columns = [[r.history[k].get(metric) for r in results] for k in range(length)]
+                keep = [k for k in range(length) if all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                        for v in columns[k])]
+                if not keep:
+                    continue
+                mean = [sum(columns[k]) / len(columns[k]) for k in keep]
+                line = ax.plot([xs[k] for k in keep], mean, label=name)[0]
+                ax.fill_between([xs[k] for k in keep], [min(columns[k]) for k in keep],
+                                [max(columns[k]) for k in keep], color=line.get_color(), alpha=0.2)
+            ax.set_xlabel(label)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+    return True

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import tree
+from . import distributed, tree
 from .linear_system import truncation_warnings
 from .oracles import OracleCounts, count_calls, second_order_mode
 from .problem import BilevelProblem, ProblemError, validate
@@ -121,7 +121,14 @@ def metric_values(problem, metrics) -> Dict[str, Any]:
 
 def _evaluate(problem, solver: Solver, state: State, elapsed: float, counts: OracleCounts) -> Dict[str, Any]:
     x, y = solver.point(state)
-    metrics = metric_values(problem, problem.evaluate(tree.detach(x), tree.detach(y)))
+    if distributed.active():  # once, on rank 0 (whole batches, no collective), sent to every rank
+        metrics = None
+        if distributed.is_main():
+            with distributed.whole_batches():
+                metrics = metric_values(problem, problem.evaluate(tree.detach(x), tree.detach(y)))
+        metrics = distributed.broadcast_object(metrics)
+    else:
+        metrics = metric_values(problem, problem.evaluate(tree.detach(x), tree.detach(y)))
     record = {"iteration": state.iteration, "time": elapsed, **{f"calls/{k}": v for k, v in counts.items()},
               "calls/total": counts.total}
     record.update(metrics)
@@ -206,6 +213,7 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
           progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
           initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None, compile: bool = False,
+          seeds: Optional[Sequence[int]] = None, grid: Optional[Dict[str, Sequence[float]]] = None,
           **hyperparameters) -> Result:
     """Run ``solver`` on ``problem`` for ``steps`` outer iterations.
 
@@ -235,7 +243,8 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         hvp_mode: "reverse" or "forward": how every Hessian-vector and cross product of the run
             is taken (:func:`bilevel.oracles.second_order_mode`; an estimator built with its own
             ``hvp_mode`` keeps it); None: reverse, or the enclosing block's.
-        device: where the run happens ("cpu", "cuda", "cuda:N"). A problem name is built there
+        device: where the run happens ("cpu", "cuda", "cuda:N"; under torchrun "cuda" is the
+            rank's GPU, ``cuda:LOCAL_RANK``). A problem name is built there
             (None: cuda when available, else cpu); a problem object is moved there
             (:meth:`~bilevel.problem.BilevelProblem.to`; None: it stays where it is). The run's
             generator is created on that device; step times wait for the device's queued work.
@@ -243,10 +252,33 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
             batches are drawn eagerly, the update compiled; results equal the eager run's up to
             floating-point rounding. A step that cannot be traced runs eagerly, with one
             :class:`~bilevel.compiled.CompileFallback` warning naming the reason.
+        seeds, grid: many runs in one process (:mod:`bilevel.many`): one copy per seed (a list)
+            and per point of ``grid`` (step-size field -> list of values), batched with
+            torch.func.vmap; returns a :class:`bilevel.many.Runs` (one Result per copy) instead
+            of a Result. ``grid`` alone runs the grid with ``seed``. Not combined with
+            ``callbacks``, ``progress``, ``state`` or ``checkpoint_every``.
         **hyperparameters: solver options, e.g. ``upper_lr=0.05``; unknown names raise TypeError.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the run is data parallel (:mod:`bilevel.distributed`):
+    every rank computes the single-process step; evaluations run on rank 0 and their records
+    reach every rank; callbacks run on rank 0 only (those with a true ``all_ranks``
+    attribute on every rank), so only rank 0 writes files.
     """
+    if seeds is not None or grid:
+        from .many import solve_many
+        for key, value, default in (("callbacks", callbacks, ()), ("progress", progress, False),
+                                    ("state", state, None), ("checkpoint_every", checkpoint_every, None),
+                                    ("initial_eval", initial_eval, True), ("compile", compile, False)):
+            if value != default and not (key == "callbacks" and not list(value)):
+                raise ValueError(f"{key} is not supported with seeds/grid (many runs in one process); "
+                                 f"run one seed at a time for it")
+        return solve_many(problem, solver, steps, seeds=[seed] if seeds is None else seeds, grid=grid,
+                          eval_every=eval_every, hvp_mode=hvp_mode, device=device, **hyperparameters)
     from .checkpoint import Checkpoint, check_compatible
     from .device import problem_device, resolve_device, same_device, to_device
+    if distributed.setup(device):
+        device = distributed.rank_device(device)
+        distributed.check_same([seed, steps], "solve(): seed and steps")
     if isinstance(problem, str):
         problem = make_problem(problem, device=device)
     elif device is not None:
@@ -262,8 +294,8 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         raise TypeError(f"compile must be True or False, got {compile!r}")
     eval_every = eval_every or max(1, steps // 20)
     checkpoint_every = eval_every if checkpoint_every is None else checkpoint_every
-    callbacks = list(callbacks)
-    if progress:
+    callbacks = [cb for cb in callbacks if distributed.is_main() or getattr(cb, "all_ranks", False)]
+    if progress and distributed.is_main():
         from .logging import ProgressBar
         callbacks.append(ProgressBar(steps))
     name, problem_name = _solver_name(solver), getattr(problem, "name", type(problem).__name__)

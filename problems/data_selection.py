@@ -64,6 +64,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
+from bilevel import distributed
 from bilevel.problem import BilevelProblem
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
@@ -98,11 +99,14 @@ def builtin_documents() -> List[Document]:
 
 def sample_weights(scores: Tensor, log_normalizer: Optional[Tensor] = None) -> Tensor:
     """BLISS's per-sample weights P_i = exp(s_i) / sum_j exp(s_j) over the batch (the one place
-    they are computed: a distributed version replaces it with a softmax over all ranks' scores).
+    they are computed). Under torchrun the sum runs over the whole global batch: the scores of
+    every rank's slice are gathered (:func:`bilevel.distributed.gather_batch`, as the official
+    code all-gathers them) and this rank's rows of the softmax are returned.
     With ``log_normalizer`` L given, P_i = exp(s_i - L) (the official code's lower steps use the
     previous outer step's L = log sum_j exp(s_j); the weights then need not sum to one)."""
     if log_normalizer is None:
-        return torch.softmax(scores, dim=0)
+        every, mine = distributed.gather_batch(scores)
+        return torch.softmax(every, dim=0)[mine]
     return torch.exp(scores - log_normalizer)
 
 
@@ -299,7 +303,8 @@ class DataSelection(IndexBatches, BilevelProblem):
     def lower_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
         """sum_i P_i CE_i + gamma mean_i KL_i(T || y) + reg ||y||^2 on the lower batch."""
         weights, ce, kl = self.lower_terms(x, y, batch)
-        loss = (weights * ce).sum() + self.gamma * kl.mean()
+        # a sum over the batch: divided by this rank's share of it under torchrun (slice_weight)
+        loss = (weights * ce).sum() / distributed.slice_weight() + self.gamma * kl.mean()
         return loss + self.reg * squared_norm(y) if self.reg else loss
 
     def upper_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:

@@ -93,6 +93,8 @@ class HyperparameterOptimization(LinearClassifierProblem):
 
     name = NAME
     headline_metrics = ("val_loss", "test_accuracy")
+    #: grid search (bilevel.report.best_rows): the point with the lowest mean val_loss, then its test_accuracy
+    selection = ("val_loss", "min", "test_accuracy")
 
     #: "tiny": seconds, for tests; "paper": benchopt's covtype-style per-class setting on digits
     #: (benchopt's ijcnn1 / covtype themselves are not available offline).

@@ -94,6 +94,8 @@ class Hyperclean(IndexBatches, BilevelProblem):
 
     name = NAME
     headline_metrics = ("test_accuracy", "f1")
+    #: grid search (bilevel.report.best_rows): the point with the lowest mean val_loss, then its test_accuracy
+    selection = ("val_loss", "min", "test_accuracy")
     #: samples per forward pass in ``evaluate`` (bounds its memory)
     eval_chunk = EVAL_CHUNK
 

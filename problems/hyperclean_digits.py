@@ -55,6 +55,8 @@ class HypercleanDigits(LinearClassifierProblem):
 
     name = NAME
     headline_metrics = ("test_accuracy", "f1")
+    #: grid search (bilevel.report.best_rows): the point with the lowest mean val_loss, then its test_accuracy
+    selection = ("val_loss", "min", "test_accuracy")
     n_classes = N_CLASSES
 
     #: "tiny": seconds, for tests; "paper": the main job's setting (Franceschi et al. use MNIST with

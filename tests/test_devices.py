@@ -269,6 +269,8 @@ def test_second_order_oracles_differentiate_fused_attention_twice():
     for mode in ("reverse", "forward"):
         torch.testing.assert_close(oracles.hvp(fused, x, y, v, None, mode=mode), expected_hv, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(oracles.cross(fused, x, y, v, None, mode=mode), expected_cross, rtol=1e-4, atol=1e-5)
+    inside_vmap = torch.func.vmap(lambda s: oracles.hvp(fused, {"s": s}, y, v, None)["W"])(x["s"].unsqueeze(0))[0]
+    torch.testing.assert_close(inside_vmap, expected_hv["W"], rtol=1e-4, atol=1e-5)  # the torch.func path
     products = oracles.LowerProducts(fused, x, y, None)
     torch.testing.assert_close(products.hvp(v), expected_hv, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(exact(fused, x, y, None, None)[0], exact(plain, x, y, None, None)[0], rtol=1e-4, atol=1e-5)
