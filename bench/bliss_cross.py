@@ -16,24 +16,13 @@ there is one backward). Prints seconds, the ratio per-sample / generic, and the 
 difference between the two results. Ratios, not seconds, carry over between machines.
 """
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_time
 
 from bilevel import oracles
 from bilevel.problems import language_model as LM
 from bilevel.registry import make_problem
-
-
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def per_sample_cross(problem, x, y, z, batch):

@@ -7,26 +7,14 @@ product, and hvp_and_cross (one shared double-backward pass), and prints each as
 gradient's median time. Ratios, not seconds, are what carries over between machines.
 """
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_time
 
 from bilevel import oracles, tree
 from bilevel.problem import FunctionProblem
 from bilevel.problems.hyperclean_digits import HypercleanDigits
 from bilevel.problems.quadratic import Quadratic
-
-
-def median_time(fn, repeats):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def mlp_problem(width=256, n=512, d=64, classes=10):
@@ -54,8 +42,8 @@ def main():
         x, y = problem.init(g)
         batch = problem.sample("lower", g)
         v = tree.map(torch.ones_like, y)
-        base = median_time(lambda: oracles.grad_lower_y(problem, x, y, batch), args.repeats)
-        ratios = [median_time(fn, args.repeats) / base for fn in (
+        base = median_time(lambda: oracles.grad_lower_y(problem, x, y, batch), args.repeats, warmup=3)
+        ratios = [median_time(fn, args.repeats, warmup=3) / base for fn in (
             lambda: oracles.hvp(problem, x, y, v, batch, mode="reverse"),
             lambda: oracles.hvp(problem, x, y, v, batch, mode="forward"),
             lambda: oracles.cross(problem, x, y, v, batch),

@@ -334,15 +334,9 @@ def solve_many(problem, solver, steps: int, *, seeds: Sequence[int], grid: Optio
     Args are :func:`bilevel.solve`'s, plus ``seeds`` (a list of distinct integers), ``grid``
     (step-size field -> list of values) and ``vmap`` (False: a loop over copies, the reference).
     """
-    from .device import problem_device, resolve_device, to_device
-    from .registry import make_problem
-    from .solve import _evaluate, _resolve_solver, _solver_name, _synchronizer
+    from .solve import _evaluate, _place, _resolve_solver, _solver_name, _synchronizer
     started_all = time.perf_counter()
-    if isinstance(problem, str):
-        problem = make_problem(problem, device=device)
-    elif device is not None:
-        problem = to_device(problem, device)
-    run_device = resolve_device(device) if device is not None else problem_device(problem)
+    problem, run_device = _place(problem, device)
     base = _resolve_solver(solver, hyperparameters)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")

@@ -135,14 +135,7 @@ def plot_curves(outcomes: Mapping[str, object], metrics: Sequence[str], path: Pa
                     for r in results.values() for v in r.metric(metric)):
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=110, format="png")
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+    _save_figure(fig, axes, path, title)
     return True
 
 
@@ -246,6 +239,13 @@ def plot_bands(all_runs: Mapping[str, object], metrics: Sequence[str], path: Pat
             ax.set_xlabel(label)
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
+    _save_figure(fig, axes, path, title)
+    return True
+
+
+def _save_figure(fig, axes, path, title) -> None:
+    """Legend on the first panel, the title, then the PNG written atomically to ``path``."""
+    import matplotlib.pyplot as plt
     axes[0][0].legend(fontsize="small")
     if title:
         fig.suptitle(title)
@@ -254,4 +254,3 @@ def plot_bands(all_runs: Mapping[str, object], metrics: Sequence[str], path: Pat
     fig.savefig(buffer, dpi=110, format="png")
     plt.close(fig)
     atomic_write(path, buffer.getvalue())
-    return True

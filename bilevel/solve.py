@@ -209,6 +209,17 @@ def _run_loop(problem, solver, state, steps, eval_every, checkpoint_every, callb
     return state, elapsed
 
 
+def _place(problem, device):
+    """``(problem, run device)``: a problem name built on ``device`` (None: cuda when available,
+    else cpu); a problem object moved there (None: it stays where it is)."""
+    from .device import problem_device, resolve_device, to_device
+    if isinstance(problem, str):
+        problem = make_problem(problem, device=device)
+    elif device is not None:
+        problem = to_device(problem, device)
+    return problem, (resolve_device(device) if device is not None else problem_device(problem))
+
+
 def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "soba", steps: int = 1000, *,
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
           progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
@@ -275,15 +286,11 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         return solve_many(problem, solver, steps, seeds=[seed] if seeds is None else seeds, grid=grid,
                           eval_every=eval_every, hvp_mode=hvp_mode, device=device, **hyperparameters)
     from .checkpoint import Checkpoint, check_compatible
-    from .device import problem_device, resolve_device, same_device, to_device
+    from .device import same_device
     if distributed.setup(device):
         device = distributed.rank_device(device)
         distributed.check_same([seed, steps], "solve(): seed and steps")
-    if isinstance(problem, str):
-        problem = make_problem(problem, device=device)
-    elif device is not None:
-        problem = to_device(problem, device)
-    run_device = resolve_device(device) if device is not None else problem_device(problem)
+    problem, run_device = _place(problem, device)
     solver = _resolve_solver(solver, hyperparameters)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")

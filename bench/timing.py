@@ -1,0 +1,15 @@
+"""Timing shared by the bench scripts (run as ``python bench/NAME.py``, so this folder is on the path)."""
+import statistics
+import time
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
