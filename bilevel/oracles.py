@@ -518,14 +518,20 @@ class LowerProducts:
     Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
     """
 
-    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse", "_reduce")
+    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse", "_reduce", "_functional")
 
     def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: Optional[str] = None):
         mode = resolve_mode(mode)
         batch, self._reduce = _split(batch)  # this rank's slice in a data-parallel run
         self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
         self._graph = None
-        self._sparse = set()  # "x" / "y" when some of those leaves do not enter grad_y g
+        self._sparse = set()
+        # Checked once per object (not per product): an object is built and used inside the same
+        # torch.func transform level (one hypergradient), and the one-process identity reduce
+        # is skipped rather than called per product.
+        self._functional = _transformed()
+        if self._reduce is _no_reduce:
+            self._reduce = None  # "x" / "y" when some of those leaves do not enter grad_y g
 
     def _build(self):
         """(outputs, their keys, y leaves, x leaves): the parts of grad_y g's graph that the
@@ -536,7 +542,7 @@ class LowerProducts:
         return self._graph
 
     def _reverse(self, v: Tree, wrt: str) -> Tree:
-        if _transformed():  # inside torch.func transforms: one vjp closure of grad_y g per point
+        if self._functional:  # inside torch.func transforms: one vjp closure of grad_y g per point
             if self._graph is None:
                 self._graph = _functional_second_order(self.problem, self.x, self.y, self.batch)[1]
             cross, hv = self._graph({k: v[k] for k in self.y})
@@ -564,15 +570,19 @@ class LowerProducts:
         """d2_yy g . v. Counts one ``hvp``."""
         _record("hvp")
         if self.mode == "forward":
-            return self._reduce(_forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0])[0]
-        return self._reduce(self._reverse(v, "y"))[0]
+            out = _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
+        else:
+            out = self._reverse(v, "y")
+        return out if self._reduce is None else self._reduce(out)[0]
 
     def cross(self, v: Tree) -> Tree:
         """d2_xy g . v, shaped like x. Counts one ``cross``."""
         _record("cross")
         if self.mode == "forward":
-            return self._reduce(_forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1])[0]
-        return self._reduce(self._reverse(v, "x"))[0]
+            out = _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
+        else:
+            out = self._reverse(v, "x")
+        return out if self._reduce is None else self._reduce(out)[0]
 
 
 def hvp(problem, x: Tree, y: Tree, v: Tree, batch: Any, mode: Optional[str] = None) -> Tree:
