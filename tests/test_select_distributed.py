@@ -30,9 +30,11 @@ def _ids(run):
 def test_torchrun_select_writes_once_and_selects_as_one_process(tmp_path):
     args = ["select", *TINY, f"output_dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "bilevel", *args, "name=two"], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900)
+    def torchrun():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "bilevel", *args, "name=two"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=900)
+    done = torchrun()
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1  # rank 0 speaks (before: both ranks printed the table)
     assert main([*args, "name=one"]) == 0
@@ -48,3 +50,9 @@ def test_torchrun_select_writes_once_and_selects_as_one_process(tmp_path):
     s1 = np.load(one / "seed0" / "bliss" / "round1" / "scores.npy")
     np.testing.assert_allclose(s2, s1, rtol=1e-4, atol=1e-5)
     assert sorted(_ids(two)) == sorted(_ids(one))
+    # the same command again resumes: every rank loads the finished round (rank 0 saw it), nothing is redone
+    report = two / "seed0" / "bliss" / "round1" / "report.json"
+    before = (report.stat().st_mtime_ns, report.read_text())
+    again = torchrun()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (report.stat().st_mtime_ns, report.read_text()) == before
