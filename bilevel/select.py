@@ -23,6 +23,16 @@ document, source, noise label, score and text of every kept sequence), ``scores.
 ``state.pt`` (the target, the method's state), ``seed<k>/curves.json`` and ``curves.png``; then
 ``report.json`` and ``table.md`` (mean +- std over seeds) at the top. Run the same command again to resume: finished rounds are loaded,
 the first missing one is redone.
+
+Under torchrun (``torchrun --nproc_per_node=N -m bilevel select ...``, gloo: the study runs on the
+CPU) every rank runs the whole study; only rank 0 writes files (:func:`bilevel.distributed.is_main`)
+and whether a file exists (resume, the tokenizer, ``warmup.pt``) is rank 0's answer, broadcast, so
+every rank takes the same branch (a resumed folder must be on a file system every rank reads).
+BLISS's bilevel phase is data parallel through the oracles; the scores of every method are rank
+0's, broadcast, so every rank keeps the same selection. The target / proxy LM training
+(:func:`bilevel.problems.selection_train.train_lm`), MATES, the baselines, the influence probes and
+the evaluations are not data parallel: every rank computes them whole, identically (same seeds,
+same data, deterministic CPU kernels).
 """
 from __future__ import annotations
 
@@ -39,6 +49,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import distributed
 from .config import ConfigError
 
 __all__ = ["SelectConfig", "load_select_config", "run_select", "comparison_table"]
@@ -227,12 +238,13 @@ def prepare_data(c: SelectConfig, seed: int, run_dir: Path) -> Data:
     tok_path = run_dir / f"seed{seed}" / "tokenizer.json"
     if c.tokenizer is not None:
         tokenizer = load_tokenizer(c.tokenizer)
-    elif tok_path.is_file():
+    elif _exists(tok_path):
         tokenizer = load_tokenizer(tok_path)
     else:
         tokenizer = train_tokenizer(training_texts(splits), int(c.vocab_size or preset["vocab_size"]))
-        tok_path.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tok_path)
+        if distributed.is_main():
+            tok_path.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(tok_path)
     pool = pack_documents(splits.pool, tokenizer, seq_len, min_tokens=max(2, seq_len // 4))
     if c.max_sequences is not None and len(pool) > c.max_sequences:
         keep = np.sort(np.random.default_rng(seed + 1).choice(len(pool), size=c.max_sequences, replace=False))
@@ -277,12 +289,20 @@ def build_models(c: SelectConfig, data: Data, seed: int):
     return target, proxy
 
 
+def _exists(path: Path) -> bool:
+    """Whether ``path`` is a file, as rank 0 sees it (broadcast): every rank takes the same branch
+    even while rank 0 is writing the file."""
+    return bool(distributed.broadcast_object(path.is_file() if distributed.is_main() else None))
+
+
 def _torch():
     import torch
     return torch
 
 
 def _save(path: Path, obj) -> None:
+    if not distributed.is_main():
+        return
     import io
     from .checkpoint import atomic_write
     buf = io.BytesIO()
@@ -294,6 +314,8 @@ def _save(path: Path, obj) -> None:
 def _write_json(path: Path, obj) -> None:
     from .checkpoint import atomic_write
     from .logging import _jsonable
+    if not distributed.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(_jsonable(obj), indent=1))
 
@@ -305,7 +327,7 @@ def warm_up(c: SelectConfig, data: Data, seed: int, seed_dir: Path):
     torch = _torch()
     target, proxy = build_models(c, data, seed)
     path = seed_dir / "warmup.pt"
-    if path.is_file():
+    if _exists(path):
         saved = torch.load(path, weights_only=False)
         target.load_state_dict(saved["target"])
         proxy.load_state_dict(saved["proxy"])
@@ -336,6 +358,8 @@ def _round_metrics(scores, selected, data: Data, influence) -> Dict[str, float]:
 
 
 def _write_selection(path: Path, selected, scores, data: Data) -> None:
+    if not distributed.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -372,7 +396,7 @@ def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Pa
     for r in range(1, c.rounds + 1):
         rdir = method_dir / f"round{r}"
         lr = c.target_lr * 0.5 ** (r - 1)
-        if (rdir / "report.json").is_file() and (rdir / "state.pt").is_file():
+        if _exists(rdir / "report.json") and _exists(rdir / "state.pt"):
             saved = torch.load(rdir / "state.pt", weights_only=False)
             target.load_state_dict(saved["target"])
             proxy.load_state_dict(saved["proxy"])
@@ -383,6 +407,7 @@ def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Pa
         t0 = time.time()
         inputs = RoundInputs(target, proxy, data.pool, data.validation, data.pool_texts, seed, r, lr, options, state)
         scores = np.asarray(score_pool(method, inputs), dtype=np.float64)
+        scores = distributed.broadcast_object(scores)  # rank 0's: every rank keeps the same selection
         score_time = time.time() - t0
         fraction = 1.0 if method == "full" else c.fraction
         selected = select_top(scores, fraction, c.temperature, seed=1000 * seed + r)
@@ -404,8 +429,9 @@ def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Pa
         report = {"method": method, "seed": seed, "round": r, "step": r * c.round_steps, "selected": len(selected),
                   "pool": len(data.pool), "target_lr": lr, "score_seconds": score_time,
                   "seconds": time.time() - t0, **metrics}
-        rdir.mkdir(parents=True, exist_ok=True)
-        np.save(rdir / "scores.npy", scores)
+        if distributed.is_main():
+            rdir.mkdir(parents=True, exist_ok=True)
+            np.save(rdir / "scores.npy", scores)
         _write_selection(rdir / "selected.jsonl", selected, scores, data)
         _write_json(rdir / "curve.json", curve)
         _save(rdir / "state.pt", {"target": target.state_dict(), "proxy": proxy.state_dict(), "state": state,
@@ -509,10 +535,23 @@ def run_select(c: SelectConfig) -> Dict[str, Any]:
     from .problems.selection_metrics import steps_to_match
     torch = _torch()
     torch.manual_seed(0)
+    distributed.setup("cpu")  # under torchrun: gloo (the study runs on the CPU)
+    main = distributed.is_main()
     run_dir = Path(c.output_dir) / c.name
-    check_resumable(c, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(c)))
+    problem = None
+    if main:  # rank 0 reads the folder (while it writes, another rank could read half a config.yaml)
+        try:
+            check_resumable(c, run_dir)
+        except ConfigError as exc:
+            problem = str(exc)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(c)))
+    else:
+        c = dataclasses.replace(c, progress=False)  # rank 0 speaks
     finals: Dict[str, List[dict]] = {m: [] for m in c.methods}
     noise_pool = None
     for seed in c.seeds:
@@ -521,7 +560,7 @@ def run_select(c: SelectConfig) -> Dict[str, Any]:
         curves = {}
         for method in c.methods:
             logger = None
-            if c.wandb:
+            if c.wandb and main:
                 from .logging import WandbLogger
                 logger = WandbLogger(project=c.wandb_project, name=f"{c.name}-{method}-s{seed}", group=c.name,
                                      directory=str(run_dir / "wandb"), config=dataclasses.asdict(c))
@@ -539,10 +578,12 @@ def run_select(c: SelectConfig) -> Dict[str, Any]:
                 finals[method][-1]["steps_to_match"] = hit
                 finals[method][-1]["speedup_vs_random"] = (curve[-1]["step"] / hit) if hit else None
         _write_json(seed_dir / "curves.json", curves)
-        _plot_curves(curves, seed_dir / "curves.png", f"seed {seed}")
+        if main:
+            _plot_curves(curves, seed_dir / "curves.png", f"seed {seed}")
     table = comparison_table(finals, noise_pool)
     _write_json(run_dir / "report.json", finals)
-    (run_dir / "table.md").write_text(table + "\n")
-    print(table)
-    print(f"\nrun folder: {run_dir}")
+    if main:
+        (run_dir / "table.md").write_text(table + "\n")
+        print(table)
+        print(f"\nrun folder: {run_dir}")
     return {"finals": finals, "table": table, "run_dir": str(run_dir)}
