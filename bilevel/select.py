@@ -108,8 +108,14 @@ class SelectConfig:
     #: is ~0.94 and the selection keeps 0.46x the base rate (experiments/README.md, BLISS section).
     solver_options: Dict[str, Any] = field(default_factory=lambda: {"upper_lr": 0.01, "lower_lr": 1e-4})
     problem_options: Dict[str, Any] = field(default_factory=dict)
-    #: Keep the score model across rounds (an ablation; BLISS re-initialises it from the proxy).
+    #: Keep the score model across rounds (an ablation here; BLISS's official code loads the
+    #: previous round's score model in rounds >= 2, the paper's ablation re-initialises it).
     keep_score_model: bool = False
+    #: Start each round's bilevel phase from the proxy the previous one ended with (an ablation).
+    #: False: from the warm-up proxy every round, as BLISS's official code; carrying it made round 2
+    #: relapse on the tiny preset (noise at 1.41x, 2.32x its base rate at seeds 1, 2; 0.61x, 0.76x
+    #: without; experiments/README.md, BLISS section).
+    carry_proxy: bool = False
     #: MATES: probed sequences, regression epochs and learning rate.
     mates_probes: int = 48
     mates_epochs: int = 4
@@ -390,7 +396,8 @@ def run_method(c: SelectConfig, method: str, data: Data, seed: int, seed_dir: Pa
     rng = np.random.default_rng(seed + 4242)
     probe = np.sort(rng.choice(len(data.pool), size=min(c.influence_probes, len(data.pool)), replace=False))
     options = {k: getattr(c, k) for k in ("mates_probes", "mates_epochs", "mates_lr", "bilevel_steps", "max_eval_sequences",
-                                          "keep_score_model", "dsir_package", "batch_size", "proxy_lr")}
+                                          "keep_score_model", "carry_proxy", "dsir_package", "batch_size",
+                                          "proxy_lr")}
     options.update(solver_options=dict(c.solver_options), problem_options=dict(c.problem_options),
                    validation_texts=data.validation_texts, progress=c.progress, preset=c.preset, _data=data)
     for r in range(1, c.rounds + 1):

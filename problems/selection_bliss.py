@@ -10,9 +10,14 @@ other solver.
 The problem is built once per run from the pipeline's own splits and tokenizer, with no warm-up
 (``warmup_steps=0``); its pool, validation set and the proxy / target parameters are then set to
 the pipeline's (the shared warm-up checkpoint, the current target), so that indices and models are
-the pipeline's. The proxy the bilevel phase ends with is carried to the next round (written into
-the pipeline's proxy module); the score model is fresh from the proxy each round unless
-``keep_score_model`` (an ablation).
+the pipeline's. Every round's bilevel phase starts from the warm-up proxy, as in the official code
+(its ``setup()`` reloads the proxy's warm-up checkpoint each round; the lines that would carry the
+proxy over are commented out). ``carry_proxy`` (an ablation) instead writes the proxy the phase
+ends with into the pipeline's proxy module, so that the next round starts from it: measured on the
+tiny preset (``experiments/bliss_rounds.py``, experiments/README.md), that carried proxy is what
+made round 2 relapse (noise kept at 1.41x and 2.32x its base rate at seeds 1 and 2, against 0.61x
+and 0.76x from the warm-up proxy with everything else equal). The score model is fresh from the
+round's starting proxy each round unless ``keep_score_model`` (an ablation).
 """
 from __future__ import annotations
 
@@ -70,15 +75,20 @@ def bliss_round(inputs: RoundInputs) -> np.ndarray:
     problem.init = lambda generator: ({k: v.clone() for k, v in x0.items()}, {k: v.clone() for k, v in y0.items()})
     steps = int(o.get("bilevel_steps", 20))
     solver_options = {"total_steps": max(1, steps), **dict(o.get("solver_options") or {})}
-    result = solve(problem, "bliss", steps=steps, seed=1000 * inputs.seed + inputs.round, eval_every=max(1, steps),
-                   progress=bool(o.get("progress")), initial_eval=False, **solver_options)
+    every = int(o.get("bilevel_eval_every") or steps)  # the upper-loss curve of the phase (diagnostics)
+    result = solve(problem, "bliss", steps=steps, seed=1000 * inputs.seed + inputs.round, eval_every=max(1, every),
+                   progress=bool(o.get("progress")), initial_eval=every < steps, **solver_options)
     del problem.init  # back to the class's init
-    with torch.no_grad():
-        for name, p in inputs.proxy.named_parameters():
-            p.copy_(result.y[name])
+    if o.get("carry_proxy"):  # an ablation: the official code restarts every round from the warm-up proxy
+        with torch.no_grad():
+            for name, p in inputs.proxy.named_parameters():
+                p.copy_(result.y[name])
     x = {k: v.detach() for k, v in result.x.items()}
     if o.get("keep_score_model"):
         inputs.state["score"] = {k: v.clone() for k, v in x.items()}
     inputs.state.setdefault("bilevel", []).append({"round": inputs.round, **{
         k: v for k, v in result.final.items() if isinstance(v, (int, float))}})
+    if every < steps:
+        inputs.state["bilevel"][-1]["curve"] = [
+            {k: r[k] for k in ("iteration", "val_cloze_loss", "noise_auroc") if k in r} for r in result.history]
     return score_with(problem.score, x, inputs.pool.tokens, inputs.pool.mask)

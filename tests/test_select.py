@@ -131,3 +131,19 @@ def test_comparison_table_is_mean_and_sample_std_over_seeds():
     assert rows["random"][-1] == "20 ± 14 (2/2)"
     assert rows["bliss"][0] == "3" and rows["bliss"][-1] == "20 (1/2)"  # nan and None left out, and counted
     assert rows["bliss"][1] == "-"
+
+
+def test_bliss_starts_every_round_from_the_warm_up_proxy(tmp_path):
+    """BLISS's official code reloads the proxy's warm-up checkpoint every round; carrying the
+    round's end proxy over (``carry_proxy``, an ablation) made round 2 relapse."""
+    import torch
+    c = config(tmp_path, "rounds=2", "methods=[bliss]")
+    run_select(c)
+    seed_dir = tmp_path / "select" / "seed0"
+    warm = torch.load(seed_dir / "warmup.pt", weights_only=False)["proxy"]
+    for r in (1, 2):
+        proxy = torch.load(seed_dir / "bliss" / f"round{r}" / "state.pt", weights_only=False)["proxy"]
+        assert all(torch.equal(proxy[k], warm[k]) for k in warm)
+    run_select(config(tmp_path, "rounds=1", "methods=[bliss]", "carry_proxy=true", "name=carried"))
+    carried = torch.load(tmp_path / "carried" / "seed0" / "bliss" / "round1" / "state.pt", weights_only=False)["proxy"]
+    assert not all(torch.equal(carried[k], warm[k]) for k in warm)  # the bilevel phase moved the proxy
