@@ -52,7 +52,8 @@ quality (bliss defaults, upper_lr 1e-4: 21 %).
 A byte-level BPE is trained on pool + validation text (never test), or ``tokenizer_path`` is
 loaded. Documents are cut into ``seq_len``-token sequences with provenance
 (:mod:`bilevel.problems.data.tokenizer`). The proxy and target are warmed up on uniformly drawn
-pool sequences (BLISS's random warm-up) with AdamW when the problem is built.
+pool sequences (BLISS's random warm-up) with AdamW when the problem is built
+(:func:`~bilevel.problems.selection_train.train_lm`, the loop ``bilevel select`` trains with).
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ from .data.tokenizer import Sequences, pack_cloze, pack_documents, tokenizer_for
 from .models import squared_norm
 from .options import check_choice, check_dtype, check_int
 from .runs import default_run
+from .selection_train import train_lm
 
 NAME = "data-selection"
 DATA = ("builtin", "text-pool")
@@ -244,19 +246,18 @@ class DataSelection(IndexBatches, BilevelProblem):
         target_config = LM.lm_config(model_preset, "target", vocab, self.seq_len, **dict(target_arch or {}))
         self.proxy = LM.build_lm(proxy_config, path=proxy_path, seed=seed, dtype=self.dtype)
         self.target = LM.build_lm(target_config, path=target_path, seed=seed + 1, dtype=self.dtype)
+        self.score = LM.ScoreModel(self.proxy.config).to(self.dtype)
+        # the warm-up: the library's one LM training loop (bilevel select's), in place on the
+        # modules, both models drawing their batches from one seeded stream
+        generator = torch.Generator().manual_seed(seed)
+        steps, lr, batch = int(warmup_steps), float(warmup_lr), int(warmup_batch_size or batch_size)
+        for path, module in ((proxy_path, self.proxy), (target_path, self.target)):
+            if path is None:
+                train_lm(module, self.pool.tokens, self.pool.mask, None, steps, batch, lr, generator=generator)
         for p in self.target.parameters():
             p.requires_grad_(False)
-        self.score = LM.ScoreModel(self.proxy.config).to(self.dtype)
-        generator = torch.Generator().manual_seed(seed)
-        warm = dict(steps=int(warmup_steps), lr=float(warmup_lr), batch_size=int(warmup_batch_size or batch_size),
-                    generator=generator)
         self.proxy_params = LM.params_of(self.proxy)
         self.target_params = LM.params_of(self.target)
-        if proxy_path is None:
-            self.proxy_params = LM.train_lm(self.proxy, self.proxy_params, self.pool.tokens, self.pool.mask, **warm)
-        if target_path is None:
-            self.target_params = LM.train_lm(self.target, self.target_params, self.pool.tokens, self.pool.mask,
-                                             **warm)
         self.log_normalizer: Optional[Tensor] = None
 
     # -- weights, losses -------------------------------------------------------------------------

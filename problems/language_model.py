@@ -204,25 +204,3 @@ def scores(score: ScoreModel, params: Tree, tokens: Tensor, mask: Tensor) -> Ten
     """(N,) sigmoid scores in (0, 1) of the sequences under score-model parameters ``params``."""
     return functional_call(score, params, (tokens, mask))
 
-
-def train_lm(model: "GPTNeoXForCausalLM", params: Tree, tokens: Tensor, mask: Tensor, *, steps: int, lr: float,
-             batch_size: int, generator: torch.Generator, weight_decay: float = 0.1,
-             betas=(0.9, 0.95), clip_norm: Optional[float] = 1.0) -> Tree:
-    """``steps`` AdamW steps (uniform mini-batches of rows of ``tokens`` drawn from
-    ``generator``, mean of the per-sequence CE, gradient clipped to ``clip_norm``) from
-    ``params``; returns the new parameters (``params`` is not modified). The warm-up of BLISS's
-    proxy and target on random pool data, and the target's training on a selection."""
-    if steps < 0 or batch_size < 1:
-        raise ValueError(f"train_lm: steps must be >= 0 and batch_size >= 1, got {steps!r}, {batch_size!r}")
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    optimizer = torch.optim.AdamW(list(leaves.values()), lr=lr, betas=betas, weight_decay=weight_decay)
-    for _ in range(steps):
-        index = torch.randint(tokens.shape[0], (batch_size,), generator=generator,
-                              device=generator.device).to(tokens.device)
-        loss = sequence_ce(model, leaves, tokens[index], mask[index]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(leaves.values()), clip_norm)
-        optimizer.step()
-    return {k: v.detach() for k, v in leaves.items()}

@@ -1,9 +1,11 @@
 """Training and evaluating a causal LM on selected sequences (the target of a data-selection round).
 
-:func:`train_lm` continues pretraining on a subset of the pool: batches of ``batch_size``
-sequences drawn uniformly with replacement from the selected indices (a seeded generator, so
-every method draws the same index stream from its own selection), next-token cross-entropy
-averaged over the batch's real tokens, AdamW (betas (0.9, 0.95), weight decay 0.1, as BLISS's
+:func:`train_lm` is the one LM training loop of the library: the warm-ups of BLISS's proxy and
+target on random pool data (``bilevel select``'s and the ``data-selection`` problem's) and the
+target's training on a round's selection. Batches of ``batch_size`` sequences drawn uniformly
+with replacement from the selected indices (all rows by default; a seeded generator, so every
+method draws the same index stream from its own selection), next-token cross-entropy averaged
+over the batch's real tokens, AdamW (betas (0.9, 0.95), weight decay 0.1, as BLISS's
 ``pretrain.py``) at a constant learning rate with the gradient norm clipped to 1. Every
 ``eval_every`` steps a callback gets the step (the curve of validation loss).
 
@@ -27,17 +29,20 @@ def batch_loss(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
     return token_losses(logits, tokens, mask).sum() / mask[:, 1:].sum().clamp_min(1)
 
 
-def train_lm(model: torch.nn.Module, tokens: Tensor, mask: Tensor, index: Tensor, steps: int, batch_size: int,
-             lr: float, seed: int, *, optimizer_state: Optional[dict] = None,
-             on_eval: Optional[Callable[[int], None]] = None, eval_every: int = 0,
-             progress: Optional[str] = None) -> dict:
-    """``steps`` AdamW steps of ``model`` (in place) on batches drawn from ``tokens[index]``.
+def train_lm(model: torch.nn.Module, tokens: Tensor, mask: Tensor, index: Optional[Tensor], steps: int,
+             batch_size: int, lr: float, seed: int = 0, *, generator: Optional[torch.Generator] = None,
+             optimizer_state: Optional[dict] = None, on_eval: Optional[Callable[[int], None]] = None,
+             eval_every: int = 0, progress: Optional[str] = None) -> dict:
+    """``steps`` AdamW steps of ``model`` (in place) on batches drawn from ``tokens[index]``
+    (``index=None``: every row).
 
-    ``on_eval(step)`` runs after every ``eval_every``-th step (and after the last one). Returns the
-    optimizer's state dict (pass it back as ``optimizer_state`` to continue in a later round)."""
+    The batches are drawn from ``generator`` when given (it advances: a caller can warm up two
+    models from one stream), else from a fresh generator seeded ``seed``. ``on_eval(step)`` runs
+    after every ``eval_every``-th step (and after the last one). Returns the optimizer's state
+    dict (pass it back as ``optimizer_state`` to continue in a later round)."""
     if steps < 0 or batch_size < 1:
         raise ValueError(f"train_lm: steps={steps} must be >= 0 and batch_size={batch_size} >= 1")
-    index = torch.as_tensor(index, dtype=torch.long)
+    index = torch.arange(tokens.shape[0]) if index is None else torch.as_tensor(index, dtype=torch.long)
     if index.numel() == 0:
         raise ValueError("train_lm: the selection is empty")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -45,7 +50,8 @@ def train_lm(model: torch.nn.Module, tokens: Tensor, mask: Tensor, index: Tensor
         opt.load_state_dict(optimizer_state)
         for group in opt.param_groups:
             group["lr"] = lr
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(seed)) if generator is None else generator
+    index = index.to(gen.device)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -60,3 +60,26 @@ def test_evaluate_lm_names_its_metrics():
     assert out["ppl_in"] == pytest.approx(V) and out["val_loss"] == pytest.approx(math.log(V))
     assert out["val_accuracy"] == 0.0  # uniform logits: the argmax is token 0, the target is 2
     assert "ppl_out" not in out  # an empty set is skipped
+
+
+def test_data_selection_warm_up_is_the_pipelines_training_loop():
+    """One LM training loop: the data-selection problem warms its proxy and target up with
+    :func:`train_lm` (bilevel select's), both drawing from one seeded stream. Before, it had its
+    own loop with a per-sequence-mean loss, which differs from the token mean on padded rows."""
+    pytest.importorskip("transformers")
+    from bilevel.problems import language_model as LM
+    from bilevel.problems.data_selection import DataSelection
+    steps, batch, lr = 3, 8, 3e-3
+    p = DataSelection(data="builtin", model_preset="tiny", max_pool=48, warmup_steps=steps, warmup_lr=lr,
+                      batch_size=batch, eval_pool=8, max_eval=8, seed=0)
+    draws = torch.randint(48, (2 * steps, batch), generator=torch.Generator().manual_seed(0))
+    padded = (~p.pool.mask[draws.flatten()]).any(1).sum()
+    assert padded > 0  # batches with padded rows: where the two losses (and the old loop's result) differ
+    generator = torch.Generator().manual_seed(0)
+    for role, model_seed, warmed in (("proxy", 0, p.proxy_params), ("target", 1, p.target_params)):
+        model = LM.build_lm(getattr(p, role).config, seed=model_seed)
+        start = LM.params_of(model)
+        train_lm(model, p.pool.tokens, p.pool.mask, None, steps, batch, lr, generator=generator)
+        assert any(not torch.equal(start[k], v) for k, v in warmed.items())  # it did train
+        for name, value in model.named_parameters():
+            assert torch.equal(value.detach(), warmed[name]), (role, name)
