@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-ablations", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra bilevel select key=value settings")
     args = parser.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)  # shared cores: more intra-op threads spin-wait (this study ran ~10x slower)
     out = Path(args.out)
     common = [f"preset={args.preset}", f"seeds=[{','.join(map(str, args.seeds))}]", f"output_dir={out}",
               *args.overrides]
