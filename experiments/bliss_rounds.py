@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                                            "proxy_lr")}
         base.update(solver_options=dict(c.solver_options), problem_options=dict(c.problem_options),
                     validation_texts=data.validation_texts, progress=False, preset=c.preset, _data=data,
-                    bilevel_eval_every=args.curve_every, _cache={})
+                    bilevel_eval_every=args.curve_every)
 
         def influence(proxy):
             return influence_targets(proxy, data.pool.tokens[probe], data.pool.mask[probe], val.tokens, val.mask,

@@ -112,6 +112,17 @@ def sample_weights(scores: Tensor, log_normalizer: Optional[Tensor] = None) -> T
     return torch.exp(scores - log_normalizer)
 
 
+def _load(module: torch.nn.Module, params: Tree) -> None:
+    """Copy ``params`` (every parameter of ``module``, by name) into ``module``."""
+    names = {k for k, _ in module.named_parameters()}
+    if set(params) != names:
+        raise ValueError(f"{NAME}: given parameters do not match the model: missing {sorted(names - set(params))[:3]}, "
+                         f"unexpected {sorted(set(params) - names)[:3]}")
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(params[name])
+
+
 def _shuffled(seqs: Sequences, keep: Optional[int], generator: torch.Generator) -> Sequences:
     """The sequences in a seeded random order (index batches need a mixed order; consecutive
     chunks of one document are alike), the first ``keep`` of them when given."""
@@ -172,7 +183,9 @@ class DataSelection(IndexBatches, BilevelProblem):
                  val_batch_size: int = 8, gamma: float = 1e-2, reg: float = 1e-7, warmup_steps: int = 20,
                  warmup_lr: float = 1e-3, warmup_batch_size: Optional[int] = None, eval_pool: int = 256,
                  max_eval: Optional[int] = None, seed: int = 0, dtype: str = "float32", sampling: str = "blocks",
-                 splits: Optional[TextSplits] = None):
+                 splits: Optional[TextSplits] = None, pool: Optional[Sequences] = None,
+                 validation: Optional[Sequences] = None, proxy_params: Optional[Tree] = None,
+                 target_params: Optional[Tree] = None, score_params: Optional[Tree] = None):
         """
         Args:
             data: "builtin" (standard-library text, no fetch) or "text-pool" (fetched sources);
@@ -201,6 +214,14 @@ class DataSelection(IndexBatches, BilevelProblem):
             dtype: "float32" or "float64".
             sampling: "blocks" or "replacement" (problems/batches.py).
             splits: a TextSplits to use as is (Python API, e.g. tests on fixture text).
+            pool, validation: ready Sequences (packed with this tokenizer and ``seq_len``) used as
+                the pool and the validation cloze set instead of packing ``splits``' (``bilevel
+                select`` passes its own, so that indices are the pipeline's); ``max_pool`` does
+                not apply to a given pool.
+            proxy_params, target_params: start from these parameters (e.g. a pipeline's warm-up
+                checkpoint, its current target) instead of a warm-up; score_params: the x0 of
+                :meth:`init` (e.g. a score model kept from an earlier round) instead of one
+                initialised from the proxy.
         """
         check_choice(NAME, "data", data, DATA)
         check_choice(NAME, "model_preset", model_preset, tuple(LM.PRESETS))
@@ -234,8 +255,9 @@ class DataSelection(IndexBatches, BilevelProblem):
         self.splits = splits
         self.tokenizer = tokenizer_for(splits, int(vocab_size or spec["vocab_size"]), tokenizer_path)
         shuffle = torch.Generator().manual_seed(seed)
-        self.pool = _shuffled(pack_documents(splits.pool, self.tokenizer, self.seq_len), max_pool, shuffle)
-        self.validation = pack_cloze(splits.validation, self.tokenizer, self.seq_len)
+        self.pool = (_shuffled(pack_documents(splits.pool, self.tokenizer, self.seq_len), max_pool, shuffle)
+                     if pool is None else pool)
+        self.validation = pack_cloze(splits.validation, self.tokenizer, self.seq_len) if validation is None else validation
         self.test_in = _shuffled(pack_documents(splits.test_in, self.tokenizer, self.seq_len), max_eval, shuffle)
         self.test_out = (_shuffled(pack_documents(splits.test_out, self.tokenizer, self.seq_len), max_eval, shuffle)
                          if splits.test_out else None)
@@ -251,13 +273,16 @@ class DataSelection(IndexBatches, BilevelProblem):
         # modules, both models drawing their batches from one seeded stream
         generator = torch.Generator().manual_seed(seed)
         steps, lr, batch = int(warmup_steps), float(warmup_lr), int(warmup_batch_size or batch_size)
-        for path, module in ((proxy_path, self.proxy), (target_path, self.target)):
-            if path is None:
+        for path, given, module in ((proxy_path, proxy_params, self.proxy), (target_path, target_params, self.target)):
+            if given is not None:
+                _load(module, given)
+            elif path is None:
                 train_lm(module, self.pool.tokens, self.pool.mask, None, steps, batch, lr, generator=generator)
         for p in self.target.parameters():
             p.requires_grad_(False)
         self.proxy_params = LM.params_of(self.proxy)
         self.target_params = LM.params_of(self.target)
+        self.score_params = None if score_params is None else {k: v.detach().clone() for k, v in score_params.items()}
         self.log_normalizer: Optional[Tensor] = None
 
     # -- weights, losses -------------------------------------------------------------------------
@@ -314,9 +339,12 @@ class DataSelection(IndexBatches, BilevelProblem):
         return LM.sequence_ce(self.proxy, y, tokens, mask).mean()
 
     def init(self, generator: torch.Generator):
-        """x0: the score model from the warmed-up proxy (head drawn from ``generator``);
-        y0: the warmed-up proxy."""
-        x0 = LM.score_params_from_lm(self.score, self.proxy_params, generator)
+        """x0: the score model from the warmed-up proxy (head drawn from ``generator``), or the
+        given ``score_params``; y0: the warmed-up (or given) proxy."""
+        if self.score_params is not None:
+            x0 = {k: v.clone() for k, v in self.score_params.items()}
+        else:
+            x0 = LM.score_params_from_lm(self.score, self.proxy_params, generator)
         return x0, {k: v.clone() for k, v in self.proxy_params.items()}
 
     # -- metrics --------------------------------------------------------------------------------

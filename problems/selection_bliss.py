@@ -7,10 +7,9 @@ pulls the proxy toward the *current* target), then the learned score model score
 sequence. Everything goes through :func:`bilevel.solve`, the same estimators and oracles as any
 other solver.
 
-The problem is built once per run from the pipeline's own splits and tokenizer, with no warm-up
-(``warmup_steps=0``); its pool, validation set and the proxy / target parameters are then set to
-the pipeline's (the shared warm-up checkpoint, the current target), so that indices and models are
-the pipeline's. Every round's bilevel phase starts from the warm-up proxy, as in the official code
+The problem is built each round from the pipeline's own splits, tokenizer, pool and validation
+sequences (so that indices are the pipeline's), with the round's proxy and target as its starting
+parameters (no warm-up) and the round's score model as x0. Every round's bilevel phase starts from the warm-up proxy, as in the official code
 (its ``setup()`` reloads the proxy's warm-up checkpoint each round; the lines that would carry the
 proxy over are commented out). ``carry_proxy`` (an ablation) instead writes the proxy the phase
 ends with into the pipeline's proxy module, so that the next round starts from it: measured on the
@@ -29,11 +28,10 @@ from .selection_methods import RoundInputs, score_with
 __all__ = ["bliss_round", "build_problem"]
 
 
-def build_problem(inputs: RoundInputs):
-    """The ``data-selection`` problem on the pipeline's data (cached in ``inputs.options``)."""
-    cache = inputs.options.setdefault("_cache", {})
-    if "problem" in cache:
-        return cache["problem"]
+def build_problem(inputs: RoundInputs, score_params=None):
+    """The round's ``data-selection`` problem, built with the pipeline's data and models: its
+    pool and validation sequences (so that indices are the pipeline's), the round's proxy and
+    target as the starting parameters (no warm-up), and ``score_params`` as x0 when given."""
     from .data_selection import DataSelection
     o = inputs.options
     p_opts = dict(o.get("problem_options") or {})
@@ -44,14 +42,11 @@ def build_problem(inputs: RoundInputs):
                          "pipeline's)")
     p_opts.setdefault("batch_size", int(o.get("batch_size", 8)))
     data = o["_data"]
-    problem = DataSelection(splits=data.splits, tokenizer_path=str(data.tokenizer_path),
-                            model_preset=o["preset"], seq_len=int(inputs.pool.tokens.shape[1]), warmup_steps=0,
-                            eval_pool=min(256, len(inputs.pool)), max_eval=o.get("max_eval_sequences"),
-                            seed=inputs.seed, **p_opts)
-    problem.pool, problem.n_train = inputs.pool, len(inputs.pool)
-    problem.validation, problem.n_val = inputs.validation, len(inputs.validation)
-    cache["problem"] = problem
-    return problem
+    return DataSelection(splits=data.splits, tokenizer_path=str(data.tokenizer_path), model_preset=o["preset"],
+                         seq_len=int(inputs.pool.tokens.shape[1]), warmup_steps=0,
+                         eval_pool=min(256, len(inputs.pool)), max_eval=o.get("max_eval_sequences"), seed=inputs.seed,
+                         pool=inputs.pool, validation=inputs.validation, proxy_params=_params(inputs.proxy),
+                         target_params=_params(inputs.target), score_params=score_params, **p_opts)
 
 
 def _params(module: torch.nn.Module):
@@ -61,24 +56,17 @@ def _params(module: torch.nn.Module):
 def bliss_round(inputs: RoundInputs) -> np.ndarray:
     """Run the bilevel phase of round ``inputs.round`` and return the pool's scores."""
     from bilevel.solve import solve
-    from .language_model import score_params_from_lm
+    from .selection_methods import _fresh_score_model
     o = inputs.options
-    problem = build_problem(inputs)
-    problem.proxy_params = _params(inputs.proxy)
-    problem.target_params = _params(inputs.target)
-    y0 = {k: v.clone() for k, v in problem.proxy_params.items()}
-    if o.get("keep_score_model") and "score" in inputs.state:
-        x0 = {k: v.clone() for k, v in inputs.state["score"].items()}
-    else:
-        x0 = score_params_from_lm(problem.score, problem.proxy_params,
-                                  torch.Generator().manual_seed(1000 * inputs.seed + inputs.round))
-    problem.init = lambda generator: ({k: v.clone() for k, v in x0.items()}, {k: v.clone() for k, v in y0.items()})
+    x0 = inputs.state.get("score") if o.get("keep_score_model") else None
+    if x0 is None:  # fresh from the round's starting proxy, the head drawn from the round's seed
+        _, x0 = _fresh_score_model(inputs, 1000 * inputs.seed + inputs.round)
+    problem = build_problem(inputs, x0)
     steps = int(o.get("bilevel_steps", 20))
     solver_options = {"total_steps": max(1, steps), **dict(o.get("solver_options") or {})}
     every = int(o.get("bilevel_eval_every") or steps)  # the upper-loss curve of the phase (diagnostics)
     result = solve(problem, "bliss", steps=steps, seed=1000 * inputs.seed + inputs.round, eval_every=max(1, every),
                    progress=bool(o.get("progress")), initial_eval=every < steps, **solver_options)
-    del problem.init  # back to the class's init
     if o.get("carry_proxy"):  # an ablation: the official code restarts every round from the warm-up proxy
         with torch.no_grad():
             for name, p in inputs.proxy.named_parameters():

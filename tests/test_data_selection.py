@@ -41,11 +41,13 @@ def micro(tmp_path_factory):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
-    return DataSelection(splits=splits, tokenizer_path=str(path), seq_len=8, batch_size=4, val_batch_size=3,
-                         proxy_arch=dict(hidden_size=4, num_attention_heads=1, intermediate_size=8),
-                         target_arch=dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=2,
-                                          intermediate_size=16),
-                         warmup_steps=5, dtype="float64", gamma=0.1, reg=1e-3, eval_pool=32)
+    problem = DataSelection(splits=splits, tokenizer_path=str(path), seq_len=8, batch_size=4, val_batch_size=3,
+                            proxy_arch=dict(hidden_size=4, num_attention_heads=1, intermediate_size=8),
+                            target_arch=dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=2,
+                                             intermediate_size=16),
+                            warmup_steps=5, dtype="float64", gamma=0.1, reg=1e-3, eval_pool=32)
+    problem._tokenizer_path = str(path)  # for tests that build a second problem on the same data
+    return problem
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +300,34 @@ def test_solvers_run_on_the_tiny_preset(tiny, solver, options):
     last = result.history[-1]
     assert last["iteration"] == 3 and all(torch.isfinite(torch.tensor(float(last[k])))
                                           for k in ("val_cloze_loss", "test_in_ppl", "noise_auroc"))
+
+
+def test_a_problem_built_from_given_sequences_and_parameters_uses_them(micro, point):
+    """bilevel select builds each round's problem with its own pool, validation set, proxy,
+    target and score model (no attribute overwritten afterwards): the problem must use exactly
+    those, with no warm-up."""
+    x, y = point
+    y_moved = {k: v + 0.01 for k, v in y.items()}
+    target = {k: v * 0.5 for k, v in micro.target_params.items()}
+    pool, val = micro.pool.subset([3, 1, 0, 2, 5]), micro.validation.subset([2, 0])
+    p = DataSelection(splits=micro.splits, tokenizer_path=micro._tokenizer_path, seq_len=8, batch_size=4,
+                      val_batch_size=2, proxy_arch=dict(hidden_size=4, num_attention_heads=1, intermediate_size=8),
+                      target_arch=dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=16),
+                      warmup_steps=5, dtype="float64", gamma=0.1, reg=1e-3, eval_pool=4, pool=pool, validation=val,
+                      proxy_params=y_moved, target_params=target, score_params=x)
+    assert p.pool is pool and p.validation is val and (p.n_train, p.n_val) == (5, 2)
+    assert all(torch.equal(p.target_params[k], v) for k, v in target.items())  # no warm-up of the given models
+    x0, y0 = p.init(torch.Generator().manual_seed(3))
+    assert all(torch.equal(x0[k], v) for k, v in x.items()) and all(torch.equal(y0[k], v) for k, v in y_moved.items())
+    batch = torch.tensor([0, 2, 4])
+    tokens, mask = pool.tokens[batch], pool.mask[batch]
+    s = LM.scores(micro.score, x, tokens, mask)
+    ce = LM.sequence_ce(micro.proxy, y_moved, tokens, mask)
+    kl = LM.token_kl(LM.lm_logits(micro.proxy, y_moved, tokens), LM.lm_logits(micro.target, target, tokens), mask)
+    want = (torch.softmax(s, 0) * ce).sum() + 0.1 * kl.mean() + 1e-3 * sum((v ** 2).sum() for v in y_moved.values())
+    assert torch.allclose(p.lower_loss(x, y_moved, batch), want)
+    with pytest.raises(ValueError, match="do not match the model"):
+        DataSelection(splits=micro.splits, tokenizer_path=micro._tokenizer_path, seq_len=8,
+                      proxy_arch=dict(hidden_size=4, num_attention_heads=1, intermediate_size=8),
+                      target_arch=dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=16),
+                      warmup_steps=0, proxy_params={"nope": torch.zeros(1)})
