@@ -124,12 +124,16 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
         host_sync = tol > 0 or all(t.device.type == "cpu" for t in b.values())
     if not host_sync:
         return _masked_cg(matvec, b, v, r, p, rr, threshold, steps, negative_curvature)
+    # The two tests read one number each into Python (``item``): the comparisons are those of
+    # the tensors (a float32 or float64 value is exact as a Python float), one operation fewer
+    # each than comparing on the tensor and reading the boolean.
+    threshold = threshold.item()
     for k in range(steps):
-        if rr <= threshold:
+        if rr.item() <= threshold:
             break
         ap = matvec(p)
         curvature = tree.dot(p, ap)
-        if curvature <= 0:
+        if curvature.item() <= 0:
             _non_positive(curvature, k, negative_curvature, depth=2)
             if k == 0:
                 v = tree.clone(b)

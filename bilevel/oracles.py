@@ -518,12 +518,13 @@ class LowerProducts:
     Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
     """
 
-    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse", "_reduce", "_functional")
+    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse", "_reduce", "_functional", "_reverse_mode")
 
     def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: Optional[str] = None):
         mode = resolve_mode(mode)
         batch, self._reduce = _split(batch)  # this rank's slice in a data-parallel run
         self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
+        self._reverse_mode = mode == "reverse"
         self._graph = None
         self._sparse = set()
         # Checked once per object (not per product): an object is built and used inside the same
@@ -534,11 +535,12 @@ class LowerProducts:
             self._reduce = None  # "x" / "y" when some of those leaves do not enter grad_y g
 
     def _build(self):
-        """(outputs, their keys, y leaves, x leaves): the parts of grad_y g's graph that the
-        products pass to ``torch.autograd.grad``, as lists built once."""
+        """(outputs, their keys, {"y": (names, leaves), "x": (names, leaves)}): the parts of
+        grad_y g's graph that the products pass to ``torch.autograd.grad``, built once."""
         xl, yl, gy = _reverse_graph(self.problem, self.x, self.y, self.batch)
         keys = [k for k, t in gy.items() if t.requires_grad]
-        self._graph = ([gy[k] for k in keys], keys, yl, xl)
+        self._graph = ([gy[k] for k in keys], keys,
+                       {"y": (list(yl), list(yl.values())), "x": (list(xl), list(xl.values()))})
         return self._graph
 
     def _reverse(self, v: Tree, wrt: str) -> Tree:
@@ -547,41 +549,37 @@ class LowerProducts:
                 self._graph = _functional_second_order(self.problem, self.x, self.y, self.batch)[1]
             cross, hv = self._graph({k: v[k] for k in self.y})
             return hv if wrt == "y" else cross
-        outputs, keys, yl, xl = self._graph or self._build()
-        inputs = yl if wrt == "y" else xl
+        outputs, keys, inputs = self._graph or self._build()
+        names, leaves = inputs[wrt]
         if not keys:  # grad_y g independent of (x, y): every product is zero
-            return {k: torch.zeros_like(t) for k, t in inputs.items()}
+            return {k: torch.zeros_like(t) for k, t in zip(names, leaves)}
         # Gradients of a graph-free backward (no create_graph) never require grad: no detach.
         # Every leaf is assumed to enter the graph (the cheaper call) until one does not; then
         # unused leaves get zeros for the rest of this graph's products.
-        leaves, cotangents = list(inputs.values()), [v[k] for k in keys]
+        cotangents = [v[k] for k in keys]
         if wrt not in self._sparse:
             try:
-                return dict(zip(inputs, torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)))
+                return dict(zip(names, torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)))
             except RuntimeError as error:
                 if "not have been used in the graph" not in str(error):
                     raise
                 self._sparse.add(wrt)
         values = torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True, allow_unused=True,
                                      materialize_grads=True)
-        return dict(zip(inputs, values))
+        return dict(zip(names, values))
 
     def hvp(self, v: Tree) -> Tree:
         """d2_yy g . v. Counts one ``hvp``."""
         _record("hvp")
-        if self.mode == "forward":
-            out = _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
-        else:
-            out = self._reverse(v, "y")
+        out = self._reverse(v, "y") if self._reverse_mode else \
+            _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
         return out if self._reduce is None else self._reduce(out)[0]
 
     def cross(self, v: Tree) -> Tree:
         """d2_xy g . v, shaped like x. Counts one ``cross``."""
         _record("cross")
-        if self.mode == "forward":
-            out = _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
-        else:
-            out = self._reverse(v, "x")
+        out = self._reverse(v, "x") if self._reverse_mode else \
+            _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
         return out if self._reduce is None else self._reduce(out)[0]
 
 
