@@ -247,7 +247,7 @@ def neumann_series(matvec: Matvec, b: Tree, *, steps: int = 10, lr: float,
     u = tree.clone(b)
     total = u if variant == "sum" else None  # "sum": sum_{q=0}^{Q} u_q; else tail sum_{q=1}^{Q} u_q
     for _ in range(steps):
-        u = power(u, 1)
+        u = tree.axpy(-lr, matvec(u), u)  # u_{q+1} = (I - lr A) u_q, as power(u, 1) computes it
         total = u if total is None else tree.add(total, u)
     if variant == "sum":
         return tree.scale(total, lr)
