@@ -247,8 +247,11 @@ def neumann_series(matvec: Matvec, b: Tree, *, steps: int = 10, lr: float,
     u = tree.clone(b)
     total = u if variant == "sum" else None  # "sum": sum_{q=0}^{Q} u_q; else tail sum_{q=1}^{Q} u_q
     for _ in range(steps):
-        u = tree.axpy(-lr, matvec(u), u)  # u_{q+1} = (I - lr A) u_q, as power(u, 1) computes it
-        total = u if total is None else tree.add(total, u)
+        product = matvec(u)
+        # u_{q+1} = (I - lr A) u_q (tree.axpy's operations) and the running sum, in one pass
+        # over the leaves: the loop runs once per product, its Python costs show on small problems.
+        u = {k: t + -lr * product[k] for k, t in u.items()}
+        total = u if total is None else {k: t + u[k] for k, t in total.items()}
     if variant == "sum":
         return tree.scale(total, lr)
     if variant == "code_n2":

@@ -518,7 +518,8 @@ class LowerProducts:
     Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
     """
 
-    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse", "_reduce", "_functional", "_reverse_mode")
+    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse", "_reduce", "_functional", "_reverse_mode",
+                 "_fast")
 
     def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: Optional[str] = None):
         mode = resolve_mode(mode)
@@ -527,6 +528,10 @@ class LowerProducts:
         self._reverse_mode = mode == "reverse"
         self._graph = None
         self._sparse = set()
+        # wrt -> (outputs, keys, names, leaves): the plain one-process reverse-mode product,
+        # set after its first call succeeded with every leaf in the graph; the products then
+        # skip every check (the Neumann and CG loops call them K times per hypergradient).
+        self._fast = {}
         # Checked once per object (not per product): an object is built and used inside the same
         # torch.func transform level (one hypergradient), and the one-process identity reduce
         # is skipped rather than called per product.
@@ -559,7 +564,10 @@ class LowerProducts:
         cotangents = [v[k] for k in keys]
         if wrt not in self._sparse:
             try:
-                return dict(zip(names, torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)))
+                out = dict(zip(names, torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)))
+                if self._reduce is None:
+                    self._fast[wrt] = (outputs, keys, names, leaves)
+                return out
             except RuntimeError as error:
                 if "not have been used in the graph" not in str(error):
                     raise
@@ -571,6 +579,10 @@ class LowerProducts:
     def hvp(self, v: Tree) -> Tree:
         """d2_yy g . v. Counts one ``hvp``."""
         _record("hvp")
+        fast = self._fast.get("y")
+        if fast is not None:
+            outputs, keys, names, leaves = fast
+            return dict(zip(names, torch.autograd.grad(outputs, leaves, [v[k] for k in keys], retain_graph=True)))
         out = self._reverse(v, "y") if self._reverse_mode else \
             _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
         return out if self._reduce is None else self._reduce(out)[0]
@@ -578,6 +590,10 @@ class LowerProducts:
     def cross(self, v: Tree) -> Tree:
         """d2_xy g . v, shaped like x. Counts one ``cross``."""
         _record("cross")
+        fast = self._fast.get("x")
+        if fast is not None:
+            outputs, keys, names, leaves = fast
+            return dict(zip(names, torch.autograd.grad(outputs, leaves, [v[k] for k in keys], retain_graph=True)))
         out = self._reverse(v, "x") if self._reverse_mode else \
             _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
         return out if self._reduce is None else self._reduce(out)[0]
