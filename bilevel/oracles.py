@@ -172,8 +172,7 @@ def _sdp_switches():
 _SDP_SWITCHES = _sdp_switches()
 
 
-@contextlib.contextmanager
-def second_order(problem) -> Iterator[None]:
+class second_order:  # noqa: N801 (used as a function: ``with second_order(problem):``)
     """Kernels with double-backward and forward-mode rules, for the forward pass and the
     ``create_graph`` backward of a second-order product of ``problem``'s lower loss:
 
@@ -195,28 +194,49 @@ def second_order(problem) -> Iterator[None]:
     The attention switch sets and restores the same five backend flags (cuDNN, flash,
     memory-efficient, overrideable, math) that ``sdpa_kernel`` sets, through the setters it calls,
     looked up once (:data:`_SDP_SWITCHES`): about 2 us per entry instead of 18 us for
-    ``sdpa_kernel``'s per-call lookups by name (one entry per hypergradient, bench/README.md).
+    ``sdpa_kernel``'s per-call lookups by name (one entry per hypergradient, bench/README.md);
+    a class rather than a generator-based context manager for the same reason.
     """
-    if torch.compiler.is_compiling():  # dynamo cannot trace these context managers (its own graph's kernels)
-        yield
-        return
-    if _SDP_SWITCHES is None:  # a torch without the flag functions: the public context manager
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(SDPBackend.MATH), (_cudnn_disabled() if has_recurrent_model(problem) else contextlib.nullcontext()):
-            yield
-        return
-    previous = [get() for get, _, _ in _SDP_SWITCHES]
-    try:
+
+    __slots__ = ("problem", "_previous", "_inner")
+
+    def __init__(self, problem):
+        self.problem, self._previous, self._inner = problem, None, None
+
+    def __enter__(self) -> None:
+        if torch.compiler.is_compiling():  # dynamo cannot trace these context managers (its own graph's kernels)
+            return
+        if _SDP_SWITCHES is None:  # a torch without the flag functions: the public context manager
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            self._inner = contextlib.ExitStack()
+            self._inner.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if has_recurrent_model(self.problem):
+                self._inner.enter_context(_cudnn_disabled())
+            return
+        self._previous = [get() for get, _, _ in _SDP_SWITCHES]
         for _, set_flag, wanted in _SDP_SWITCHES:
             set_flag(wanted)
-        if has_recurrent_model(problem):
-            with _cudnn_disabled():
-                yield
-        else:
-            yield
-    finally:
-        for (_, set_flag, _), enabled in zip(_SDP_SWITCHES, previous):
-            set_flag(enabled)
+        if has_recurrent_model(self.problem):
+            self._inner = _cudnn_disabled()
+            try:
+                self._inner.__enter__()
+            except BaseException:
+                self._restore()
+                raise
+
+    def __exit__(self, *exc_info) -> bool:
+        try:
+            if self._inner is not None:
+                self._inner.__exit__(*exc_info)
+        finally:
+            self._restore()
+        return False
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            for (_, set_flag, _), enabled in zip(_SDP_SWITCHES, self._previous):
+                set_flag(enabled)
+            self._previous = None
 
 
 @contextlib.contextmanager
