@@ -151,6 +151,21 @@ def all_reduce_trees(*trees: Optional[Tree]) -> Tuple[Optional[Tree], ...]:
     return tuple(out)
 
 
+def all_reduce_grads(parameters: Sequence[Tensor]) -> None:
+    """Every parameter's ``.grad`` replaced by its sum over the ranks (one ``all_reduce`` per
+    dtype, :func:`all_reduce_trees`); a parameter without a gradient gets zeros, so that every
+    rank reduces the same buffers. Nothing in one process. For a module trained data parallel
+    by hand, each rank's loss its share of the global batch's (:func:`bilevel.problems.
+    selection_train.train_lm`)."""
+    if not active():
+        return
+    params = list(parameters)
+    grads = {str(i): (p.grad if p.grad is not None else torch.zeros_like(p)) for i, p in enumerate(params)}
+    summed, = all_reduce_trees(grads)
+    for i, p in enumerate(params):
+        p.grad = summed[str(i)]
+
+
 _ON_SLICE: List[float] = []
 
 

@@ -121,7 +121,10 @@ def params_of(module: nn.Module) -> Tree:
 
 
 def lm_logits(model: "GPTNeoXForCausalLM", params: Tree, tokens: Tensor) -> Tensor:
-    """(N, L, vocab) next-token logits of ``model`` with parameters ``params``."""
+    """(N, L, vocab) next-token logits of ``model`` with parameters ``params``. A ValueError when
+    ``model`` is FSDP-sharded (``functional_call`` would silently use its own parameters)."""
+    from bilevel.sharding import require_unsharded
+    require_unsharded(model, "lm_logits")
     return functional_call(model, params, (tokens,), {"use_cache": False}).logits
 
 
