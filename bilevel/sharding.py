@@ -66,13 +66,11 @@ _FSDP_MODULE = []  # the FSDPModule class, imported on first use
 
 
 def is_sharded(module: nn.Module) -> bool:
-    """Whether ``module`` or one of its submodules is a ``fully_shard``-ed (FSDP2) module."""
-    if not distributed.available():
-        return False
+    """Whether ``module`` is a ``fully_shard``-ed (FSDP2) module (the root: :func:`shard_module`
+    shards it with its blocks; a class check, cheap enough for every forward)."""
     if not _FSDP_MODULE:
-        _FSDP_MODULE.append(_fsdp()[0])
-    cls = _FSDP_MODULE[0]
-    return any(isinstance(m, cls) for m in module.modules())
+        _FSDP_MODULE.append(_fsdp()[0] if distributed.available() else ())
+    return isinstance(module, _FSDP_MODULE[0])
 
 
 def require_unsharded(module: nn.Module, what: str) -> None:
