@@ -270,8 +270,10 @@ class DataSelection(IndexBatches, BilevelProblem):
 
     def _shard_target(self) -> None:
         """The target module holds the warmed-up ``target_params``, then is sharded with FSDP
-        (under torchrun; the process group is initialised from torchrun's environment)."""
-        distributed.setup()
+        (under torchrun; when no process group exists yet, it is initialised from torchrun's
+        environment with gloo: the problem is built on the CPU; ``bilevel run`` initialises it
+        earlier, for its device)."""
+        distributed.setup("cpu")
         if not distributed.active():
             return
         with torch.no_grad():
