@@ -216,9 +216,10 @@ class GraphedStep:
     without capture (then ``step`` calls ``update`` directly)."""
 
     def __init__(self, update: Callable[[Any, Any], Any], backend: Backend, counts: Dict[str, int],
-                 max_graphs: int = MAX_GRAPHS, warn: Optional[Callable[[str], None]] = None):
+                 max_graphs: Optional[int] = None, warn: Optional[Callable[[str], None]] = None):
         self.update, self.backend, self.counts = update, backend, counts
-        self.max_graphs, self.graphs, self.replays = max_graphs, 0, 0
+        self.max_graphs = MAX_GRAPHS if max_graphs is None else max_graphs
+        self.graphs, self.replays = 0, 0
         self.reason: Optional[str] = None
         self._kept: Dict[Any, List[_Graph]] = {}
         self._warn = warn or (lambda why: warnings.warn(why, GraphFallback, stacklevel=4))
