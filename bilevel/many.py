@@ -258,7 +258,7 @@ class Runs:
     note: Optional[str] = None
     #: whether the vmapped update ran compiled to the end (compile=True, bilevel.many_compile)
     compiled: bool = False
-    #: wall time of the calls that compiled a graph (included in ``wall_time`` and the records' time)
+    #: wall time of this run's calls that compiled a graph (included in ``wall_time`` and the records' time)
     compile_seconds: float = 0.0
     #: CUDA graphs captured (cuda_graph=True, bilevel.many_graph)
     graphs: int = 0
@@ -492,7 +492,7 @@ def solve_many(problem, solver, steps: int, *, seeds: Sequence[int], grid: Optio
     return Runs(results=results, seeds=seeds, points=points, batched=not reasons, reason="; ".join(reasons) or None,
                 wall_time=time.perf_counter() - started_all, note=note,
                 compiled=compiled_update is not None and compiled_update.reason is None,
-                compile_seconds=compiled_update.compile_seconds if compiled_update is not None else 0.0,
+                compile_seconds=compiled_update.run_compile_seconds if compiled_update is not None else 0.0,
                 graphs=getattr(batched_step, "graphs", 0))
 
 

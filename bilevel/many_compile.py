@@ -62,8 +62,8 @@ class CompiledUpdate:
     compiled; after a failure, the eager ``fallback`` (same signature as ``update``).
 
     ``reason``: None while compiled, else why it runs eagerly; ``compile_seconds``: wall time
-    of the calls that compiled a graph; ``compiles``: graphs compiled (``run_compiles`` in the
-    current run, capped by ``recompile_limit``)."""
+    of the calls that compiled a graph; ``compiles``: graphs compiled (``run_compiles`` and
+    ``run_compile_seconds``: in the current run; ``run_compiles`` is capped by ``recompile_limit``)."""
 
     def __init__(self, fn: Callable[[Dict[str, torch.Tensor], Any, Any], Any], *, backend: str,
                  recompile_limit: int = compiled.RECOMPILE_LIMIT):
@@ -71,7 +71,7 @@ class CompiledUpdate:
         self.fn, self.recompile_limit = fn, recompile_limit
         self._compiled = torch.compile(compiled._own_code(fn), fullgraph=True, backend=backend)
         self.reason: Optional[str] = None
-        self.compile_seconds, self.compiles, self.run_compiles = 0.0, 0, 0
+        self.compile_seconds, self.compiles, self.run_compiles, self.run_compile_seconds = 0.0, 0, 0, 0.0
 
     def __call__(self, steps: Dict[str, torch.Tensor], cores: Any, batches: Any, warn: Callable[[str], None]):
         if self.reason is not None:
@@ -85,6 +85,7 @@ class CompiledUpdate:
                 self.compiles += 1
                 self.run_compiles += 1
                 self.compile_seconds += time.perf_counter() - started
+                self.run_compile_seconds += time.perf_counter() - started
                 if self.run_compiles > self.recompile_limit:
                     raise RuntimeError(f"compiled {self.run_compiles} graphs in this run, more than "
                                        f"recompile_limit={self.recompile_limit}")
@@ -111,7 +112,7 @@ def compiled_update(problem, template, step_names: Tuple[str, ...],
     entry = _CACHE.get(key)
     if entry is not None and entry[0]() is problem:
         _CACHE.move_to_end(key)
-        entry[1].run_compiles = 0
+        entry[1].run_compiles, entry[1].run_compile_seconds = 0, 0.0
         if entry[1].reason is not None:
             warnings.warn(f"compile=True: the batched update runs eagerly ({entry[1].reason})",
                           compiled.CompileFallback, stacklevel=4)
