@@ -14,7 +14,7 @@ from bilevel import compiled, many_compile
 from bilevel.compiled import CompileFallback
 from bilevel.many import LoopFallback
 
-from test_many import CASES, assert_same_run, digits
+from test_many import CASES, assert_same_run, digits, quadratic
 
 
 @pytest.fixture
@@ -42,6 +42,17 @@ def test_compiled_batched_soba_equals_lone_runs_and_is_reused(eager_backend):
     assert first.compile_seconds > 0
     again = _compiled_equals_lone(problem, "soba", CASES["soba"], seeds=(2, 3))  # same shapes: no new graph
     assert again.compile_seconds == 0
+
+
+def test_compiled_grid_steps_enter_as_tensors_and_equal_lone_runs(eager_backend):
+    """Grid points are per-copy step tensors (BatchedStep) inside the compiled graph too."""
+    problem, grid = quadratic(), {"upper_lr": [0.2, 0.5], "lower_lr": [0.1, 0.3]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallback)
+        runs = bilevel.solve(problem, "soba", steps=4, seeds=[0, 1], grid=grid, eval_every=2, compile=True, z_lr=0.3)
+    assert runs.compiled and len(runs) == 8
+    for copy in runs:
+        assert_same_run(copy, bilevel.solve(problem, "soba", steps=4, seed=copy.seed, eval_every=2, z_lr=0.3, **copy.point))
 
 
 def test_an_update_that_cannot_be_traced_runs_eagerly_with_one_warning(eager_backend):
