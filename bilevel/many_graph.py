@@ -59,9 +59,10 @@ class GraphFallback(UserWarning):
 
 # -- integers that remember how they were used --------------------------------------------------------
 
-def _unwrap(value, uses_of_others: list):
+def _unwrap(value, guarded_operands: list):
+    """``value``'s integer if it is a :class:`Guarded` (noted in ``guarded_operands``), else ``value``."""
     if isinstance(value, Guarded):
-        uses_of_others.append(value)
+        guarded_operands.append(value)
         return value.value
     return value
 
@@ -83,25 +84,23 @@ class Guarded:
         others: List[Guarded] = []
         raw = tuple(_unwrap(a, others) for a in args)
         for other in others:  # an operand that is itself guarded must keep its exact value
-            other.uses.append(("exact", ()))
-        self.uses.append((name, raw))
-        self.uses[-1] += (_apply(name, self.value, raw),)
-        return self.uses[-1][2]
+            other.uses.append(("exact", (), other.value))
+        result = _apply(name, self.value, raw)
+        self.uses.append((name, raw, result))
+        return result
 
     def holds_for(self, value: int) -> bool:
         """Whether every recorded use gives the same result with ``value`` in place of this one's."""
         if type(value) is not type(self.value):
             return False
-        for use in self.uses:
-            name, args = use[0], use[1]
-            expected = self.value if name == "exact" else use[2]
+        for name, args, expected in self.uses:
             again = value if name == "exact" else _apply(name, value, args)
             if type(again) is not type(expected) or again != expected:
                 return False
         return True
 
     def __getattr__(self, name):  # anything else (bit_length, real, ...): only this exact value
-        self.uses.append(("exact", ()))
+        self.uses.append(("exact", (), self.value))
         return getattr(self.value, name)
 
 
@@ -112,9 +111,8 @@ def _apply(name: str, value: int, args: tuple):
 
 #: dunder -> how it computes with the integer v (reflected operations put v on the right).
 _OPERATIONS = {
-    **{f"__{n}__": getattr(operator, n.rstrip("_") if n in ("and", "or") else n)
-       for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift", "xor",
-                 "eq", "ne", "lt", "le", "gt", "ge")},
+    **{f"__{n}__": getattr(operator, n) for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow",
+                                                  "lshift", "rshift", "xor", "eq", "ne", "lt", "le", "gt", "ge")},
     "__and__": operator.and_, "__or__": operator.or_,
     **{f"__r{n}__": (lambda op: lambda v, other: op(other, v))(getattr(operator, n))
        for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift", "xor")},
