@@ -170,6 +170,9 @@ def _sdp_switches():
 
 
 _SDP_SWITCHES = _sdp_switches()
+#: Whether this torch build has cuDNN at all: without it (CPU builds) the RNN switch has nothing
+#: to turn off, and the problem's recurrent check is skipped.
+_CUDNN_BUILT = torch.backends.cudnn.is_available()
 
 
 class second_order:  # noqa: N801 (used as a function: ``with second_order(problem):``)
@@ -213,10 +216,11 @@ class second_order:  # noqa: N801 (used as a function: ``with second_order(probl
             if has_recurrent_model(self.problem):
                 self._inner.enter_context(_cudnn_disabled())
             return
-        self._previous = [get() for get, _, _ in _SDP_SWITCHES]
-        for _, set_flag, wanted in _SDP_SWITCHES:
-            set_flag(wanted)
-        if has_recurrent_model(self.problem):
+        previous = self._previous = [get() for get, _, _ in _SDP_SWITCHES]
+        for (_, set_flag, wanted), enabled in zip(_SDP_SWITCHES, previous):
+            if enabled != wanted:
+                set_flag(wanted)
+        if _CUDNN_BUILT and has_recurrent_model(self.problem):
             self._inner = _cudnn_disabled()
             try:
                 self._inner.__enter__()
@@ -234,8 +238,9 @@ class second_order:  # noqa: N801 (used as a function: ``with second_order(probl
 
     def _restore(self) -> None:
         if self._previous is not None:
-            for (_, set_flag, _), enabled in zip(_SDP_SWITCHES, self._previous):
-                set_flag(enabled)
+            for (_, set_flag, wanted), enabled in zip(_SDP_SWITCHES, self._previous):
+                if enabled != wanted:
+                    set_flag(enabled)
             self._previous = None
 
 
