@@ -42,7 +42,8 @@ Data (``data`` option):
 * ``splits=`` (Python only): a ready :class:`~bilevel.problems.data.text_pool.TextSplits`.
 
 Measured on the tiny preset (seed 0, 384 pool sequences, 32 % of them planted noise by
-sequence): the warmed-up score model's top 20 % holds 13 % noise; after 60 bliss steps
+sequence; before the warm-up moved to the token-mean loss of the shared training loop, not
+re-measured since): the warmed-up score model's top 20 % holds 13 % noise; after 60 bliss steps
 (upper_lr 1e-3) 53 %: spam (mean score 0.46 -> 0.09) and random tokens are pushed down, but raw
 wiki markup rises above clean text (0.52 against 0.31), as does shuffled text. With the Python
 documentation as the validation domain, markup's brackets and quotes resemble the code in the
