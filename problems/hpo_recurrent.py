@@ -59,6 +59,8 @@ class RecurrentHPO(TextClassifierProblem):
 
     name = NAME
     headline_metrics = ("test_accuracy", "val_loss")
+    #: grid-point choice (bilevel.report.selection): f on the whole validation split.
+    selection = ("val_loss", "min", "test_accuracy")
 
     PRESETS: Dict[str, Dict[str, Any]] = {
         # Seconds on 2 CPU cores.
