@@ -128,14 +128,15 @@ def grid_for(method: Method, lower: Sequence[float], upper: Sequence[float], sgd
 
 
 def edge(point: Mapping[str, float], grid: Mapping[str, Sequence[float]]) -> str:
-    """``interior`` when every searched axis (more than one value) has the point strictly inside
-    its range; else the axes where it is the smallest ("low") or largest ("high") value."""
+    """``interior`` when the point lies strictly inside the range of every grid axis; else the
+    axes where it is the smallest ("low") or largest ("high") value, and those that held a
+    single value ("fixed": not searched)."""
     sides = []
     for name, value in point.items():
         values = grid.get(name, ())
         if len(values) < 2:
-            continue
-        if value == min(values):
+            sides.append(f"{name} fixed")
+        elif value == min(values):
             sides.append(f"{name} low")
         elif value == max(values):
             sides.append(f"{name} high")
@@ -159,7 +160,7 @@ def run_methods(problem, experiment: Experiment, names: Sequence[str], steps: in
         t0 = time.perf_counter()
         runs = bilevel.solve(problem, method.solver, steps=steps, seeds=list(seeds), grid=grid,
                              eval_every=eval_every, **dict(method.options))
-        how = "vmapped" if runs.batched else f"partly looped ({runs.reason})"
+        how = "vmapped" if runs.batched else "partly looped over copies (the warning says why)"
         print(f"{name}: {len(runs)} copies ({len(runs.points)} grid points x {len(seeds)} seeds), {how}, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         out[name] = (runs, grid)
