@@ -17,7 +17,7 @@ report the same kind of curves. The protocol, for one problem and a list of meth
 3. the table says whether the chosen point lies on the edge of the grid searched ("edge"
    column: ``interior``, or the axes where it is the smallest / largest value): a choice at the
    edge means the grid did not bracket the best step size;
-4. figures: the chosen points' metrics against epochs and against wall time (mean over seeds,
+4. figures: the chosen points' metrics (validation, test, the script's others) against epochs and against wall time (mean over seeds,
    shaded between min and max). An epoch is ``1 / epochs_per_step`` outer iterations (the
    official codes' loop over the training loader, one outer iteration per batch; inner steps
    are not counted). Time is the batch's wall time: all copies of a method advance together.
@@ -239,7 +239,7 @@ def run(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> List[Di
         if point is not None:
             curves[row["solver"]] = only(runs, point)
     figure = out / "curves.png"
-    if report.plot_bands(curves, [test, *metrics], figure, title=f"{experiment.title}, chosen points",
+    if report.plot_bands(curves, [validation, test, *metrics], figure, title=f"{experiment.title}, chosen points",
                          axes=(("epoch", "epochs"), ("time", "wall time (s)"))):
         print(f"\nwrote {figure}", flush=True)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
