@@ -190,6 +190,6 @@ def test_hpo_rnn_paper_end_to_end(rt_path, tmp_path, capsys):
         "--data-path", rt_path, "--n-train", "40", "--n-val", "40", "--n-test", "40", "--hidden", "3", "--fc", "3",
         "--batch-size", "10", "--steps", "3", *TINY_TEXT, "--methods", "soba", "bo-rep", "--out", str(out)], capsys)
     check_rows(rows, ["soba", "bo-rep"], out)
-    table = (out / "table.md").read_text()  # the plain-SGD upper grid is x100, the normalized one not
-    assert re.search(r"\| soba +\| lower_lr=0\.1 upper_lr=10 ", table)
+    table = (out / "table.md").read_text()  # the plain-SGD upper grid is x1000, the normalized one not
+    assert re.search(r"\| soba +\| lower_lr=0\.1 upper_lr=100 ", table)
     assert re.search(r"\| bo-rep +\| lower_lr=0\.1 upper_lr=0\.1 ", table)
