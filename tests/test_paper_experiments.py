@@ -128,6 +128,18 @@ def test_auc_evaluate_has_validation_and_train_auc(tmp_path):
     assert metrics["val_auc"] != metrics["train_auc"]
 
 
+def test_hpo_rnn_evaluate_survives_a_runaway_log_reg(rt_path):
+    """exp(log_reg) past the float range: reg_weight inf, not OverflowError (found by the grid run
+    of hpo_rnn_paper.py, where SOBA at upper_lr 500 ended the whole batched grid search)."""
+    import bilevel
+    problem = bilevel.make_problem("hpo-rnn", "tiny", device="cpu", data_path=rt_path, n_train=30, n_val=30,
+                                   n_test=30, hidden=3, embed_dim=3, fc=3, max_vocab=20)
+    x, y = problem.init(torch.Generator().manual_seed(0))
+    metrics = problem.evaluate({"log_reg": torch.tensor(800.0)}, y)
+    assert metrics["reg_weight"] == float("inf") and metrics["log_reg"] == 800.0
+    assert problem.evaluate(x, y)["reg_weight"] == pytest.approx(np.exp(-6.0))
+
+
 # -- each script end to end -----------------------------------------------------------------------
 
 def run_script(name, argv, capsys):
