@@ -111,6 +111,10 @@ class SABA(Solver):
 
     def update(self, problem, s: SABAState, batches: SABABatches) -> SABAState:
         t, i, j = batches.t, batches.lower, batches.upper
+        if isinstance(s.memories["lower"].table, tuple):
+            raise ValueError("SABA: this state holds its SAGA memory as a tuple of entries, the layout of "
+                             "checkpoints written before the memory became stacked tensors; such a run cannot "
+                             "be resumed, start it again")
         low, lower_memory = memory.saga(s.memories["lower"], i, self._lower_terms(problem, s.x, s.y, s.z, i.indices))
         up, upper_memory = memory.saga(s.memories["upper"], j, self._upper_terms(problem, s.x, s.y, j.indices))
         direction, upper_state = upper.sgd(self.upper_lr).update(tree.sub(up["grad_x"], low["cross"]), s.upper, t=t)

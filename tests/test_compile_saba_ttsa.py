@@ -175,3 +175,17 @@ def test_memory_update_writes_one_entry_by_tensor_index():
     assert torch.equal(new.table["w"][2], d["w"]) and torch.equal(new.table["w"][:2], mem.table["w"][:2])
     assert torch.equal(mem.table["w"][2], torch.full((2,), 2.0, dtype=torch.float64))  # the old one untouched
     assert torch.equal(memory.entry(new, 2)["w"], d["w"])
+
+
+def test_saba_refuses_a_state_with_the_old_tuple_memory(quad):
+    """Checkpoints written before the stacked layout hold the table as a tuple of entries: a
+    clear error, not a wrong step."""
+    solver = make_solver("saba", batch_size=32)
+    generator = run_generator(0)
+    x, y = quad.init(generator)
+    state = solver.init(quad, x, y, generator)
+    old = state.core.memories["lower"]
+    tuple_table = tuple(memory.entry(old, k) for k in range(2))
+    core = state.core._replace(memories={**state.core.memories, "lower": old._replace(table=tuple_table)})
+    with pytest.raises(ValueError, match="tuple of entries"):
+        solver.step(quad, state._replace(core=core))
