@@ -19,7 +19,8 @@ as a LongTensor and the per-product batches padded to Q with copies of the cross
 not the same object: an aliasing pattern that changed with q would change the graph too).
 
 Eagerly (``torch.compiler.is_compiling()`` false) the estimate is the parent's truncated loop on
-the same draw (q products, exact oracle counts); traced, it is the masked loop.
+the same draw (q products, exact oracle counts); traced, or under ``torch.func.vmap`` (copies
+with their own q, bilevel.many), it is the masked loop (Q products counted per copy).
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ from torch.utils._pytree import tree_map
 from . import linear_system, tree
 from .estimators import Draw, Neumann
 from .hypergrad import PerProduct, implicit
+
+
+def _batched(term) -> bool:
+    """True for q under ``torch.func.vmap`` (one q per copy: the loop bound cannot be read)."""
+    return isinstance(term, torch.Tensor) and torch._C._functorch.is_batchedtensor(term)
 
 
 def _copy(batch):
@@ -81,7 +87,7 @@ class MaskedNeumann(Neumann):
                            None if generator is None else generator.device)
 
     def __call__(self, problem, x, y, state, sample: Draw):
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or _batched(sample.term)):
             return super().__call__(problem, x, y, state, sample)
 
         def solve(matvec, b):

@@ -189,3 +189,17 @@ def test_saba_refuses_a_state_with_the_old_tuple_memory(quad):
     core = state.core._replace(memories={**state.core.memories, "lower": old._replace(table=tuple_table)})
     with pytest.raises(ValueError, match="tuple of entries"):
         solver.step(quad, state._replace(core=core))
+
+
+def test_ttsa_seeds_batched_with_vmap_equal_lone_runs(quad):
+    """bilevel.many: the copies draw their own q; under vmap the masked loop runs for all of them
+    in one call (no fallback to a loop over copies) and each copy equals its lone run."""
+    from bilevel.many import LoopFallback
+    options = dict(neumann_steps=3, neumann_lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoopFallback)
+        runs = bilevel.solve(quad, "ttsa", steps=5, seeds=[0, 1, 2], eval_every=5, **options)
+    assert runs.batched
+    for copy in runs:
+        lone = bilevel.solve(quad, "ttsa", steps=5, seed=copy.seed, eval_every=5, **options)
+        torch.testing.assert_close(copy.x["x"], lone.x["x"], rtol=1e-10, atol=1e-12)
