@@ -394,10 +394,10 @@ def from_options(method: str, options: Dict[str, Any]) -> Tuple[Estimator, Any, 
     cls = METHODS.get(method)
     inputs = cls.ENTRY_INPUTS if cls is not None else ()
     # the type in the key: 1, 1.0 and True hash alike, but only some of them are valid
-    values = tuple(sorted(((k, type(v).__name__, v) for k, v in options.items() if k not in inputs),
-                          key=lambda item: item[0]))
+    # (keys in the caller's order: another order is another cache entry for the same object)
+    values = tuple((k, type(v), v) for k, v in options.items() if k not in inputs)
     try:
-        estimator = _build_cached(method, values)
+        estimator = _build_cached(method, cls, values)  # the class in the key: METHODS may be replaced
     except TypeError as error:
         if "unhashable" not in str(error):
             raise
@@ -406,11 +406,11 @@ def from_options(method: str, options: Dict[str, Any]) -> Tuple[Estimator, Any, 
 
 
 @functools.lru_cache(maxsize=256)
-def _build_cached(method: str, values: Tuple[Tuple[str, str, Any], ...]) -> Estimator:
+def _build_cached(method: str, cls: type, values: Tuple[Tuple[str, type, Any], ...]) -> Estimator:
     return _build(method, values)
 
 
-def _build(method: str, values: Tuple[Tuple[str, str, Any], ...]) -> Estimator:
+def _build(method: str, values: Tuple[Tuple[str, type, Any], ...]) -> Estimator:
     accepted, given = entry_options(method), {name: value for name, _, value in values}
     cls = METHODS[method]
     unknown = sorted(set(given) - set(accepted))

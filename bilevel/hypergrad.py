@@ -80,20 +80,21 @@ def implicit(problem, x: Tree, y: Tree, upper_batch: Any, hessian_batch: Any, cr
             kept.append((batch, products))
         return products
 
-    used = 0
+    if per_product:
+        used = 0
 
-    def matvec(u: Tree) -> Tree:
-        nonlocal used
-        batch = hessian_batch
-        if per_product:
+        def matvec(u: Tree) -> Tree:
+            nonlocal used
             if used >= len(hessian_batch):
                 raise ValueError(f"the linear solver asked for Hessian-vector product {used + 1} but the "
                                  f"draw holds {len(hessian_batch)} per-product batches")
-            batch = hessian_batch[used]
-        used += 1
-        return products_on(batch).hvp(u)
+            used += 1
+            return products_on(hessian_batch[used - 1]).hvp(u)
+    else:
+        matvec = products_on(hessian_batch).hvp  # one graph, built at the first product
 
     v = solve(matvec, gy_f)
+    matvec = None
     kept[:] = [entry for entry in kept if entry[0] is cross_batch]  # free the Hessian batch's graph first
     return tree.sub(gx_f, products_on(cross_batch).cross(v)), v
 

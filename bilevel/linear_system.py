@@ -124,12 +124,16 @@ def conjugate_gradient(matvec: Matvec, b: Tree, *, steps: int = 10, init: Option
         host_sync = tol > 0 or all(t.device.type == "cpu" for t in b.values())
     if not host_sync:
         return _masked_cg(matvec, b, v, r, p, rr, threshold, steps, negative_curvature)
+    # The two tests read one number each into Python (``item``): the comparisons are those of
+    # the tensors (a float32 or float64 value is exact as a Python float), one operation fewer
+    # each than comparing on the tensor and reading the boolean.
+    threshold = threshold.item()
     for k in range(steps):
-        if rr <= threshold:
+        if rr.item() <= threshold:
             break
         ap = matvec(p)
         curvature = tree.dot(p, ap)
-        if curvature <= 0:
+        if curvature.item() <= 0:
             _non_positive(curvature, k, negative_curvature, depth=2)
             if k == 0:
                 v = tree.clone(b)
@@ -243,8 +247,11 @@ def neumann_series(matvec: Matvec, b: Tree, *, steps: int = 10, lr: float,
     u = tree.clone(b)
     total = u if variant == "sum" else None  # "sum": sum_{q=0}^{Q} u_q; else tail sum_{q=1}^{Q} u_q
     for _ in range(steps):
-        u = power(u, 1)
-        total = u if total is None else tree.add(total, u)
+        product = matvec(u)
+        # u_{q+1} = (I - lr A) u_q (tree.axpy's operations) and the running sum, in one pass
+        # over the leaves: the loop runs once per product, its Python costs show on small problems.
+        u = {k: t + -lr * product[k] for k, t in u.items()}
+        total = u if total is None else {k: t + u[k] for k, t in total.items()}
     if variant == "sum":
         return tree.scale(total, lr)
     if variant == "code_n2":

@@ -170,10 +170,12 @@ def _sdp_switches():
 
 
 _SDP_SWITCHES = _sdp_switches()
+#: Whether this torch build has cuDNN at all: without it (CPU builds) the RNN switch has nothing
+#: to turn off, and the problem's recurrent check is skipped.
+_CUDNN_BUILT = torch.backends.cudnn.is_available()
 
 
-@contextlib.contextmanager
-def second_order(problem) -> Iterator[None]:
+class second_order:  # noqa: N801 (used as a function: ``with second_order(problem):``)
     """Kernels with double-backward and forward-mode rules, for the forward pass and the
     ``create_graph`` backward of a second-order product of ``problem``'s lower loss:
 
@@ -195,28 +197,51 @@ def second_order(problem) -> Iterator[None]:
     The attention switch sets and restores the same five backend flags (cuDNN, flash,
     memory-efficient, overrideable, math) that ``sdpa_kernel`` sets, through the setters it calls,
     looked up once (:data:`_SDP_SWITCHES`): about 2 us per entry instead of 18 us for
-    ``sdpa_kernel``'s per-call lookups by name (one entry per hypergradient, bench/README.md).
+    ``sdpa_kernel``'s per-call lookups by name (one entry per hypergradient, bench/README.md);
+    a class rather than a generator-based context manager for the same reason.
     """
-    if torch.compiler.is_compiling():  # dynamo cannot trace these context managers (its own graph's kernels)
-        yield
-        return
-    if _SDP_SWITCHES is None:  # a torch without the flag functions: the public context manager
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(SDPBackend.MATH), (_cudnn_disabled() if has_recurrent_model(problem) else contextlib.nullcontext()):
-            yield
-        return
-    previous = [get() for get, _, _ in _SDP_SWITCHES]
-    try:
-        for _, set_flag, wanted in _SDP_SWITCHES:
-            set_flag(wanted)
-        if has_recurrent_model(problem):
-            with _cudnn_disabled():
-                yield
-        else:
-            yield
-    finally:
-        for (_, set_flag, _), enabled in zip(_SDP_SWITCHES, previous):
-            set_flag(enabled)
+
+    __slots__ = ("problem", "_previous", "_inner")
+
+    def __init__(self, problem):
+        self.problem, self._previous, self._inner = problem, None, None
+
+    def __enter__(self) -> None:
+        if torch.compiler.is_compiling():  # dynamo cannot trace these context managers (its own graph's kernels)
+            return
+        if _SDP_SWITCHES is None:  # a torch without the flag functions: the public context manager
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            self._inner = contextlib.ExitStack()
+            self._inner.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if has_recurrent_model(self.problem):
+                self._inner.enter_context(_cudnn_disabled())
+            return
+        previous = self._previous = [get() for get, _, _ in _SDP_SWITCHES]
+        for (_, set_flag, wanted), enabled in zip(_SDP_SWITCHES, previous):
+            if enabled != wanted:
+                set_flag(wanted)
+        if _CUDNN_BUILT and has_recurrent_model(self.problem):
+            self._inner = _cudnn_disabled()
+            try:
+                self._inner.__enter__()
+            except BaseException:
+                self._restore()
+                raise
+
+    def __exit__(self, *exc_info) -> bool:
+        try:
+            if self._inner is not None:
+                self._inner.__exit__(*exc_info)
+        finally:
+            self._restore()
+        return False
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            for (_, set_flag, wanted), enabled in zip(_SDP_SWITCHES, self._previous):
+                if enabled != wanted:
+                    set_flag(enabled)
+            self._previous = None
 
 
 @contextlib.contextmanager
@@ -518,14 +543,20 @@ class LowerProducts:
     Counts one ``hvp`` or ``cross`` per product, as the one-shot functions.
     """
 
-    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse", "_reduce", "_functional")
+    __slots__ = ("problem", "x", "y", "batch", "mode", "_graph", "_sparse", "_reduce", "_functional", "_reverse_mode",
+                 "_fast")
 
     def __init__(self, problem, x: Tree, y: Tree, batch: Any, mode: Optional[str] = None):
         mode = resolve_mode(mode)
         batch, self._reduce = _split(batch)  # this rank's slice in a data-parallel run
         self.problem, self.x, self.y, self.batch, self.mode = problem, x, y, batch, mode
+        self._reverse_mode = mode == "reverse"
         self._graph = None
         self._sparse = set()
+        # wrt -> (outputs, keys, names, leaves): the plain one-process reverse-mode product,
+        # set after its first call succeeded with every leaf in the graph; the products then
+        # skip every check (the Neumann and CG loops call them K times per hypergradient).
+        self._fast = {}
         # Checked once per object (not per product): an object is built and used inside the same
         # torch.func transform level (one hypergradient), and the one-process identity reduce
         # is skipped rather than called per product.
@@ -534,11 +565,12 @@ class LowerProducts:
             self._reduce = None  # "x" / "y" when some of those leaves do not enter grad_y g
 
     def _build(self):
-        """(outputs, their keys, y leaves, x leaves): the parts of grad_y g's graph that the
-        products pass to ``torch.autograd.grad``, as lists built once."""
+        """(outputs, their keys, {"y": (names, leaves), "x": (names, leaves)}): the parts of
+        grad_y g's graph that the products pass to ``torch.autograd.grad``, built once."""
         xl, yl, gy = _reverse_graph(self.problem, self.x, self.y, self.batch)
         keys = [k for k, t in gy.items() if t.requires_grad]
-        self._graph = ([gy[k] for k in keys], keys, yl, xl)
+        self._graph = ([gy[k] for k in keys], keys,
+                       {"y": (list(yl), list(yl.values())), "x": (list(xl), list(xl.values()))})
         return self._graph
 
     def _reverse(self, v: Tree, wrt: str) -> Tree:
@@ -547,41 +579,48 @@ class LowerProducts:
                 self._graph = _functional_second_order(self.problem, self.x, self.y, self.batch)[1]
             cross, hv = self._graph({k: v[k] for k in self.y})
             return hv if wrt == "y" else cross
-        outputs, keys, yl, xl = self._graph or self._build()
-        inputs = yl if wrt == "y" else xl
+        outputs, keys, inputs = self._graph or self._build()
+        names, leaves = inputs[wrt]
         if not keys:  # grad_y g independent of (x, y): every product is zero
-            return {k: torch.zeros_like(t) for k, t in inputs.items()}
+            return {k: torch.zeros_like(t) for k, t in zip(names, leaves)}
         # Gradients of a graph-free backward (no create_graph) never require grad: no detach.
         # Every leaf is assumed to enter the graph (the cheaper call) until one does not; then
         # unused leaves get zeros for the rest of this graph's products.
-        leaves, cotangents = list(inputs.values()), [v[k] for k in keys]
+        cotangents = [v[k] for k in keys]
         if wrt not in self._sparse:
             try:
-                return dict(zip(inputs, torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)))
+                out = dict(zip(names, torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)))
+                if self._reduce is None:
+                    self._fast[wrt] = (outputs, keys, names, leaves)
+                return out
             except RuntimeError as error:
                 if "not have been used in the graph" not in str(error):
                     raise
                 self._sparse.add(wrt)
         values = torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True, allow_unused=True,
                                      materialize_grads=True)
-        return dict(zip(inputs, values))
+        return dict(zip(names, values))
 
     def hvp(self, v: Tree) -> Tree:
         """d2_yy g . v. Counts one ``hvp``."""
         _record("hvp")
-        if self.mode == "forward":
-            out = _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
-        else:
-            out = self._reverse(v, "y")
+        fast = self._fast.get("y")
+        if fast is not None:
+            outputs, keys, names, leaves = fast
+            return dict(zip(names, torch.autograd.grad(outputs, leaves, [v[k] for k in keys], retain_graph=True)))
+        out = self._reverse(v, "y") if self._reverse_mode else \
+            _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
         return out if self._reduce is None else self._reduce(out)[0]
 
     def cross(self, v: Tree) -> Tree:
         """d2_xy g . v, shaped like x. Counts one ``cross``."""
         _record("cross")
-        if self.mode == "forward":
-            out = _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
-        else:
-            out = self._reverse(v, "x")
+        fast = self._fast.get("x")
+        if fast is not None:
+            outputs, keys, names, leaves = fast
+            return dict(zip(names, torch.autograd.grad(outputs, leaves, [v[k] for k in keys], retain_graph=True)))
+        out = self._reverse(v, "x") if self._reverse_mode else \
+            _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
         return out if self._reduce is None else self._reduce(out)[0]
 
 

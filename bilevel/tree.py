@@ -22,6 +22,8 @@ __all__ = [
 
 def as_tree(value, name: str = "value") -> Tree:
     """Return ``value`` as a tree, accepting a single tensor (stored under ``"w"``)."""
+    if type(value) is dict and all(isinstance(v, Tensor) for v in value.values()):
+        return dict(value)  # the common case first: no abstract-base-class check
     if isinstance(value, Tensor):
         return {"w": value}
     if isinstance(value, Mapping) and all(isinstance(v, Tensor) for v in value.values()):
@@ -41,19 +43,27 @@ def map(fn: Callable[..., Tensor], tree: Tree, *others: Tree) -> Tree:  # noqa: 
     return {k: fn(v, *(o[k] for o in others)) for k, v in tree.items()}
 
 
+# The arithmetic below is written out per function rather than through :func:`map`: these run
+# once or twice per Hessian-vector product inside CG and Neumann loops, where a lambda and a
+# call per leaf cost about as much as the tensor operation itself on small problems
+# (bench/hypergradient.py).
+
 def add(a: Tree, b: Tree) -> Tree:
     """a + b."""
-    return map(torch.add, a, b)
+    _check_keys(a, b)
+    return {k: v + b[k] for k, v in a.items()}
 
 
 def sub(a: Tree, b: Tree) -> Tree:
     """a - b."""
-    return map(torch.sub, a, b)
+    _check_keys(a, b)
+    return {k: v - b[k] for k, v in a.items()}
 
 
 def mul(a: Tree, b: Tree) -> Tree:
     """Element-wise a * b."""
-    return map(torch.mul, a, b)
+    _check_keys(a, b)
+    return {k: v * b[k] for k, v in a.items()}
 
 
 def scale(a: Tree, s) -> Tree:
@@ -62,21 +72,25 @@ def scale(a: Tree, s) -> Tree:
 
 
 def axpy(alpha, x: Tree, y: Tree) -> Tree:
-    """alpha * x + y."""
-    return map(lambda xv, yv: yv + alpha * xv, x, y)
+    """alpha * x + y (two kernels, ``y + alpha * x``: ``torch.add(y, x, alpha=)`` fuses them but
+    rounds differently where it uses a fused multiply-add)."""
+    _check_keys(x, y)
+    return {k: y[k] + alpha * xv for k, xv in x.items()}  # keys in x's order, as map gives
 
 
 def lerp(a: Tree, b: Tree, weight) -> Tree:
     """(1 - weight) * a + weight * b."""
-    return map(lambda av, bv: av + weight * (bv - av), a, b)
+    _check_keys(a, b)
+    return {k: av + weight * (b[k] - av) for k, av in a.items()}
 
 
 def dot(a: Tree, b: Tree) -> Tensor:
     """Sum over leaves of <a_k, b_k>, a 0-d tensor."""
     _check_keys(a, b)
-    terms = [(a[k] * b[k]).sum() for k in a]
-    if len(terms) == 1:  # one leaf: its sum as is (stacking and summing one number is exact but costs two ops)
-        return terms[0]
+    if len(a) == 1:  # one leaf: its sum as is (stacking and summing one number is exact but costs two ops)
+        for k, v in a.items():
+            return (v * b[k]).sum()
+    terms = [(v * b[k]).sum() for k, v in a.items()]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 

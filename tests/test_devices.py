@@ -295,10 +295,11 @@ class _RecordingRNN(FunctionProblem):
                          x0={"l": torch.zeros(2)}, y0={"w": torch.ones(2)})
 
 
-def test_cudnn_is_off_only_inside_second_order_oracles_of_recurrent_problems():
+def test_cudnn_is_off_only_inside_second_order_oracles_of_recurrent_problems(monkeypatch):
     """cuDNN RNNs have no double backward: HVPs and cross products of a problem that holds an
     RNN run with cuDNN disabled; its gradients keep cuDNN; so do problems without an RNN (a
     problem can declare ``recurrent`` itself). Other cuDNN settings are left as they are."""
+    monkeypatch.setattr(oracles, "_CUDNN_BUILT", True)  # as on a CUDA build (this one may lack cuDNN)
     problem, v = _RecordingRNN(), {"w": torch.ones(2)}
     x, y = problem.init(None)
     before = (torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic)

@@ -254,14 +254,18 @@ def test_masked_cg_reads_no_scalar_inside_the_loop():
         return {"v": A @ u["v"]}
 
     b = {"v": torch.ones(6, dtype=DT)}
-    original_bool = torch.Tensor.__bool__
+    original_bool, original_item = torch.Tensor.__bool__, torch.Tensor.item
     counted = []
 
     def counting_bool(self):
         counted.append(1)
         return original_bool(self)
 
-    torch.Tensor.__bool__ = counting_bool
+    def counting_item(self):
+        counted.append(1)
+        return original_item(self)
+
+    torch.Tensor.__bool__, torch.Tensor.item = counting_bool, counting_item
     try:
         linear_system.conjugate_gradient(matvec, b, steps=5, host_sync=False)
         masked_reads = len(counted)
@@ -269,7 +273,7 @@ def test_masked_cg_reads_no_scalar_inside_the_loop():
         linear_system.conjugate_gradient(matvec, b, steps=5, host_sync=True)
         synced_reads = len(counted)
     finally:
-        torch.Tensor.__bool__ = original_bool
+        torch.Tensor.__bool__, torch.Tensor.item = original_bool, original_item
     assert masked_reads == 0 and synced_reads >= 5
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bilevel import oracles
 from bilevel.oracles import second_order
 
 NAMES = ("cudnn", "flash", "mem_efficient", "overrideable", "math")
@@ -38,7 +39,8 @@ def test_restored_after_an_error():
     assert flags() == before
 
 
-def test_recurrent_problem_turns_cudnn_off_inside_only():
+def test_recurrent_problem_turns_cudnn_off_inside_only(monkeypatch):
+    monkeypatch.setattr(oracles, "_CUDNN_BUILT", True)  # as on a CUDA build (this one may lack cuDNN)
     problem = torch.nn.Module()
     problem.rnn = torch.nn.GRU(2, 3)
     before = torch.backends.cudnn.enabled
@@ -56,3 +58,14 @@ def test_attention_double_backward_inside():
         (g,) = torch.autograd.grad(out, q, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), q)
     assert torch.isfinite(h).all()
+
+
+def test_without_cudnn_the_flag_is_left_alone(monkeypatch):
+    """A torch build without cuDNN has no RNN kernel to avoid: the flag stays as it is (and the
+    problem is not searched for an RNN)."""
+    monkeypatch.setattr(oracles, "_CUDNN_BUILT", False)
+    problem = torch.nn.Module()
+    problem.rnn = torch.nn.GRU(2, 3)
+    before = torch.backends.cudnn.enabled
+    with second_order(problem):
+        assert torch.backends.cudnn.enabled == before
