@@ -81,9 +81,13 @@ class RunConfig:
     #: default: the problems here are small, and several threads were 3x slower for three
     #: concurrent runs and 25x slower under outside load (measured; README, "Threads").
     threads: Optional[int] = 1
-    #: Run each solver step through torch.compile (bilevel.compiled); a step that cannot be
-    #: traced runs eagerly with one warning naming the reason.
+    #: Run each solver step through torch.compile (bilevel.compiled; with seeds or grid, the
+    #: vmapped update of all copies, bilevel.many_compile); a step that cannot be traced runs
+    #: eagerly with one warning naming the reason.
     compile: bool = False
+    #: With seeds or grid on a CUDA device: capture the vmapped update in CUDA graphs and replay
+    #: them (bilevel.many_graph); an error on another device or without seeds/grid.
+    cuda_graph: bool = False
     #: How Hessian-vector and cross products are taken in every solver's estimator: "reverse"
     #: (reverse-over-reverse) or "forward" (forward-over-reverse); see README, "hvp_mode".
     hvp_mode: str = "reverse"
@@ -253,9 +257,11 @@ def _check_many(cfg: DictConfig) -> None:
     """seeds: a non-empty list of distinct integers >= 0; grid: step-size field -> non-empty list
     of positive numbers, each field a step size of at least one selected solver."""
     from .many import check_seeds, grid_points
-    if cfg.get("compile") and (cfg.seeds is not None or cfg.grid):
-        raise ConfigError("compile=true is not supported with seeds or grid (many runs are batched with vmap, "
-                          "not compiled); drop one of them")
+    if cfg.get("cuda_graph") and cfg.seeds is None and not cfg.grid:
+        raise ConfigError("cuda_graph=true applies to runs with seeds or grid (it captures their vmapped update); "
+                          "set seeds=[...] or drop cuda_graph")
+    if cfg.get("cuda_graph") and cfg.get("compile"):
+        raise ConfigError("cuda_graph=true and compile=true: choose one")
     if cfg.seeds is not None:
         try:
             check_seeds(list(cfg.seeds))

@@ -151,6 +151,21 @@ def all_reduce_trees(*trees: Optional[Tree]) -> Tuple[Optional[Tree], ...]:
     return tuple(out)
 
 
+def all_reduce_grads(parameters: Sequence[Tensor]) -> None:
+    """Every parameter's ``.grad`` replaced by its sum over the ranks (one ``all_reduce`` per
+    dtype, :func:`all_reduce_trees`); a parameter without a gradient gets zeros, so that every
+    rank reduces the same buffers. Nothing in one process. For a module trained data parallel
+    by hand, each rank's loss its share of the global batch's (:func:`bilevel.problems.
+    selection_train.train_lm`)."""
+    if not active():
+        return
+    params = list(parameters)
+    grads = {str(i): (p.grad if p.grad is not None else torch.zeros_like(p)) for i, p in enumerate(params)}
+    summed, = all_reduce_trees(grads)
+    for i, p in enumerate(params):
+        p.grad = summed[str(i)]
+
+
 _ON_SLICE: List[float] = []
 
 
@@ -178,9 +193,8 @@ def gather_batch(values: Tensor) -> Tuple[Tensor, slice]:
     """(``values`` of the whole global batch, the rows of it that are this rank's), for losses
     coupled across the batch (a softmax over the batch's scores). Inside a loss evaluated by an
     oracle on this rank's slice (:func:`on_slice`), the per-sample ``values`` of every rank are
-    concatenated in rank order (= the global batch's order), differentiably
-    (``torch.distributed.nn.functional.all_gather``: gradients reaching another rank's rows flow
-    back to that rank); otherwise (one process, a batch computed whole) ``values`` and all rows.
+    concatenated in rank order (= the global batch's order), differentiably (:class:`_AllGather`:
+    gradients reaching another rank's rows flow back to that rank, in reverse and forward mode); otherwise (one process, a batch computed whole) ``values`` and all rows.
 
     The oracles weight a rank's loss by w_r = |B_r| / |B| and sum over the ranks, so a coupled
     loss written with the global values and divided by w_r (:func:`slice_weight`), e.g. for
@@ -191,7 +205,6 @@ def gather_batch(values: Tensor) -> Tuple[Tensor, slice]:
     gives sum_r w_r g_r = sum_{i in B} p_i l_i, the single-process loss."""
     if not _ON_SLICE or _WHOLE or not active():
         return values, slice(0, values.shape[0])
-    from torch.distributed.nn.functional import all_gather as gather
     size = torch.tensor([values.shape[0]], device=values.device)
     sizes = [torch.zeros_like(size) for _ in range(world_size())]
     torch.distributed.all_gather(sizes, size)
@@ -200,9 +213,68 @@ def gather_batch(values: Tensor) -> Tuple[Tensor, slice]:
     if values.shape[0] < max(sizes):
         pad = values.new_zeros((max(sizes) - values.shape[0],) + tuple(values.shape[1:]))
         padded = torch.cat([values, pad])
-    parts = gather(padded)
+    parts = _AllGather.apply(padded).split(max(sizes))
     start = sum(sizes[:rank()])
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), slice(start, start + values.shape[0])
+
+
+def _gather_rows(values: Tensor) -> Tensor:
+    parts = [torch.empty_like(values) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, values.contiguous())
+    return torch.cat(parts)
+
+
+def _my_rows_of_sum(values: Tensor, rows: int) -> Tensor:
+    total = values.clone()
+    torch.distributed.all_reduce(total)
+    return total[rank() * rows:(rank() + 1) * rows].clone()
+
+
+class _AllGather(torch.autograd.Function):
+    """A(v) = concat_q v_q: the ranks' equal-shaped ``v`` concatenated along dim 0 in rank order
+    (on every rank). Linear, with adjoint A*(C)_q = (sum_r C_r)[rows of q]
+    (:class:`_MyRowsOfSum`), so its derivative rules are itself and its adjoint, each again an
+    autograd Function: twice differentiable (reverse over reverse), with a forward-mode rule and
+    ``setup_context``, so ``torch.func`` transforms (jvp of grad: forward-over-reverse products)
+    can run through it. ``torch.distributed.nn.functional.all_gather`` has neither (a
+    ``torch.func`` transform refuses it)."""
+
+    @staticmethod
+    def forward(values):
+        return _gather_rows(values)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.rows = inputs[0].shape[0]
+
+    @staticmethod
+    def backward(ctx, cotangent):
+        return _MyRowsOfSum.apply(cotangent, ctx.rows)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return _gather_rows(tangent)
+
+
+class _MyRowsOfSum(torch.autograd.Function):
+    """S(C) = (sum_r C_r)[rows of this rank]: the adjoint of :class:`_AllGather` (a reduce-scatter
+    of equal row blocks), whose adjoint is :class:`_AllGather` again."""
+
+    @staticmethod
+    def forward(values, rows):
+        return _my_rows_of_sum(values, rows)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.rows = inputs[1]
+
+    @staticmethod
+    def backward(ctx, cotangent):
+        return _AllGather.apply(cotangent), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _my_rows_of_sum(tangent, ctx.rows)
 
 
 def broadcast_object(value: Any, source: int = 0) -> Any:

@@ -380,7 +380,7 @@ def _run_many(cfg: DictConfig, plan: _Plan, run_dir: Path, echo) -> ExperimentRe
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", LoopFallback)
                 runs = solve(plan.problem, solver, cfg.steps, seeds=seeds, grid=grid or None, eval_every=cfg.eval_every,
-                             hvp_mode=cfg.hvp_mode)
+                             hvp_mode=cfg.hvp_mode, compile=cfg.get("compile"), cuda_graph=bool(cfg.get("cuda_graph")))
         except (FloatingPointError, ValueError, RuntimeError, TypeError) as error:
             echo(f"{name} failed: {type(error).__name__}: {error}")
             statuses[name], outcomes[name] = f"failed: {type(error).__name__}", error

@@ -202,10 +202,15 @@ def best_rows(all_runs: Mapping[str, object], validation: str, mode: str, test: 
     return rows
 
 
-def plot_bands(all_runs: Mapping[str, object], metrics: Sequence[str], path: Path, title: str = "") -> bool:
+BAND_AXES = (("iteration", "iterations"), ("time", "solver time (s)"), ("calls/total", "oracle calls"))
+
+
+def plot_bands(all_runs: Mapping[str, object], metrics: Sequence[str], path: Path, title: str = "",
+               axes: Sequence[tuple] = BAND_AXES) -> bool:
     """Curves with a band over seeds: for each solver and grid point, the mean of each metric
-    over its finite seeds, shaded between min and max, against iterations, solver time and
-    oracle calls (one row per metric). Returns whether a plot was written."""
+    over its finite seeds, shaded between min and max, against each ``axes`` entry (record key,
+    label; default iterations, solver time and oracle calls), one row per metric. Returns
+    whether a plot was written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -219,8 +224,9 @@ def plot_bands(all_runs: Mapping[str, object], metrics: Sequence[str], path: Pat
                 curves.append((label, ok))
     if not curves or not metrics:
         return False
-    axes_keys = (("iteration", "iterations"), ("time", "solver time (s)"), ("calls/total", "oracle calls"))
-    fig, axes = plt.subplots(len(metrics), 3, figsize=(14, 3.2 * len(metrics)), squeeze=False)
+    axes_keys = tuple(axes)
+    fig, axes = plt.subplots(len(metrics), len(axes_keys), figsize=(4.7 * len(axes_keys), 3.2 * len(metrics)),
+                             squeeze=False)
     for i, metric in enumerate(metrics):
         for j, (key, label) in enumerate(axes_keys):
             ax = axes[i][j]

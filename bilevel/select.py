@@ -28,11 +28,12 @@ Under torchrun (``torchrun --nproc_per_node=N -m bilevel select ...``, gloo: the
 CPU) every rank runs the whole study; only rank 0 writes files (:func:`bilevel.distributed.is_main`)
 and whether a file exists (resume, the tokenizer, ``warmup.pt``) is rank 0's answer, broadcast, so
 every rank takes the same branch (a resumed folder must be on a file system every rank reads).
-BLISS's bilevel phase is data parallel through the oracles; the scores of every method are rank
-0's, broadcast, so every rank keeps the same selection. The target / proxy LM training
-(:func:`bilevel.problems.selection_train.train_lm`), MATES, the baselines, the influence probes and
+BLISS's bilevel phase is data parallel through the oracles, and so is the target / proxy LM
+training (warm-up and rounds, :func:`bilevel.problems.selection_train.train_lm`: each rank its
+slice of the global batch, gradients all-reduced); the scores of every method are rank 0's,
+broadcast, so every rank keeps the same selection. MATES, the baselines, the influence probes and
 the evaluations are not data parallel: every rank computes them whole, identically (same seeds,
-same data, deterministic CPU kernels).
+same data, deterministic CPU kernels). Parameters stay replicated (no FSDP in ``select``).
 """
 from __future__ import annotations
 

@@ -223,9 +223,9 @@ def _place(problem, device):
 def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "soba", steps: int = 1000, *,
           seed: int = 0, eval_every: Optional[int] = None, callbacks: Sequence[Callback] = (),
           progress: bool = False, state=None, checkpoint_every: Optional[int] = None,
-          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None, compile: bool = False,
+          initial_eval: bool = True, hvp_mode: Optional[str] = None, device=None, compile: Optional[bool] = None,
           seeds: Optional[Sequence[int]] = None, grid: Optional[Dict[str, Sequence[float]]] = None,
-          **hyperparameters) -> Result:
+          cuda_graph: bool = False, **hyperparameters) -> Result:
     """Run ``solver`` on ``problem`` for ``steps`` outer iterations.
 
     Args:
@@ -262,7 +262,12 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         compile: run the solver step through ``torch.compile`` (:mod:`bilevel.compiled`): the
             batches are drawn eagerly, the update compiled; results equal the eager run's up to
             floating-point rounding. A step that cannot be traced runs eagerly, with one
-            :class:`~bilevel.compiled.CompileFallback` warning naming the reason.
+            :class:`~bilevel.compiled.CompileFallback` warning naming the reason. None (the
+            default): False for one run; for seeds/grid runs, the vmapped update is compiled
+            when ``steps`` >= :data:`bilevel.many_compile.AUTO_STEPS` (:mod:`bilevel.many_compile`).
+        cuda_graph: seeds/grid runs on a CUDA device only: capture the vmapped update in CUDA
+            graphs and replay them (:mod:`bilevel.many_graph`); a ValueError on any other device
+            or without seeds/grid.
         seeds, grid: many runs in one process (:mod:`bilevel.many`): one copy per seed (a list)
             and per point of ``grid`` (step-size field -> list of values), batched with
             torch.func.vmap; returns a :class:`bilevel.many.Runs` (one Result per copy) instead
@@ -279,12 +284,17 @@ def solve(problem: Union[str, BilevelProblem], solver: Union[str, Solver] = "sob
         from .many import solve_many
         for key, value, default in (("callbacks", callbacks, ()), ("progress", progress, False),
                                     ("state", state, None), ("checkpoint_every", checkpoint_every, None),
-                                    ("initial_eval", initial_eval, True), ("compile", compile, False)):
+                                    ("initial_eval", initial_eval, True)):
             if value != default and not (key == "callbacks" and not list(value)):
                 raise ValueError(f"{key} is not supported with seeds/grid (many runs in one process); "
                                  f"run one seed at a time for it")
         return solve_many(problem, solver, steps, seeds=[seed] if seeds is None else seeds, grid=grid,
-                          eval_every=eval_every, hvp_mode=hvp_mode, device=device, **hyperparameters)
+                          eval_every=eval_every, hvp_mode=hvp_mode, device=device, compile=compile,
+                          cuda_graph=cuda_graph, **hyperparameters)
+    if cuda_graph is not False:
+        raise ValueError(f"cuda_graph={cuda_graph!r} applies to batched runs only (seeds=[...] or grid=...), "
+                         f"whose vmapped update it captures; this is one run")
+    compile = False if compile is None else compile
     from .checkpoint import Checkpoint, check_compatible
     from .device import same_device
     if distributed.setup(device):

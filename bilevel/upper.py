@@ -98,8 +98,9 @@ def _zero_count() -> torch.Tensor:
 
 
 def _step(count: torch.Tensor, t: Optional[int]) -> int:
-    """The 0-based index of this update: ``t`` when the caller passes it, else the stored count."""
-    return int(count) if t is None else int(t)
+    """The 0-based index of this update: ``t`` when the caller passes it (as it is: a CUDA-graph
+    capture passes a stand-in that records how t is used, bilevel.many_graph), else the stored count."""
+    return int(count) if t is None else t
 
 
 def scale(step_size: StepSize) -> Transform:

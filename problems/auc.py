@@ -139,6 +139,8 @@ class DeepAUC(TextClassifierProblem):
 
     name = NAME
     headline_metrics = ("test_auc", "test_auc_batch_mean")
+    #: grid-point choice (bilevel.report.selection): ROC AUC on the whole validation split.
+    selection = ("val_auc", "max", "test_auc")
 
     PRESETS: Dict[str, Dict[str, Any]] = {
         # Seconds on 2 CPU cores.
@@ -263,19 +265,30 @@ class DeepAUC(TextClassifierProblem):
         return x, {"alpha": zero.clone()}
 
     def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:
-        """test_auc (global), test_auc_batch_mean (official), val_loss (f on all of val), alpha,
-        alpha_star (closed form on all of train), a, b."""
+        """test_auc (global), test_auc_batch_mean (official), val_auc and train_auc (global ROC
+        AUC of the validation and training splits; AccBO's figure draws the train AUC), val_loss
+        (f on all of val), alpha, alpha_star (closed form on all of train), a, b."""
         from sklearn.metrics import roc_auc_score
         x = {k: v.detach() for k, v in x.items()}
         params = {k: v for k, v in x.items() if k not in SCALARS}
-        scores = torch.sigmoid(predict(lambda t: self.model(params, t)[:, 0], self.data.test_tokens)).cpu().numpy()
-        labels = self.data.test_labels.cpu().numpy()
+
+        def scores_labels(split):
+            tokens = getattr(self.data, f"{split}_tokens")
+            scores = torch.sigmoid(predict(lambda t: self.model(params, t)[:, 0], tokens)).cpu().numpy()
+            return scores, getattr(self.data, f"{split}_labels").cpu().numpy()
+
+        def auc(scores, labels):
+            return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
+
+        scores, labels = scores_labels("test")
         with torch.no_grad():
             val_loss = float(self.upper_loss(x, {"alpha": y["alpha"].detach()}, None))
             alpha_star = float(self.alpha_star(x, None))
         return {
-            "test_auc": float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan"),
+            "test_auc": auc(scores, labels),
             "test_auc_batch_mean": batch_mean_auc(labels, scores),
+            "val_auc": auc(*scores_labels("val")),
+            "train_auc": auc(*scores_labels("train")),
             "val_loss": val_loss,
             "alpha": float(y["alpha"]),
             "alpha_star": alpha_star,

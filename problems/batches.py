@@ -48,10 +48,25 @@ def select(t: Tensor, batch: Optional[Tensor]) -> Tensor:
     return t if batch is None else t[batch]
 
 
+def _vmapped(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is batched by a ``torch.func.vmap`` at some functorch level (it may be
+    wrapped by grad / jvp transforms above the batching)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
+
+
 def trim_padding(tokens: Tensor) -> Tensor:
     """Token ids (B, L) or (B, 2, L) cut after the last column holding a real token (at least one
     column). Padding sits at the end and never reaches a feature (see
-    :class:`~problems.models.RecurrentEncoder`), so outputs are unchanged; only the work shrinks."""
+    :class:`~problems.models.RecurrentEncoder`), so outputs are unchanged; only the work shrinks.
+    Inside ``torch.func.vmap`` (a batched tensor: one batch per copy, bilevel.many) the ids are
+    returned whole: the length would be a data-dependent shape, which vmap cannot batch."""
+    if _vmapped(tokens):
+        return tokens
     used = (tokens != PAD_INDEX).reshape(-1, tokens.shape[-1]).any(dim=0).nonzero()
     length = int(used.max()) + 1 if used.numel() else 1
     return tokens[..., :length]

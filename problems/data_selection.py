@@ -64,7 +64,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from bilevel import distributed
+from bilevel import distributed, sharding
 from bilevel.problem import BilevelProblem
 from bilevel.registry import register_problem
 from bilevel.tree import Tree
@@ -170,7 +170,7 @@ class DataSelection(IndexBatches, BilevelProblem):
                  val_batch_size: int = 8, gamma: float = 1e-2, reg: float = 1e-7, warmup_steps: int = 20,
                  warmup_lr: float = 1e-3, warmup_batch_size: Optional[int] = None, eval_pool: int = 256,
                  max_eval: Optional[int] = None, seed: int = 0, dtype: str = "float32", sampling: str = "blocks",
-                 splits: Optional[TextSplits] = None):
+                 splits: Optional[TextSplits] = None, shard: str = "none"):
         """
         Args:
             data: "builtin" (standard-library text, no fetch) or "text-pool" (fetched sources);
@@ -199,6 +199,12 @@ class DataSelection(IndexBatches, BilevelProblem):
             dtype: "float32" or "float64".
             sampling: "blocks" or "replacement" (problems/batches.py).
             splits: a TextSplits to use as is (Python API, e.g. tests on fixture text).
+            shard: "none", or "fsdp": under torchrun the frozen target LM is sharded with FSDP
+                (``fully_shard`` per transformer layer, :func:`bilevel.sharding.shard_module`)
+                after its warm-up: each rank stores 1/N of it and gathers it layer by layer in
+                the KL term's forward (``target_params`` is then None). The proxy y and the
+                score model x stay replicated (:mod:`bilevel.sharding` says why). One process:
+                nothing to shard.
         """
         check_choice(NAME, "data", data, DATA)
         check_choice(NAME, "model_preset", model_preset, tuple(LM.PRESETS))
@@ -215,6 +221,7 @@ class DataSelection(IndexBatches, BilevelProblem):
                 raise ValueError(f"{NAME}: {option}={value!r} must be a number >= 0")
         if not 0 <= noise_rate < 1:
             raise ValueError(f"{NAME}: noise_rate={noise_rate!r} must lie in [0, 1)")
+        self.shard = sharding.check_shard(NAME, shard)
         self.dtype = check_dtype(NAME, dtype)
         self.sampling = sampling_option(NAME, sampling)
         self.gamma, self.reg, self.seed = float(gamma), float(reg), int(seed)
@@ -257,7 +264,31 @@ class DataSelection(IndexBatches, BilevelProblem):
         if target_path is None:
             self.target_params = LM.train_lm(self.target, self.target_params, self.pool.tokens, self.pool.mask,
                                              **warm)
+        if self.shard == "fsdp":
+            self._shard_target()
         self.log_normalizer: Optional[Tensor] = None
+
+    def _shard_target(self) -> None:
+        """The target module holds the warmed-up ``target_params``, then is sharded with FSDP
+        (under torchrun; when no process group exists yet, it is initialised from torchrun's
+        environment with gloo: the problem is built on the CPU; ``bilevel run`` initialises it
+        earlier, for its device)."""
+        distributed.setup("cpu")
+        if not distributed.active():
+            return
+        with torch.no_grad():
+            for name, p in self.target.named_parameters():
+                p.copy_(self.target_params[name])
+        self.target = sharding.shard_module(self.target, self.target.gpt_neox.layers)
+        self.target_params = None  # the sharded module holds them
+
+    def target_logits(self, tokens: Tensor) -> Tensor:
+        """The frozen target's logits (no graph): the module itself when FSDP-sharded (it gathers
+        its layers), else ``functional_call`` with ``target_params``."""
+        with torch.no_grad():
+            if sharding.is_sharded(self.target):
+                return self.target(input_ids=tokens, use_cache=False).logits
+            return LM.lm_logits(self.target, self.target_params, tokens)
 
     # -- weights, losses -------------------------------------------------------------------------
 
@@ -292,9 +323,7 @@ class DataSelection(IndexBatches, BilevelProblem):
         logits = LM.lm_logits(self.proxy, y, tokens)
         ce = LM.sequence_ce_from_logits(logits, tokens, mask)
         if self.gamma:
-            with torch.no_grad():
-                target_logits = LM.lm_logits(self.target, self.target_params, tokens)
-            kl = LM.token_kl(logits, target_logits, mask)
+            kl = LM.token_kl(logits, self.target_logits(tokens), mask)
         else:
             kl = torch.zeros_like(ce)
         weights = sample_weights(self.scores(x, tokens, mask), self.log_normalizer)

@@ -59,6 +59,8 @@ class RecurrentHPO(TextClassifierProblem):
 
     name = NAME
     headline_metrics = ("test_accuracy", "val_loss")
+    #: grid-point choice (bilevel.report.selection): f on the whole validation split.
+    selection = ("val_loss", "min", "test_accuracy")
 
     PRESETS: Dict[str, Dict[str, Any]] = {
         # Seconds on 2 CPU cores.
@@ -171,5 +173,7 @@ class RecurrentHPO(TextClassifierProblem):
             out[f"{split}_loss"] = float(F.cross_entropy(logits, labels))
             out[f"{split}_accuracy"] = float((logits.argmax(dim=1) == labels).double().mean())
         log_reg = float(x["log_reg"])
-        out.update(reg_weight=math.exp(log_reg), log_reg=log_reg)
+        # inf past exp's float range (log_reg > 709), not OverflowError: one copy whose x ran
+        # away must not end a batched grid search (bilevel.many keeps the other copies going)
+        out.update(reg_weight=math.exp(log_reg) if log_reg < 709.0 else math.inf, log_reg=log_reg)
         return out

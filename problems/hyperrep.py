@@ -102,6 +102,9 @@ class HyperRepresentation(BilevelProblem):
 
     name = NAME
     headline_metrics = ("test_accuracy",)
+    #: grid-point choice (bilevel.report.selection): the upper objective f on the fixed train
+    #: tasks' query sets (the bilevel validation data; test tasks never enter the choice).
+    selection = ("train_query_loss", "min", "test_accuracy")
 
     PRESETS: Dict[str, Dict[str, Any]] = {
         # Seconds on 2 CPU cores: offline MNIST-5k, 5-way 3-shot tasks (3 query samples per class)

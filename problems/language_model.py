@@ -35,6 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bilevel.sharding import require_unsharded
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -121,7 +123,9 @@ def params_of(module: nn.Module) -> Tree:
 
 
 def lm_logits(model: "GPTNeoXForCausalLM", params: Tree, tokens: Tensor) -> Tensor:
-    """(N, L, vocab) next-token logits of ``model`` with parameters ``params``."""
+    """(N, L, vocab) next-token logits of ``model`` with parameters ``params``. A ValueError when
+    ``model`` is FSDP-sharded (``functional_call`` would silently use its own parameters)."""
+    require_unsharded(model, "lm_logits")
     return functional_call(model, params, (tokens,), {"use_cache": False}).logits
 
 

@@ -9,6 +9,13 @@ averaged over the batch's real tokens, AdamW (betas (0.9, 0.95), weight decay 0.
 
 :func:`evaluate_lm` computes the held-out metrics of :mod:`~bilevel.problems.selection_metrics`.
 The token budget of a run is ``steps * batch_size * seq_len`` whatever the selection's size.
+
+Under torchrun (:mod:`bilevel.distributed`) :func:`train_lm` is data parallel: every rank draws
+the same global batch B (the same seeded generator), computes its slice B_r
+(``distributed.shard``) and the loss sum_{tokens of B_r} CE / (tokens of B), whose gradients,
+summed over the ranks (``distributed.all_reduce_grads``), are the gradient of the global batch's
+mean token CE; clipping and the AdamW step then run identically on every rank's replica. So N
+ranks compute the single-process step on B (up to the rounding of a differently ordered sum).
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
+
+from bilevel import distributed
 
 from .selection_metrics import cloze_scores, perplexity, token_losses
 
@@ -53,10 +62,18 @@ def train_lm(model: torch.nn.Module, tokens: Tensor, mask: Tensor, index: Tensor
     model.train()
     for step in range(1, steps + 1):
         pick = index[torch.randint(index.numel(), (batch_size,), generator=gen, device=gen.device)]
-        ids, m = tokens[pick], mask[pick]
-        loss = batch_loss(model(input_ids=ids, use_cache=False).logits, ids, m)
+        part = distributed.shard(pick)  # under torchrun: this rank's slice of the global batch
+        if part is None:
+            ids, m = tokens[pick], mask[pick]
+            loss = batch_loss(model(input_ids=ids, use_cache=False).logits, ids, m)
+        else:  # this rank's share of the global batch's mean token CE: the ranks' gradients sum to its gradient
+            ids, m = tokens[part[0]], mask[part[0]]
+            loss = token_losses(model(input_ids=ids, use_cache=False).logits, ids, m).sum() / \
+                mask[pick][:, 1:].sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if part is not None:
+            distributed.all_reduce_grads(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if bar is not None:

@@ -61,7 +61,8 @@ def test_best_point_is_chosen_on_validation(many_run):
     ("grid.beta=[0.5]", "grid.beta: no selected solver has a step-size field"),
     ("grid.upper_lr=0.1", "grid.upper_lr must be a list"),
     ("grid.upper_lr=[0.1,-2]", "every value must be a positive number"),
-    ("seeds=[0,1] compile=true", "compile=true is not supported with seeds or grid"),
+    ("cuda_graph=true", "cuda_graph=true applies to runs with seeds or grid"),
+    ("seeds=[0,1] cuda_graph=true compile=true", "choose one"),
 ])
 def test_bad_seeds_and_grid_overrides(override, match):
     with pytest.raises(ConfigError, match=match):
