@@ -9,7 +9,7 @@ problem- and solver-specific options, and naming a problem or a preset on the co
 CONFIG file) takes that problem's default run for the preset (its ``RUNS[preset]``: solvers,
 their step sizes, steps, eval_every; see :func:`default_run`) when it has one. Overriding
 ``solvers`` drops the options of solvers no longer selected. ``solver=NAME`` is a shorthand for
-``solvers=[NAME]``. Problem and solver options go under ``problem_options.KEY`` and
+``solvers=[NAME]``, and then ``solver.KEY=VALUE`` for ``solver_options.NAME.KEY=VALUE``. Problem and solver options go under ``problem_options.KEY`` and
 ``solver_options.SOLVER.KEY``; they are checked against the problem's constructor and the
 solver's dataclass fields (names *and* types), so a typo fails at once with the list of valid
 names.
@@ -178,13 +178,21 @@ def _scalar(node):
 
 
 def _shorthands(overrides: Sequence[str]) -> List[str]:
-    out = []
+    """``solver=NAME`` -> ``solvers=[NAME]``; ``solver.KEY=V`` -> ``solver_options.NAME.KEY=V``
+    (needs ``solver=NAME`` among the overrides)."""
+    out, named = [], [item.split("=", 1)[1] for item in overrides if item.startswith("solver=")]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         if key == "solver":
             out.append(f"solvers=[{value}]")
+        elif key.startswith("solver."):
+            if len(named) != 1:
+                raise ConfigError(f"override {item!r}: solver.KEY=VALUE sets an option of the solver named by "
+                                  f"solver=NAME, which must be given once on the command line (given {len(named)} "
+                                  "times); else write solver_options.NAME.KEY=VALUE")
+            out.append(f"solver_options.{named[0]}.{key[len('solver.'):]}={value}")
         else:
             out.append(item)
     return out

@@ -392,26 +392,30 @@ def from_options(method: str, options: Dict[str, Any]) -> Tuple[Estimator, Any, 
     are checked by the estimator's constructor (ValueError naming field and rule). The object
     for hashable option values is built once and reused (they are immutable)."""
     cls = METHODS.get(method)
-    inputs = cls.ENTRY_INPUTS if cls is not None else ()
-    # the type in the key: 1, 1.0 and True hash alike, but only some of them are valid
-    # (keys in the caller's order: another order is another cache entry for the same object)
-    values = tuple((k, type(v), v) for k, v in options.items() if k not in inputs)
+    fields = options
+    for name in (cls.ENTRY_INPUTS if cls is not None else ()):
+        if name in options:  # the inputs (init, generator) are not fields: not in the cache key
+            fields = {k: v for k, v in options.items() if k not in cls.ENTRY_INPUTS}
+            break
+    items = tuple(fields.items())  # in the caller's order: another order is another cache entry
     try:
-        estimator = _build_cached(method, cls, values)  # the class in the key: METHODS may be replaced
+        # the types in the key: 1, 1.0 and True hash alike, but only some of them are valid; the
+        # class too: METHODS may be replaced
+        estimator = _build_cached(method, cls, items, tuple(map(type, fields.values())))
     except TypeError as error:
         if "unhashable" not in str(error):
             raise
-        estimator = _build(method, values)  # e.g. a tensor step size
+        estimator = _build(method, items)  # e.g. a list option
     return estimator, options.get("init"), options.get("generator")
 
 
 @functools.lru_cache(maxsize=256)
-def _build_cached(method: str, cls: type, values: Tuple[Tuple[str, type, Any], ...]) -> Estimator:
-    return _build(method, values)
+def _build_cached(method: str, cls: type, items: Tuple[Tuple[str, Any], ...], types: Tuple[type, ...]) -> Estimator:
+    return _build(method, items)
 
 
-def _build(method: str, values: Tuple[Tuple[str, type, Any], ...]) -> Estimator:
-    accepted, given = entry_options(method), {name: value for name, _, value in values}
+def _build(method: str, items: Tuple[Tuple[str, Any], ...]) -> Estimator:
+    accepted, given = entry_options(method), dict(items)
     cls = METHODS[method]
     unknown = sorted(set(given) - set(accepted))
     if unknown:

@@ -27,8 +27,10 @@ has the same size, K w_j = 1 and this is the textbook d_j - M[j] + mean_k M[k]; 
 only corrects for a smaller last batch. Mbar is kept up to date incrementally (as benchopt does),
 so an estimate costs O(size of one entry), not O(K).
 
-Memories are immutable: :func:`update` returns a new :class:`Memory` whose table shares every
-untouched entry with the old one, so states stay pure and checkpointable (``torch.save``).
+Memories are immutable: :func:`update` returns a new :class:`Memory` (the stacked table copied
+with entry j replaced, ``index_copy`` out of place), so states stay pure and checkpointable
+(``torch.save``). The mini-batch j reaches a step as a :class:`Block` of tensors (its index, its
+sample indices, w_j and K w_j), so the step is one graph for every j.
 Initialization: :func:`zeros` (benchopt's ``mode_init_memory='zero'``), or :func:`full` from the
 directions on every mini-batch at one point (a full pass).
 """
@@ -81,16 +83,68 @@ def partition_of(problem, level: str, batch_size: int, who: str = "this solver")
     return Partition(finite_sum_size(problem, level, who), batch_size, level, sampling_mode(problem))
 
 
+class Block(NamedTuple):
+    """Mini-batch j of a partition as tensors, so that a step indexes its memory without any
+    Python int: ``index`` (a LongTensor of shape (1,): j), ``indices`` (its sample indices, the
+    problem's batch), ``weight`` w_j = |B_j| / n and ``factor`` K w_j (0-d float64 tensors,
+    cast to each entry's dtype where used, the rounding of the Python floats they replace)."""
+    index: Tensor
+    indices: Tensor
+    weight: Tensor
+    factor: Tensor
+
+
+_BLOCKS: Dict[Tuple[str, int, int, str], Tuple[Block, ...]] = {}
+
+
+def blocks(partition: Partition, device=None) -> Tuple[Block, ...]:
+    """The :class:`Block` of every mini-batch of ``partition`` on ``device`` (made once per
+    (level, n, batch_size, device) and reused: a draw then costs no tensor construction). Per
+    level, so that the lower and upper blocks of one step are never the same tensor objects
+    (an aliasing that changed from step to step would change a compiled graph)."""
+    device = torch.device("cpu" if device is None else device)
+    key = (partition.level, partition.n, partition.batch_size, str(device))
+    if key not in _BLOCKS:
+        K = partition.n_batches
+        _BLOCKS[key] = tuple(Block(index=torch.tensor([k], device=device), indices=partition.batch(k, device),
+                                   weight=torch.tensor(partition.weight(k), dtype=torch.float64, device=device),
+                                   factor=torch.tensor(partition.size(k) * K / partition.n, dtype=torch.float64,
+                                                       device=device))
+                             for k in range(K))
+    return _BLOCKS[key]
+
+
+def block(partition: Partition, j: int, device=None) -> Block:
+    """Mini-batch ``j`` of ``partition`` as a :class:`Block`."""
+    if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < partition.n_batches:
+        raise ValueError(f"block index must be an int in [0, {partition.n_batches}), got {j!r}")
+    return blocks(partition, device)[j]
+
+
+def _scalar(value: Tensor, like: Tensor) -> Tensor:
+    """A 0-d float64 weight in the dtype of ``like`` (one rounding, as a Python float gets)."""
+    return value.to(dtype=like.dtype, device=like.device)
+
+
 class Memory(NamedTuple):
-    """SAGA table: ``table[k]`` = M[k], ``average`` = sum_k w_k M[k]."""
-    table: Tuple[Nested, ...]
+    """SAGA table: ``table`` has the structure of one entry with every leaf stacked over the K
+    mini-batches (leaf shape (K, *entry shape); M[k] = :func:`entry`), ``average`` = sum_k w_k M[k].
+    Stacked tensors, not a tuple of entries: a step reads and writes entry j by a tensor index
+    (``index_select`` / ``index_copy``), so its graph does not depend on j (torch.compile, vmap)."""
+    table: Nested
     average: Nested
+
+
+def entry(memory: Memory, k) -> Nested:
+    """M[k], k an int or a :class:`Block`."""
+    index = k.index if isinstance(k, Block) else torch.tensor([k])
+    return _map(lambda m: m.index_select(0, index.to(m.device)).squeeze(0), memory.table)
 
 
 def zeros(like: Nested, partition: Partition) -> Memory:
     """All entries zero (benchopt's ``mode_init_memory='zero'``)."""
-    zero = _map(torch.zeros_like, like)
-    return Memory(table=(zero,) * partition.n_batches, average=zero)
+    K = partition.n_batches
+    return Memory(table=_map(lambda t: t.new_zeros((K,) + tuple(t.shape)), like), average=_map(torch.zeros_like, like))
 
 
 def full(entries: Sequence[Nested], partition: Partition) -> Memory:
@@ -98,25 +152,24 @@ def full(entries: Sequence[Nested], partition: Partition) -> Memory:
     if len(entries) != partition.n_batches:
         raise ValueError(f"need one entry per mini-batch ({partition.n_batches}), got {len(entries)}")
     average = _map(torch.zeros_like, entries[0])
-    for k, entry in enumerate(entries):
-        average = _map(lambda a, e, w=partition.weight(k): a + w * e, average, entry)
-    return Memory(table=tuple(entries), average=average)
+    for k, one in enumerate(entries):
+        average = _map(lambda a, e, w=partition.weight(k): a + w * e, average, one)
+    return Memory(table=_map(lambda *leaves: torch.stack(leaves), *entries), average=average)
 
 
-def estimate(memory: Memory, partition: Partition, j: int, current: Nested) -> Nested:
+def estimate(memory: Memory, j: Block, current: Nested) -> Nested:
     """d_hat = K w_j (d_j - M[j]) + Mbar, with d_j = ``current`` the direction on mini-batch j."""
-    factor = partition.size(j) * partition.n_batches / partition.n
-    return _map(lambda d, m, a: a + factor * (d - m), current, memory.table[j], memory.average)
+    return _map(lambda d, m, a: a + _scalar(j.factor, d) * (d - m), current, entry(memory, j), memory.average)
 
 
-def update(memory: Memory, partition: Partition, j: int, current: Nested) -> Memory:
-    """M[j] <- d_j and Mbar <- Mbar + w_j (d_j - M[j]); a new Memory, the old one is untouched."""
-    w = partition.weight(j)
-    average = _map(lambda a, d, m: a + w * (d - m), memory.average, current, memory.table[j])
-    table = memory.table[:j] + (current,) + memory.table[j + 1:]
+def update(memory: Memory, j: Block, current: Nested) -> Memory:
+    """M[j] <- d_j and Mbar <- Mbar + w_j (d_j - M[j]); a new Memory, the old one is untouched
+    (``index_copy`` out of place)."""
+    average = _map(lambda a, d, m: a + _scalar(j.weight, d) * (d - m), memory.average, current, entry(memory, j))
+    table = _map(lambda m, d: m.index_copy(0, j.index, d.unsqueeze(0)), memory.table, current)
     return Memory(table=table, average=average)
 
 
-def saga(memory: Memory, partition: Partition, j: int, current: Nested) -> Tuple[Nested, Memory]:
+def saga(memory: Memory, j: Block, current: Nested) -> Tuple[Nested, Memory]:
     """(:func:`estimate`, :func:`update`): the variance-reduced direction and the new memory."""
-    return estimate(memory, partition, j, current), update(memory, partition, j, current)
+    return estimate(memory, j, current), update(memory, j, current)

@@ -50,6 +50,25 @@ def check_exponent(solver: Any, *names: str) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def check_tolerance(solver: Any, *names: str) -> None:
+    """Stopping tolerances: finite numbers >= 0 (0: run every step)."""
+    for name in names:
+        value = getattr(solver, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0 (a stopping tolerance; 0 runs every step), "
+                             f"got {value!r}")
+
+
+def check_radius(solver: Any, *names: str) -> None:
+    """Projection radii: None (no projection) or a positive finite number."""
+    for name in names:
+        value = getattr(solver, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be None (no projection) or a positive number, got {value!r}")
+
+
 def check_choice(solver: Any, name: str, choices: Iterable[str]) -> None:
     """Named variants: one of ``choices``."""
     value, choices = getattr(solver, name), tuple(choices)

@@ -7,18 +7,19 @@ the normalized-momentum upper step
 Subclasses choose the lower loop; see solvers/borep.py and solvers/slip.py for the defaults'
 sources. The Neumann series makes ``neumann_steps`` Hessian-vector products, each on a fresh
 lower batch (``fresh_hessian_batches=False``: one batch); ``neumann_lr`` and ``z_lr`` accept
-"auto" (1/L of a batch Hessian, estimated after the warm start; bilevel.spectrum).
+"auto" (1/L of a batch Hessian, estimated after the warm start; bilevel.spectrum). With
+hypergradient="linear_sgd", ``z_radius`` (default None) projects z onto {||z|| <= z_radius}.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from bilevel import upper
 from bilevel.estimators import LinearSystemSGD, Neumann
 from bilevel.linear_system import NEUMANN_VARIANTS
 from bilevel.solver import ComposedSolver
-from bilevel.validation import check_choice, check_count, check_positive, check_positive_or_auto, check_unit
+from bilevel.validation import check_choice, check_count, check_positive, check_positive_or_auto, check_radius, check_unit
 
 HYPERGRADIENTS = ("neumann", "linear_sgd")
 
@@ -38,6 +39,7 @@ class NormalizedMomentumSolver(ComposedSolver):
     normalization: str = "global"
     share_lower_batch: bool = False
     fresh_hessian_batches: bool = True
+    z_radius: Optional[float] = None
 
     def __post_init__(self):
         check_unit(self, "beta")
@@ -48,6 +50,10 @@ class NormalizedMomentumSolver(ComposedSolver):
         check_choice(self, "hypergradient", HYPERGRADIENTS)
         check_choice(self, "neumann_variant", NEUMANN_VARIANTS)
         check_choice(self, "normalization", upper.NORMALIZATIONS)
+        check_radius(self, "z_radius")
+        if self.z_radius is not None and self.hypergradient != "linear_sgd":
+            raise ValueError(f"z_radius={self.z_radius!r} projects the z of hypergradient='linear_sgd'; with "
+                             f"hypergradient={self.hypergradient!r} there is no z (leave z_radius None)")
 
     @property
     def auto_steps(self):
@@ -56,7 +62,7 @@ class NormalizedMomentumSolver(ComposedSolver):
 
     def estimator(self):
         if self.hypergradient == "linear_sgd":
-            return LinearSystemSGD(lr=self.z_lr, steps=1)
+            return LinearSystemSGD(lr=self.z_lr, steps=1, radius=self.z_radius)
         return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant=self.neumann_variant,
                        resample=self.fresh_hessian_batches)
 

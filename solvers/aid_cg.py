@@ -11,7 +11,8 @@ Ji, Yang, Liang. Bilevel Optimization: Convergence Analysis and Enhanced Design.
 With full batches (``batch_size=None`` in the problem) this is the deterministic AID-BiO.
 On a non-convex lower level (neural networks) the batch Hessian can be indefinite; with
 ``cg_negative_curvature="truncate"`` (default) CG then returns its current iterate (truncated CG),
-with "raise" the run stops with an error naming the curvature.
+with "raise" the run stops with an error naming the curvature. ``cg_tol`` (default 0: all
+cg_steps products) stops CG early at ||r|| <= cg_tol ||b|| (bilevel.linear_system.conjugate_gradient).
 Cost per iteration: inner_steps lower gradients, cg_steps + 1 HVPs (one for the warm-start
 residual), one cross product, one upper gradient.
 """
@@ -22,7 +23,7 @@ from bilevel.estimators import ConjugateGradient
 from bilevel.registry import register_solver
 from bilevel.linear_system import NEGATIVE_CURVATURE
 from bilevel.solver import ComposedSolver
-from bilevel.validation import check_choice, check_count, check_positive
+from bilevel.validation import check_choice, check_count, check_positive, check_tolerance
 
 
 @register_solver("aid-cg", paper="Ji, Yang, Liang. Bilevel Optimization: Convergence Analysis and Enhanced Design. ICML 2021")
@@ -36,18 +37,20 @@ class AIDCG(ComposedSolver):
     warm_start_v: bool = True
     share_lower_batch: bool = False
     cg_negative_curvature: str = "truncate"
+    cg_tol: float = 0.0
 
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr")
         check_count(self, "inner_steps", "cg_steps")
         check_choice(self, "cg_negative_curvature", NEGATIVE_CURVATURE)
+        check_tolerance(self, "cg_tol")
 
     def lower_loop(self):
         return lower.SGD(self.lower_lr, self.inner_steps)
 
     def estimator(self):
         return ConjugateGradient(steps=self.cg_steps, warm_start=self.warm_start_v,
-                                 negative_curvature=self.cg_negative_curvature)
+                                 negative_curvature=self.cg_negative_curvature, tol=self.cg_tol)
 
     def upper_update(self):
         return upper.sgd(self.upper_lr)

@@ -10,7 +10,8 @@ Arbel, Mairal. Amortized Implicit Differentiation for Stochastic Bilevel Optimiz
     x_{t+1} = x_t - upper_lr h_t
 
 Both inner problems are warm-started from the previous iteration ("amortized"). One upper batch
-gives grad_y f and grad_x f; each of the linear_steps z steps draws a fresh lower batch for its
+gives grad_y f and grad_x f; ``z_radius`` (default None) projects each z step onto
+{||z|| <= z_radius}; each of the linear_steps z steps draws a fresh lower batch for its
 Hessian product, as in the paper and benchopt, and the cross product uses an independent one
 (bilevel.estimators.LinearSystemSGD with resample=True). Step sizes are constant by default; ``lower_lr_decay`` and
 ``upper_lr_decay`` give lr_t = lr / (t + 1)^decay; any step size may instead be a schedule
@@ -23,6 +24,7 @@ Cost per iteration: inner_steps lower gradients, linear_steps HVPs, one cross pr
 gradient.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 from bilevel import lower, upper
 from bilevel.estimators import LinearSystemSGD
@@ -30,7 +32,7 @@ from bilevel.registry import register_solver
 from bilevel.schedules import decayed
 from bilevel.solver import ComposedSolver
 
-from bilevel.validation import check_count, check_exponent, check_positive
+from bilevel.validation import check_count, check_exponent, check_positive, check_radius
 
 
 @register_solver("amigo", paper="Arbel, Mairal. Amortized Implicit Differentiation for Stochastic Bilevel Optimization. ICLR 2022")
@@ -45,17 +47,19 @@ class AmIGO(ComposedSolver):
     lower_lr_decay: float = 0.0
     upper_lr_decay: float = 0.0
     share_lower_batch: bool = False
+    z_radius: Optional[float] = None
 
     def __post_init__(self):
         check_positive(self, "upper_lr", "lower_lr", "z_lr")
         check_count(self, "inner_steps", "linear_steps")
         check_exponent(self, "lower_lr_decay", "upper_lr_decay")
+        check_radius(self, "z_radius")
 
     def lower_loop(self):
         return lower.SGD(decayed(self.lower_lr, self.lower_lr_decay), self.inner_steps)
 
     def estimator(self):
-        return LinearSystemSGD(lr=self.z_lr, steps=self.linear_steps, resample=True)
+        return LinearSystemSGD(lr=self.z_lr, steps=self.linear_steps, resample=True, radius=self.z_radius)
 
     def upper_update(self):
         return upper.sgd(decayed(self.upper_lr, self.upper_lr_decay))

@@ -26,8 +26,11 @@ and SOBA's directions and simultaneous updates are taken with the estimates:
 (z is -v of the paper). The estimate is unbiased for the full-batch direction; K w_i = 1 when all
 mini-batches have the same size. The problem must be a finite sum: ``n_samples(level)`` and losses
 taking LongTensor index batches (TypeError otherwise); its own ``sample`` and batch size are not
-used. State (:class:`SABAState`): x, y, z and memories = {"lower": Memory, "upper": Memory};
-the batches of an iteration are the two mini-batch indices (:class:`SABABatches`).
+used. State (:class:`SABAState`): x, y, z and memories = {"lower": Memory, "upper": Memory},
+each Memory's table one tensor per leaf stacked over the mini-batches; the batches of an
+iteration are the two mini-batches as :class:`bilevel.memory.Block` records (index, sample
+indices, weights as tensors), so the step reads and writes its memory entry by a tensor index
+and is one graph whichever blocks are drawn (``compile=True``, ``torch.func.vmap``).
 
 Defaults are benchopt's (benchmark_bilevel solvers/saba.py: step_size 0.1, outer_ratio 1, zero
 decay exponents, "SABA works with constant stepsizes"): upper_lr = lower_lr = z_lr = 0.1,
@@ -62,10 +65,11 @@ class SABAState(NamedTuple):
 
 
 class SABABatches(NamedTuple):
-    """The indices of iteration t's lower mini-batch i and upper mini-batch j (drawn in that order)."""
+    """Iteration t's lower mini-batch i and upper mini-batch j (drawn in that order), each as a
+    :class:`bilevel.memory.Block` (index, sample indices, w and K w as tensors)."""
     t: int
-    lower: int
-    upper: int
+    lower: memory.Block
+    upper: memory.Block
 
 
 @register_solver("saba", paper="Dagreou, Ablin, Vaiter, Moreau. A framework for bilevel optimization that enables stochastic and global variance reduction algorithms. NeurIPS 2022")
@@ -89,10 +93,11 @@ class SABA(Solver):
     def init(self, problem, x, y, generator):
         parts, z = self.partitions(problem), tree.zeros_like(y)
         if self.memory_init == "full":  # a full pass at (x_0, y_0, z_0)
-            memories = {"lower": memory.full([self._lower_terms(problem, x, y, z, parts["lower"], k)
-                                              for k in range(parts["lower"].n_batches)], parts["lower"]),
-                        "upper": memory.full([self._upper_terms(problem, x, y, parts["upper"], k)
-                                              for k in range(parts["upper"].n_batches)], parts["upper"])}
+            device = generator.device
+            memories = {"lower": memory.full([self._lower_terms(problem, x, y, z, block.indices) for block in
+                                              memory.blocks(parts["lower"], device)], parts["lower"]),
+                        "upper": memory.full([self._upper_terms(problem, x, y, block.indices) for block in
+                                              memory.blocks(parts["upper"], device)], parts["upper"])}
         else:
             memories = {"lower": memory.zeros({"grad_y": y, "hvp": y, "cross": x}, parts["lower"]),
                         "upper": memory.zeros({"grad_x": x, "grad_y": y}, parts["upper"])}
@@ -101,26 +106,28 @@ class SABA(Solver):
 
     def sample(self, problem, t, generator) -> SABABatches:
         parts = self.partitions(problem)
-        i = parts["lower"].draw(generator)
-        return SABABatches(t, i, parts["upper"].draw(generator))
+        i = memory.block(parts["lower"], parts["lower"].draw(generator), generator.device)
+        return SABABatches(t, i, memory.block(parts["upper"], parts["upper"].draw(generator), generator.device))
 
     def update(self, problem, s: SABAState, batches: SABABatches) -> SABAState:
-        parts, t, i, j = self.partitions(problem), batches.t, batches.lower, batches.upper
-        low, lower_memory = memory.saga(s.memories["lower"], parts["lower"], i,
-                                        self._lower_terms(problem, s.x, s.y, s.z, parts["lower"], i))
-        up, upper_memory = memory.saga(s.memories["upper"], parts["upper"], j,
-                                       self._upper_terms(problem, s.x, s.y, parts["upper"], j))
+        t, i, j = batches.t, batches.lower, batches.upper
+        if isinstance(s.memories["lower"].table, tuple):
+            raise ValueError("SABA: this state holds its SAGA memory as a tuple of entries, the layout of "
+                             "checkpoints written before the memory became stacked tensors; such a run cannot "
+                             "be resumed, start it again")
+        low, lower_memory = memory.saga(s.memories["lower"], i, self._lower_terms(problem, s.x, s.y, s.z, i.indices))
+        up, upper_memory = memory.saga(s.memories["upper"], j, self._upper_terms(problem, s.x, s.y, j.indices))
         direction, upper_state = upper.sgd(self.upper_lr).update(tree.sub(up["grad_x"], low["cross"]), s.upper, t=t)
         return SABAState(x=upper.apply(s.x, direction), y=tree.axpy(-at(self.lower_lr, t), low["grad_y"], s.y),
                          z=tree.axpy(-at(self.z_lr, t), tree.sub(low["hvp"], up["grad_y"]), s.z),
                          memories={"lower": lower_memory, "upper": upper_memory}, upper=upper_state)
 
     @staticmethod
-    def _lower_terms(problem, x, y, z, part, k):
-        hz, cross_z, grad_y = oracles.hvp_and_cross(problem, x, y, z, part.batch(k))
+    def _lower_terms(problem, x, y, z, indices):
+        hz, cross_z, grad_y = oracles.hvp_and_cross(problem, x, y, z, indices)
         return {"grad_y": grad_y, "hvp": hz, "cross": cross_z}
 
     @staticmethod
-    def _upper_terms(problem, x, y, part, k):
-        grad_x, grad_y = oracles.grad_upper(problem, x, y, part.batch(k))
+    def _upper_terms(problem, x, y, indices):
+        grad_x, grad_y = oracles.grad_upper(problem, x, y, indices)
         return {"grad_x": grad_x, "grad_y": grad_y}

@@ -26,6 +26,10 @@ The library's default neumann_lr "auto" is 1/L of a batch Hessian estimated afte
 Any step size may instead be a schedule (bilevel.schedules; used as given, its ``*_decay`` then
 ignored); neumann_lr is resolved at iteration t.
 
+Compiled (``compile=True``): the random q is a tensor and the Neumann loop runs all Q products
+with a mask (bilevel.masked_neumann.MaskedNeumann: the same v, the same draws), so the step is
+one graph for every q; it then computes and counts Q HVPs per iteration instead of q.
+
 Cost per iteration: one lower gradient, q HVPs (random, Q/2 on average), one cross product, one
 upper gradient; init: 20 HVPs for the "auto" step.
 """
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bilevel import lower, upper
-from bilevel.estimators import Neumann
+from bilevel.masked_neumann import MaskedNeumann
 from bilevel.registry import register_solver
 from bilevel.schedules import decayed
 from bilevel.solver import ComposedSolver
@@ -64,7 +68,7 @@ class TTSA(ComposedSolver):
         return lower.SGD(decayed(self.lower_lr, self.lower_lr_decay), steps=1)
 
     def estimator(self):
-        return Neumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized",
+        return MaskedNeumann(lr=self.neumann_lr, steps=self.neumann_steps, variant="randomized",
                        resample=self.fresh_hessian_batches)
 
     def upper_update(self):

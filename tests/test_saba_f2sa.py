@@ -118,7 +118,7 @@ def test_saba_matches_saga_estimates_by_hand_over_three_iterations():
         for k in range(2):
             for q in keys:
                 key = "x" if q in ("cross", "grad_x") else "y"
-                torch.testing.assert_close(mem.table[k][q][key], table[level][k][q], rtol=0, atol=1e-12)
+                torch.testing.assert_close(mem.table[q][key][k], table[level][k][q], rtol=0, atol=1e-12)
                 average = sum(weights[level][kk] * table[level][kk][q] for kk in range(2))
                 torch.testing.assert_close(mem.average[q][key], average, rtol=0, atol=1e-12)
 
@@ -167,11 +167,11 @@ def test_memory_average_is_full_batch_direction_and_estimate_unbiased():
     full = oracles.grad_lower(problem, x, y, None)[1]
     mem = memory.zeros(y, part)
     for k in (2, 0, 1):  # fill in any order: the incremental average stays exact
-        mem = memory.update(mem, part, k, direction(k))
+        mem = memory.update(mem, memory.block(part, k), direction(k))
     assert tree.is_close(mem.average, full, rtol=1e-12, atol=1e-13)
     assert tree.is_close(memory.full([direction(k) for k in range(3)], part).average, full, rtol=1e-12, atol=1e-13)
     stale = memory.full([tree.map(lambda t: t + 0.3 * k + 1.0, direction(k)) for k in range(3)], part)
-    mean_estimate = tree.scale(tree.map(lambda *t: sum(t), *[memory.estimate(stale, part, j, direction(j))
+    mean_estimate = tree.scale(tree.map(lambda *t: sum(t), *[memory.estimate(stale, memory.block(part, j), direction(j))
                                                              for j in range(3)]), 1 / 3)
     assert tree.is_close(mean_estimate, full, rtol=1e-12, atol=1e-13)
 
@@ -179,9 +179,10 @@ def test_memory_average_is_full_batch_direction_and_estimate_unbiased():
 def test_memory_update_is_pure():
     part = Partition(5, 2)
     mem = memory.zeros({"w": torch.zeros(2)}, part)
-    new = memory.update(mem, part, 1, {"w": torch.ones(2)})
-    assert torch.equal(mem.table[1]["w"], torch.zeros(2)) and torch.equal(mem.average["w"], torch.zeros(2))
-    assert new.table[0] is mem.table[0] and torch.equal(new.average["w"], torch.full((2,), 2 / 5))
+    new = memory.update(mem, memory.block(part, 1), {"w": torch.ones(2)})
+    assert torch.equal(mem.table["w"], torch.zeros(3, 2)) and torch.equal(mem.average["w"], torch.zeros(2))
+    assert torch.equal(new.table["w"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
+    assert torch.equal(new.average["w"], torch.full((2,), 2 / 5))
 
 
 def test_saba_oracle_calls_per_step_and_full_init():
@@ -227,7 +228,7 @@ def test_saba_runs_on_hyper_cleaning():
     problem = HypercleanDigits(n_train=100, n_val=50, n_test=50, batch_size=None, val_batch_size=None)
     assert problem.n_samples("lower") == 100 and problem.n_samples("upper") == 50
     result = bilevel.solve(problem, "saba", steps=5, eval_every=5, batch_size=32, memory_init="full")
-    assert tree.all_finite(result.x) and result.state.core.memories["lower"].table[3]["cross"]["weight_logits"].shape == (100,)
+    assert tree.all_finite(result.x) and result.state.core.memories["lower"].table["cross"]["weight_logits"].shape == (4, 100)
 
 
 def test_quadratic_n_samples():

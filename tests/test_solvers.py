@@ -173,7 +173,8 @@ def test_composed_solver_warm_start_and_single_loop_order(problem, mats):
 def test_family_options_are_fields_only_where_used():
     """warm_steps, share_lower_batch (ComposedSolver) and z_radius (the SOBA loop) are class
     attributes with neutral defaults on the bases: a solver lists them as hyperparameters only
-    when it declares and uses them (BO-REP, SLIP, AdamBO, AccBO warm-start; MA-SOBA projects z)."""
+    when it declares and uses them (BO-REP, SLIP, AdamBO, AccBO warm-start; MA-SOBA projects z,
+    AmIGO, BO-REP and SLIP project linear-system SGD's z)."""
     from bilevel.solvers._normalized_momentum import NormalizedMomentumSolver
     from bilevel.solvers._single_loop import SingleLoopSolver
 
@@ -181,7 +182,8 @@ def test_family_options_are_fields_only_where_used():
               for name in ("bo-rep", "slip", "adambo", "accbo", "stocbio", "aid-cg", "amigo", "soba", "ma-soba")}
     assert all(set(bilevel.make_solver(n).hyperparameters()) == f for n, f in fields.items())
     assert {n for n, f in fields.items() if "warm_steps" in f} == {"bo-rep", "slip", "adambo", "accbo"}
-    assert {n for n, f in fields.items() if "z_radius" in f} == {"ma-soba"}
+    # z_radius: MA-SOBA's z projection; AmIGO's and BO-REP/SLIP's linear-system SGD radius
+    assert {n for n, f in fields.items() if "z_radius" in f} == {"ma-soba", "amigo", "bo-rep", "slip"}
     assert all("share_lower_batch" in fields[n] for n in ("bo-rep", "stocbio", "aid-cg", "amigo"))
     assert "share_lower_batch" not in fields["soba"]
     assert issubclass(bilevel.SOLVERS.get("bo-rep").cls, NormalizedMomentumSolver)

@@ -153,12 +153,11 @@ def _vmapped_update(problem, solver, cores, batches):
 #: Updates that torch.func.vmap takes over copies with their own batches (the brief's SOBA, BO-REP
 #: and a Neumann solver, StocBiO, and every other that works today).
 VMAPPABLE = ["soba", "bo-rep", "stocbio", "slip", "accbo", "adambo", "amigo", "mrbo", "vrbo", "f2sa", "lower-only",
-             "ma-soba", "bliss"]
+             "ma-soba", "bliss", "saba"]
 #: Why the others cannot be vmapped over seeds yet.
 NOT_VMAPPABLE = {
     "bsa": "randomized Neumann: each copy draws its own q, so the copies make different numbers of HVPs",
     "sustain": "randomized Neumann (as bsa)", "ttsa": "randomized Neumann (as bsa)",
-    "saba": "the SAGA memory is indexed by each copy's own mini-batch index (a Python int)",
     "aid-cg": "CG's curvature and tolerance checks read tensors in Python (bilevel.linear_system)",
     "itd-bio": "bilevel.hypergrad.itd makes autograd leaves (requires_grad_), refused inside torch.func",
 }
