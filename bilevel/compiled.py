@@ -37,7 +37,7 @@ import time
 import types
 import warnings
 import weakref
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch._dynamo.utils
@@ -105,7 +105,45 @@ def _drain_counts() -> None:
         oracles._record(kind, n)
 
 
-class CompiledStep:
+class CountedCompiles:
+    """Bookkeeping of a compiled callable ``self._compiled``, shared by :class:`CompiledStep` and
+    :class:`bilevel.many_compile.CompiledUpdate`: ``compiles`` graphs compiled and the
+    ``compile_seconds`` of the calls that compiled them (their step included), overall and in
+    the current run (``run_compiles``, ``run_compile_seconds``); past ``recompile_limit`` graphs
+    in a run, a RuntimeError (the caller then falls back to eager)."""
+
+    recompile_limit: int
+
+    def _reset_counts(self) -> None:
+        self.compile_seconds, self.compiles, self.run_compiles, self.run_compile_seconds = 0.0, 0, 0, 0.0
+
+    def _counted_call(self, *args):
+        frames = _compiled_frames()
+        started = time.perf_counter()
+        out = self._compiled(*args)
+        if _compiled_frames() != frames:
+            seconds = time.perf_counter() - started
+            self.compiles += 1
+            self.run_compiles += 1
+            self.compile_seconds += seconds
+            self.run_compile_seconds += seconds
+            if self.run_compiles > self.recompile_limit:
+                raise RuntimeError(f"compiled {self.run_compiles} graphs in this run, more than recompile_limit="
+                                   f"{self.recompile_limit}{self._last_guard_failure()}")
+        return out
+
+    def _last_guard_failure(self) -> str:
+        """The guard whose failure caused the last recompile, as dynamo recorded it."""
+        failures = [str(f).strip() for f in
+                    torch._dynamo.utils.guard_failures.get(self._compiled.__wrapped__.__code__) or []]
+        numbered = [(int(m.group(1)), f) for f in failures if (m := re.match(r"\d+/(\d+):", f))]
+        if not numbered:
+            return " (TORCH_LOGS=recompiles shows the guards that failed)"
+        latest = max(numbered)[1].splitlines()[0]  # the newest graph's guard that failed
+        return f"; the newest graph's failed guard: {' '.join(latest.split())[:240]}"
+
+
+class CompiledStep(CountedCompiles):
     """One outer iteration of ``solver`` on ``problem``, compiled; ``step(state) -> state`` on
     the run record (:class:`bilevel.solver.State`), as ``solver.step(problem, state)``.
 
@@ -127,7 +165,7 @@ class CompiledStep:
         self.solver, self.problem = solver, problem
         self.recompile_limit = recompile_limit
         self.reason: Optional[str] = None
-        self.compile_seconds, self.compiles, self.run_compiles = 0.0, 0, 0
+        self._reset_counts()
         self._warned = False
         self._resolved = {}  # the solver with its "auto" steps filled in, per resolved values
 
@@ -154,17 +192,8 @@ class CompiledStep:
         snapshot = _snapshot(generator)
         batches = solver.sample(self.problem, state.iteration, generator)
         oracles.DEFERRED.clear()
-        frames = _compiled_frames()
-        started = time.perf_counter()
         try:
-            core = self._compiled(solver, state.core, batches)
-            if _compiled_frames() != frames:
-                self.compiles += 1
-                self.run_compiles += 1
-                self.compile_seconds += time.perf_counter() - started
-                if self.run_compiles > self.recompile_limit:
-                    raise RuntimeError(f"compiled {self.run_compiles} graphs in this run, more than recompile_limit="
-                                       f"{self.recompile_limit}{self._last_guard_failure()}")
+            core = self._counted_call(solver, state.core, batches)
         except Exception as error:  # not traceable: this step and the rest of the run eagerly
             oracles.DEFERRED.clear()
             _restore(generator, snapshot)
@@ -173,16 +202,6 @@ class CompiledStep:
             return new_state
         _drain_counts()
         return state._replace(core=core, iteration=state.iteration + 1)
-
-    def _last_guard_failure(self) -> str:
-        """The guard whose failure caused the last recompile, as dynamo recorded it."""
-        failures = [str(f).strip() for f in
-                    torch._dynamo.utils.guard_failures.get(self._compiled.__wrapped__.__code__) or []]
-        numbered = [(int(m.group(1)), f) for f in failures if (m := re.match(r"\d+/(\d+):", f))]
-        if not numbered:
-            return " (TORCH_LOGS=recompiles shows the guards that failed)"
-        latest = max(numbered)[1].splitlines()[0]  # the newest graph's guard that failed
-        return f"; the newest graph's failed guard: {' '.join(latest.split())[:240]}"
 
     def _eager(self, state):
         return self.solver.step(self.problem, state)
@@ -216,7 +235,7 @@ def compiled_step(solver, problem) -> CompiledStep:
     if entry is not None and entry[0]() is problem:
         _CACHE.move_to_end(key)
         step = entry[1]
-        step._warned, step.run_compiles = False, 0
+        step._warned, step.run_compiles, step.run_compile_seconds = False, 0, 0.0
         if step.reason is not None:
             step._fall_back(step.reason)
         return step

@@ -26,7 +26,6 @@ an object holding something to move is shallow-copied, and a module is deep-copi
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import types
 from typing import Any, Dict, Iterator, Optional, Union

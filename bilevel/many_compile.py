@@ -28,7 +28,6 @@ Oracle calls inside the graph are counted through :data:`bilevel.oracles.DEFERRE
 from __future__ import annotations
 
 import collections
-import time
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -56,7 +55,7 @@ def wanted(option: Optional[bool], steps: int) -> bool:
     return option
 
 
-class CompiledUpdate:
+class CompiledUpdate(compiled.CountedCompiles):
     """``update(cores, batches) -> cores`` of the vmapped update ``fn(steps, cores, batches)``
     (``steps``: the per-copy step tensors, an argument; the solver and problem are closed over),
     compiled; after a failure, the eager ``fallback`` (same signature as ``update``).
@@ -71,24 +70,14 @@ class CompiledUpdate:
         self.fn, self.recompile_limit = fn, recompile_limit
         self._compiled = torch.compile(compiled._own_code(fn), fullgraph=True, backend=backend)
         self.reason: Optional[str] = None
-        self.compile_seconds, self.compiles, self.run_compiles, self.run_compile_seconds = 0.0, 0, 0, 0.0
+        self._reset_counts()
 
     def __call__(self, steps: Dict[str, torch.Tensor], cores: Any, batches: Any, warn: Callable[[str], None]):
         if self.reason is not None:
             return self.fn(steps, cores, batches)
         oracles.DEFERRED.clear()
-        frames = compiled._compiled_frames()
-        started = time.perf_counter()
         try:
-            out = self._compiled(steps, cores, batches)
-            if compiled._compiled_frames() != frames:
-                self.compiles += 1
-                self.run_compiles += 1
-                self.compile_seconds += time.perf_counter() - started
-                self.run_compile_seconds += time.perf_counter() - started
-                if self.run_compiles > self.recompile_limit:
-                    raise RuntimeError(f"compiled {self.run_compiles} graphs in this run, more than "
-                                       f"recompile_limit={self.recompile_limit}")
+            out = self._counted_call(steps, cores, batches)
         except Exception as error:  # not traceable: this step and the rest of the run eagerly
             oracles.DEFERRED.clear()
             out = self.fn(steps, cores, batches)  # a genuine error raises here

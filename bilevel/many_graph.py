@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
