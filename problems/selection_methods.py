@@ -14,7 +14,7 @@ regression target is its negative (a larger value = the step helps more).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch

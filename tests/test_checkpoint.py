@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
-import pickle
 import random
 
 import pytest

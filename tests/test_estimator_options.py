@@ -5,7 +5,6 @@ and ``solver.KEY=`` on the command line, each validated with an error naming the
 from __future__ import annotations
 
 import pytest
-import torch
 
 import bilevel
 from bilevel import count_calls, make_problem, make_solver, tree

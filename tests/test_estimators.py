@@ -9,7 +9,7 @@ import torch
 from bilevel import estimators, hypergrad, oracles, solve, tree
 from bilevel.estimators import (ITD, METHODS, ConjugateGradient, Draw, Exact, FixedPoint, LinearSystemSGD,
                                 Neumann)
-from bilevel.hypergrad import PerProduct, hypergradient
+from bilevel.hypergrad import hypergradient
 
 DT = torch.float64
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bilevel import distributed, sharding
+from bilevel import sharding
 from bilevel.oracles import grad_lower, hvp_and_cross
 
 BATCH = 7  # 4 + 3 over two ranks

@@ -10,7 +10,6 @@ oracle calls counted at capture instead of at replay all make a copy differ from
 import warnings
 
 import pytest
-import torch
 
 import bilevel
 from bilevel import many_graph, oracles

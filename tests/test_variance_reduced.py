@@ -88,7 +88,7 @@ class HandG:
         return self.samples[j]
 
     def __call__(self, x, y, j, lr):
-        m, (bl, bu, bh, bc, q) = self.m, self.sample(j)
+        m, (bl, bu, bh, bc, _) = self.m, self.sample(j)
         gy = lower_scale(bl) * (m["A"] @ y + m["C"].T @ x + m["a"])
         u = upper_scale(bu) * (y - m["t"])
         total = u
