@@ -23,6 +23,19 @@ g is a quadratic in alpha with d2 g / d alpha^2 = 2 p (1-p) > 0 (strongly convex
 
 LibAUC projects alpha onto alpha >= 0; the bilevel form here (as in AccBO) leaves it free.
 
+What the bilevel form optimizes. L is a concave quadratic in alpha (curvature -2 p (1-p)), so
+with alpha*_tr = alpha*(x; train) and alpha*_val the same closed form on the validation split,
+
+    Phi(x) = L_val(x, alpha*_tr(x)) = max_alpha L_val(x, alpha) - p (1-p) (alpha*_tr(x) - alpha*_val(x))^2.
+
+The classifier is an upper variable, fitted on validation (the first term, the AUC-M min-max on
+validation); the training split reaches it only through the second term, which *rewards* a
+training margin alpha*_tr = m + E_tr[h | neg] - E_tr[h | pos] (for batch means at the split's
+positive rate) away from the validation one. Once validation is fitted (alpha*_val < m), that
+term pushes the training AUC down: a property of AccBO's formulation, not of this code. It shows on
+small separable data; on real text at small sizes the training split simply behaves as held-out
+data (experiments/README.md, "Deep AUC maximization", has the measurements).
+
 p is the positive rate of the *training split*, fixed at construction (exact, since the split is
 built with an exact count of positives). AccBO freezes p to the positive rate of the first batch
 the loss ever sees, a random number near the split's rate.
@@ -251,7 +264,11 @@ class DeepAUC(TextClassifierProblem):
         """argmin_alpha g(x, alpha; batch) = m + mean(p h 1[c=0] - (1-p) h 1[c=1]) / (p (1-p)),
         batch indexing the training split; differentiable in x."""
         h = self.scores(x, batch_tokens(self.data.train_tokens, batch))
-        pos = (select(self.data.train_labels, batch) == 1).to(h.dtype)
+        return self._alpha_star_of(h, select(self.data.train_labels, batch))
+
+    def _alpha_star_of(self, h: Tensor, labels: Tensor) -> Tensor:
+        """argmax_alpha L = m + mean(p h 1[c=0] - (1-p) h 1[c=1]) / (p (1-p)) for scores ``h``."""
+        pos = (labels == 1).to(h.dtype)
         p = self.p
         return self.margin + (p * h * (1.0 - pos) - (1.0 - p) * h * pos).mean() / (p * (1.0 - p))
 
@@ -267,7 +284,8 @@ class DeepAUC(TextClassifierProblem):
     def evaluate(self, x: Tree, y: Tree) -> Dict[str, float]:
         """test_auc (global), test_auc_batch_mean (official), val_auc and train_auc (global ROC
         AUC of the validation and training splits; AccBO's figure draws the train AUC), val_loss
-        (f on all of val), alpha, alpha_star (closed form on all of train), a, b."""
+        (f on all of val), alpha, alpha_star (closed form on all of train), alpha_star_val (the
+        same on all of val: Phi = max_alpha L_val - p (1-p) (alpha_star - alpha_star_val)^2), a, b."""
         from sklearn.metrics import roc_auc_score
         x = {k: v.detach() for k, v in x.items()}
         params = {k: v for k, v in x.items() if k not in SCALARS}
@@ -281,17 +299,21 @@ class DeepAUC(TextClassifierProblem):
             return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
 
         scores, labels = scores_labels("test")
+        val_scores, val_labels = scores_labels("val")
         with torch.no_grad():
             val_loss = float(self.upper_loss(x, {"alpha": y["alpha"].detach()}, None))
             alpha_star = float(self.alpha_star(x, None))
+            alpha_star_val = float(self._alpha_star_of(torch.from_numpy(val_scores).double(),
+                                                       torch.from_numpy(val_labels)))
         return {
             "test_auc": auc(scores, labels),
             "test_auc_batch_mean": batch_mean_auc(labels, scores),
-            "val_auc": auc(*scores_labels("val")),
+            "val_auc": auc(val_scores, val_labels),
             "train_auc": auc(*scores_labels("train")),
             "val_loss": val_loss,
             "alpha": float(y["alpha"]),
             "alpha_star": alpha_star,
+            "alpha_star_val": alpha_star_val,
             "a": float(x["a"]),
             "b": float(x["b"]),
         }

@@ -72,6 +72,9 @@ def test_auc_metrics_are_sklearns_on_the_problems_scores(separable):
         assert metrics[f"{split}_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
         # positives are label 1: negated scores give 1 - AUC
         assert 1 - metrics[f"{split}_auc"] == pytest.approx(roc_auc_score(labels, -scores), abs=1e-6)
+    with torch.no_grad():
+        assert metrics["alpha_star_val"] == pytest.approx(float(alpha_star_on(separable, x, "val")), rel=1e-6)
+        assert metrics["alpha_star"] == pytest.approx(float(alpha_star_on(separable, x, "train")), rel=1e-6)
     # the labels the loss sees are the ones the metric sees: positive rate 0.8 on train and val
     assert float(separable.data.train_labels.float().mean()) == pytest.approx(0.8)
     assert separable.p == pytest.approx(0.8)
