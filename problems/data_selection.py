@@ -50,6 +50,11 @@ documentation as the validation domain, markup's brackets and quotes resemble th
 target text: the builtin corpus is a smoke test of the mechanism, not evidence of selection
 quality (bliss defaults, upper_lr 1e-4: 21 %).
 
+Precision (``dtype``): float32 (default), float64, or bfloat16: float32 variables with the three
+transformers' forward passes under bf16 autocast, the losses, scores and softmax weights in float32
+(:mod:`bilevel.problems.language_model`; the ``gpu`` preset's default; tests/test_lm_bf16.py:
+the hypergradient within 1% of float32's on the tiny architecture).
+
 A byte-level BPE is trained on pool + validation text (never test), or ``tokenizer_path`` is
 loaded. Documents are cut into ``seq_len``-token sequences with provenance
 (:mod:`bilevel.problems.data.tokenizer`). The proxy and target are warmed up on uniformly drawn
@@ -158,9 +163,10 @@ class DataSelection(IndexBatches, BilevelProblem):
         # The paper's setting at CPU scale: the cpu preset (the bilevel study's configuration).
         "paper": dict(data="text-pool", model_preset="cpu", noise_rate=0.2, batch_size=16, val_batch_size=8,
                       warmup_steps=500, warmup_lr=1e-3, eval_pool=1024),
-        # One H200: 8.9M proxy, 52M target, 512 tokens, a BLISS-size softmax batch of 32.
+        # One H200: 8.9M proxy, 52M target, 512 tokens, a BLISS-size softmax batch of 32; the LMs
+        # under bf16 autocast (mixed precision for the GPU; problem_options.dtype=float32 switches it off).
         "gpu": dict(data="text-pool", model_preset="gpu", noise_rate=0.2, batch_size=32, val_batch_size=8,
-                    warmup_steps=2000, warmup_lr=1e-3, eval_pool=4096),
+                    warmup_steps=2000, warmup_lr=1e-3, eval_pool=4096, dtype="bfloat16"),
     }
 
     #: ``bilevel run problem=data-selection preset=tiny``: a smoke run of the default solver set
