@@ -13,9 +13,10 @@ Runs, each into its own run folder under ``--out``:
 * ``main``: methods bliss, random, full, dsir, perplexity, mates; every seed;
 * ablations of BLISS (method bliss only, same seeds, same warm-up as main since the warm-up is
   seeded identically): ``gamma0`` (no KL to the target: ``problem_options.gamma=0``), ``k1`` (one
-  lower step per outer step: ``solver_options.inner_steps=1``), ``keep-score`` (the score model
-  kept across rounds instead of re-initialised from the proxy), ``carry-proxy`` (each round's
-  bilevel phase starts from the proxy the previous one ended with instead of the warm-up proxy).
+  lower step per outer step: ``solver_options.inner_steps=1``), ``fresh-score`` (the score model
+  re-initialised from the proxy every round: ``keep_score_model=false``; the default, as BLISS's
+  official code, keeps it across rounds), ``carry-proxy`` (each round's bilevel phase starts from
+  the proxy the previous one ended with instead of the warm-up proxy).
 
 Prints the mean +- std (sample std over seeds) table of every run's final round and writes
 ``study.md`` and ``curves.png`` (validation cloze loss against target steps, mean over seeds,
@@ -35,7 +36,7 @@ from bilevel.select import comparison_table, load_select_config, run_select
 ABLATIONS = {
     "gamma0": ["problem_options.gamma=0.0"],
     "k1": ["solver_options.inner_steps=1"],
-    "keep-score": ["keep_score_model=true"],
+    "fresh-score": ["keep_score_model=false"],
     "carry-proxy": ["carry_proxy=true"],
 }
 

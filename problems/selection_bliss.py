@@ -16,7 +16,10 @@ ends with into the pipeline's proxy module, so that the next round starts from i
 tiny preset (``experiments/bliss_rounds.py``, experiments/README.md), that carried proxy is what
 made round 2 relapse (noise kept at 1.41x and 2.32x its base rate at seeds 1 and 2, against 0.61x
 and 0.76x from the warm-up proxy with everything else equal). The score model is fresh from the
-round's starting proxy each round unless ``keep_score_model`` (an ablation).
+round's starting proxy in round 1 only: by default (``keep_score_model``, as the official code,
+whose rounds >= 2 load the previous round's score-model checkpoint) round r >= 2 starts from the
+score model round r - 1 ended with; ``keep_score_model=false`` (an ablation) re-initialises it from
+the round's starting proxy (backbone copied, a fresh head) every round.
 """
 from __future__ import annotations
 
@@ -58,8 +61,9 @@ def bliss_round(inputs: RoundInputs) -> np.ndarray:
     from bilevel.solve import solve
     from .selection_methods import _fresh_score_model
     o = inputs.options
-    x0 = inputs.state.get("score") if o.get("keep_score_model") else None
-    if x0 is None:  # fresh from the round's starting proxy, the head drawn from the round's seed
+    keep = bool(o.get("keep_score_model", True))  # the official code's behaviour; False: an ablation
+    x0 = inputs.state.get("score") if keep else None
+    if x0 is None:  # round 1, or the ablation: fresh from the round's starting proxy, the head drawn from the round's seed
         _, x0 = _fresh_score_model(inputs, 1000 * inputs.seed + inputs.round)
     problem = build_problem(inputs, x0)
     steps = int(o.get("bilevel_steps", 20))
@@ -72,7 +76,7 @@ def bliss_round(inputs: RoundInputs) -> np.ndarray:
             for name, p in inputs.proxy.named_parameters():
                 p.copy_(result.y[name])
     x = {k: v.detach() for k, v in result.x.items()}
-    if o.get("keep_score_model"):
+    if keep:
         inputs.state["score"] = {k: v.clone() for k, v in x.items()}
     inputs.state.setdefault("bilevel", []).append({"round": inputs.round, **{
         k: v for k, v in result.final.items() if isinstance(v, (int, float))}})

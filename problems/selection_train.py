@@ -84,7 +84,7 @@ def train_lm(model: torch.nn.Module, tokens: Tensor, mask: Tensor, index: Option
         opt.step()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         if on_eval is not None and eval_every and (step % eval_every == 0 or step == steps):
             model.eval()
             on_eval(step)

@@ -147,3 +147,66 @@ def test_bliss_starts_every_round_from_the_warm_up_proxy(tmp_path):
     run_select(config(tmp_path, "rounds=1", "methods=[bliss]", "carry_proxy=true", "name=carried"))
     carried = torch.load(tmp_path / "carried" / "seed0" / "bliss" / "round1" / "state.pt", weights_only=False)["proxy"]
     assert not all(torch.equal(carried[k], warm[k]) for k in warm)  # the bilevel phase moved the proxy
+
+
+def _bliss_rounds_x0_and_x(tmp_path, monkeypatch, *extra):
+    """Run 2 BLISS rounds; per round, the score model the bilevel phase starts from (x0) and
+    the one it ends with (x, the one that scores the pool)."""
+    from bilevel.problems import selection_bliss
+    starts, ends = [], []
+    build, score_with = selection_bliss.build_problem, selection_bliss.score_with
+
+    def recording_build(inputs, score_params=None):
+        starts.append({k: v.detach().clone() for k, v in score_params.items()})
+        return build(inputs, score_params)
+
+    def recording_score_with(score, params, tokens, mask):
+        ends.append({k: v.detach().clone() for k, v in params.items()})
+        return score_with(score, params, tokens, mask)
+
+    monkeypatch.setattr(selection_bliss, "build_problem", recording_build)
+    monkeypatch.setattr(selection_bliss, "score_with", recording_score_with)
+    run_select(config(tmp_path, "rounds=2", "methods=[bliss]", *extra))
+    assert len(starts) == len(ends) == 2
+    return starts, ends
+
+
+def _equal(a, b):
+    import torch
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bliss_keeps_the_score_model_across_rounds_by_default(tmp_path, monkeypatch):
+    """BLISS's official code: round 1's score model starts from the warm-up proxy (backbone
+    copied, fresh head), round r >= 2's from the score model round r - 1 ended with."""
+    import torch
+    assert load_select_config(None, []).keep_score_model is True
+    starts, ends = _bliss_rounds_x0_and_x(tmp_path, monkeypatch)
+    assert not _equal(starts[0], ends[0])  # the bilevel phase moved the score model
+    assert _equal(starts[1], ends[0])  # round 2 starts where round 1 ended
+    # round 1: the warm-up proxy's backbone (the bilevel phase of round 1 starts from it)
+    warm = torch.load(tmp_path / "select" / "seed0" / "warmup.pt", weights_only=False)["proxy"]
+    assert all(torch.equal(v, warm["gpt_neox." + k[len("backbone."):]])
+               for k, v in starts[0].items() if k.startswith("backbone."))
+    saved = torch.load(tmp_path / "select" / "seed0" / "bliss" / "round1" / "state.pt", weights_only=False)
+    assert _equal(saved["state"]["score"], ends[0])  # kept in state.pt, so a resumed run keeps it too
+
+
+def test_bliss_fresh_score_model_ablation_reinitialises_it_every_round(tmp_path, monkeypatch):
+    """``keep_score_model=false``: every round's score model is fresh from the round's starting
+    proxy (here the warm-up proxy), the head drawn from the round's seed."""
+    import torch
+    starts, ends = _bliss_rounds_x0_and_x(tmp_path, monkeypatch, "keep_score_model=false")
+    assert not _equal(starts[1], ends[0])
+    warm = torch.load(tmp_path / "select" / "seed0" / "warmup.pt", weights_only=False)["proxy"]
+    for start in starts:
+        assert all(torch.equal(v, warm["gpt_neox." + k[len("backbone."):]])
+                   for k, v in start.items() if k.startswith("backbone."))
+    assert not torch.equal(starts[0]["head.weight"], starts[1]["head.weight"])  # each round's own seed
+    saved = torch.load(tmp_path / "select" / "seed0" / "bliss" / "round1" / "state.pt", weights_only=False)
+    assert "score" not in saved["state"]
+
+
+def test_keep_score_model_rejects_a_non_boolean(tmp_path):
+    with pytest.raises(ConfigError, match="keep_score_model"):
+        config(tmp_path, "keep_score_model=sometimes")
