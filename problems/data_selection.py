@@ -50,6 +50,11 @@ documentation as the validation domain, markup's brackets and quotes resemble th
 target text: the builtin corpus is a smoke test of the mechanism, not evidence of selection
 quality (bliss defaults, upper_lr 1e-4: 21 %).
 
+Precision (``dtype``): float32 (default), float64, or bfloat16: float32 variables with the three
+transformers' forward passes under bf16 autocast, the losses, scores and softmax weights in float32
+(:mod:`bilevel.problems.language_model`; the ``gpu`` preset's default; tests/test_lm_bf16.py:
+the hypergradient within 1% of float32's on the tiny architecture).
+
 A byte-level BPE is trained on pool + validation text (never test), or ``tokenizer_path`` is
 loaded. Documents are cut into ``seq_len``-token sequences with provenance
 (:mod:`bilevel.problems.data.tokenizer`). The proxy and target are warmed up on uniformly drawn
@@ -78,7 +83,7 @@ from .data import text_pool
 from .data.text_pool import Document, TextSplits
 from .data.tokenizer import Sequences, pack_cloze, pack_documents, tokenizer_for
 from .models import squared_norm
-from .options import check_choice, check_dtype, check_int
+from .options import check_choice, check_int, check_precision
 from .runs import default_run
 from .selection_train import train_lm
 
@@ -158,9 +163,10 @@ class DataSelection(IndexBatches, BilevelProblem):
         # The paper's setting at CPU scale: the cpu preset (the bilevel study's configuration).
         "paper": dict(data="text-pool", model_preset="cpu", noise_rate=0.2, batch_size=16, val_batch_size=8,
                       warmup_steps=500, warmup_lr=1e-3, eval_pool=1024),
-        # One H200: 8.9M proxy, 52M target, 512 tokens, a BLISS-size softmax batch of 32.
+        # One H200: 8.9M proxy, 52M target, 512 tokens, a BLISS-size softmax batch of 32; the LMs
+        # under bf16 autocast (mixed precision for the GPU; problem_options.dtype=float32 switches it off).
         "gpu": dict(data="text-pool", model_preset="gpu", noise_rate=0.2, batch_size=32, val_batch_size=8,
-                    warmup_steps=2000, warmup_lr=1e-3, eval_pool=4096),
+                    warmup_steps=2000, warmup_lr=1e-3, eval_pool=4096, dtype="bfloat16"),
     }
 
     #: ``bilevel run problem=data-selection preset=tiny``: a smoke run of the default solver set
@@ -212,7 +218,10 @@ class DataSelection(IndexBatches, BilevelProblem):
             eval_pool: pool sequences scored by :meth:`evaluate` for the noise AUROC.
             max_eval: keep ``max_eval`` sequences of each test split, drawn at random (None: all).
             seed: splits, noise, model initialisation and warm-up batches.
-            dtype: "float32" or "float64".
+            dtype: "float32", "float64", or "bfloat16": float32 variables with proxy, target and
+                score model under bf16 autocast (matrix products in bf16; logits and hidden
+                states cast to float32 before the losses, the scores and the softmax weights;
+                see :mod:`bilevel.problems.language_model`). The warm-up trains in float32.
             sampling: "blocks" or "replacement" (problems/batches.py).
             splits: a TextSplits to use as is (Python API, e.g. tests on fixture text).
             shard: "none", or "fsdp": under torchrun the frozen target LM is sharded with FSDP
@@ -246,7 +255,7 @@ class DataSelection(IndexBatches, BilevelProblem):
         if not 0 <= noise_rate < 1:
             raise ValueError(f"{NAME}: noise_rate={noise_rate!r} must lie in [0, 1)")
         self.shard = sharding.check_shard(NAME, shard)
-        self.dtype = check_dtype(NAME, dtype)
+        self.dtype, self.autocast = check_precision(NAME, dtype)
         self.sampling = sampling_option(NAME, sampling)
         self.gamma, self.reg, self.seed = float(gamma), float(reg), int(seed)
         self.batch_size, self.val_batch_size, self.eval_pool = int(batch_size), int(val_batch_size), int(eval_pool)
@@ -314,8 +323,9 @@ class DataSelection(IndexBatches, BilevelProblem):
         its layers), else ``functional_call`` with ``target_params``."""
         with torch.no_grad():
             if sharding.is_sharded(self.target):
-                return self.target(input_ids=tokens, use_cache=False).logits
-            return LM.lm_logits(self.target, self.target_params, tokens)
+                return LM.module_logits(lambda: self.target(input_ids=tokens, use_cache=False),
+                                        tokens.device.type, self.autocast)
+            return LM.lm_logits(self.target, self.target_params, tokens, self.autocast)
 
     # -- weights, losses -------------------------------------------------------------------------
 
@@ -328,7 +338,7 @@ class DataSelection(IndexBatches, BilevelProblem):
 
     def scores(self, x: Tree, tokens: Tensor, mask: Tensor) -> Tensor:
         """(N,) sigmoid scores s_i of sequences under the score model x."""
-        return LM.scores(self.score, x, tokens, mask)
+        return LM.scores(self.score, x, tokens, mask, self.autocast)
 
     def batch_scores(self, x: Tree, batch: Optional[Tensor]) -> Tensor:
         """(B,) scores s_i of the pool sequences of a lower batch."""
@@ -347,13 +357,13 @@ class DataSelection(IndexBatches, BilevelProblem):
     def lower_terms(self, x: Tree, y: Tree, batch: Optional[Tensor]):
         """(P, CE, KL): weights, per-sequence CE_i(y) and KL_i(T || y) on the lower batch."""
         tokens, mask = self._rows(self.pool, batch)
-        logits = LM.lm_logits(self.proxy, y, tokens)
+        logits = LM.lm_logits(self.proxy, y, tokens, self.autocast)
         ce = LM.sequence_ce_from_logits(logits, tokens, mask)
         if self.gamma:
             kl = LM.token_kl(logits, self.target_logits(tokens), mask)
         else:
             kl = torch.zeros_like(ce)
-        weights = sample_weights(self.scores(x, tokens, mask), self.log_normalizer)
+        weights = sample_weights(self.scores(x, tokens, mask), self.log_normalizer)  # float32
         return weights, ce, kl
 
     def lower_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
@@ -366,7 +376,7 @@ class DataSelection(IndexBatches, BilevelProblem):
     def upper_loss(self, x: Tree, y: Tree, batch: Optional[Tensor]) -> Tensor:
         """Mean final-word CE of the proxy on the cloze passages of the upper batch; independent of x."""
         tokens, mask = self._rows(self.validation, batch)
-        return LM.sequence_ce(self.proxy, y, tokens, mask).mean()
+        return LM.sequence_ce(self.proxy, y, tokens, mask, self.autocast).mean()
 
     def init(self, generator: torch.Generator):
         """x0: the score model from the warmed-up proxy (head drawn from ``generator``), or the
@@ -387,7 +397,7 @@ class DataSelection(IndexBatches, BilevelProblem):
         with torch.no_grad():
             for start in range(0, len(seqs), chunk):
                 tokens, mask = seqs.tokens[start:start + chunk], seqs.mask[start:start + chunk]
-                logits = LM.lm_logits(model, params, tokens)
+                logits = LM.lm_logits(model, params, tokens, self.autocast)
                 ce = LM.sequence_ce_from_logits(logits, tokens, mask)
                 n = mask[:, 1:].sum(1)
                 total += float((ce * n).sum())

@@ -25,6 +25,15 @@ Functions of explicit parameter dicts (``torch.func.functional_call``): :func:`l
 :func:`token_kl` (KL(target || proxy) per sequence). :class:`ScoreModel` is BLISS's score
 network: the proxy's backbone, a mean over real tokens of the final-layer-norm hidden states,
 then ``Linear(d, 1)`` and a sigmoid.
+
+Mixed precision: each forward function takes ``autocast`` (None, or ``torch.bfloat16`` from the
+problem's ``dtype="bfloat16"`` option, :func:`problems.options.check_precision`). The transformer
+then runs under ``torch.autocast`` (:func:`problems.models.autocast_scope`, the mechanism of every
+problem's networks): its matrix products (attention, feed-forward, the vocabulary projection) in
+bf16, the parameters float32. What leaves it is cast to float32 before any reduction: the logits
+(so the cross-entropies, the KL's log-softmaxes and their means are float32) and the score model's
+hidden states (so its pooling, head, sigmoid and the softmax weights built on them are float32).
+Attention stays the eager matmul-softmax path, twice differentiable under autocast too.
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bilevel.sharding import require_unsharded
+
+from .models import autocast_scope
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -122,11 +133,23 @@ def params_of(module: nn.Module) -> Tree:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-def lm_logits(model: "GPTNeoXForCausalLM", params: Tree, tokens: Tensor) -> Tensor:
-    """(N, L, vocab) next-token logits of ``model`` with parameters ``params``. A ValueError when
-    ``model`` is FSDP-sharded (``functional_call`` would silently use its own parameters)."""
+def lm_logits(model: "GPTNeoXForCausalLM", params: Tree, tokens: Tensor,
+              autocast: Optional[torch.dtype] = None) -> Tensor:
+    """(N, L, vocab) next-token logits of ``model`` with parameters ``params``; with ``autocast``
+    (``torch.bfloat16``) the forward pass runs under autocast and the logits come back float32.
+    A ValueError when ``model`` is FSDP-sharded (``functional_call`` would silently use its own
+    parameters)."""
     require_unsharded(model, "lm_logits")
-    return functional_call(model, params, (tokens,), {"use_cache": False}).logits
+    return module_logits(lambda: functional_call(model, params, (tokens,), {"use_cache": False}),
+                         tokens.device.type, autocast)
+
+
+def module_logits(forward, device_type: str, autocast: Optional[torch.dtype] = None) -> Tensor:
+    """The ``.logits`` of ``forward()`` (a causal LM's forward pass), run under ``autocast`` when
+    given and then cast to float32 (the losses reduce in float32)."""
+    with autocast_scope(device_type, autocast):
+        logits = forward().logits
+    return logits if autocast is None else logits.float()
 
 
 def _shifted(logits: Tensor, tokens: Tensor, mask: Tensor):
@@ -142,10 +165,11 @@ def sequence_ce_from_logits(logits: Tensor, tokens: Tensor, mask: Tensor) -> Ten
     return ce.sum(1) / weight.sum(1).clamp_min(1.0)
 
 
-def sequence_ce(model: "GPTNeoXForCausalLM", params: Tree, tokens: Tensor, mask: Tensor) -> Tensor:
+def sequence_ce(model: "GPTNeoXForCausalLM", params: Tree, tokens: Tensor, mask: Tensor,
+                autocast: Optional[torch.dtype] = None) -> Tensor:
     """(N,) per-sequence CE_i(params): the mean over sequence i's scored tokens, as BLISS's
     ``chunked_cross_entropy`` before weighting (mean over tokens, then per sample)."""
-    return sequence_ce_from_logits(lm_logits(model, params, tokens), tokens, mask)
+    return sequence_ce_from_logits(lm_logits(model, params, tokens, autocast), tokens, mask)
 
 
 def token_kl(proxy_logits: Tensor, target_logits: Tensor, mask: Tensor) -> Tensor:
@@ -174,8 +198,13 @@ class ScoreModel(nn.Module):
         self.backbone = _transformers().GPTNeoXModel(config)
         self.head = nn.Linear(config.hidden_size, 1)
 
-    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        hidden = self.backbone(input_ids=tokens, use_cache=False).last_hidden_state
+    def forward(self, tokens: Tensor, mask: Tensor, autocast: Optional[torch.dtype] = None) -> Tensor:
+        """(N,) scores; with ``autocast`` the backbone runs under autocast and its hidden states
+        are cast to float32: pooling, head and sigmoid in float32."""
+        with autocast_scope(tokens.device.type, autocast):
+            hidden = self.backbone(input_ids=tokens, use_cache=False).last_hidden_state
+        if autocast is not None:
+            hidden = hidden.float()
         w = mask.to(hidden.dtype).unsqueeze(-1)
         pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
         return torch.sigmoid(self.head(pooled)).squeeze(-1)
@@ -204,7 +233,9 @@ def score_params_from_lm(score: ScoreModel, lm_params: Tree, generator: Optional
     return out
 
 
-def scores(score: ScoreModel, params: Tree, tokens: Tensor, mask: Tensor) -> Tensor:
-    """(N,) sigmoid scores in (0, 1) of the sequences under score-model parameters ``params``."""
-    return functional_call(score, params, (tokens, mask))
+def scores(score: ScoreModel, params: Tree, tokens: Tensor, mask: Tensor,
+           autocast: Optional[torch.dtype] = None) -> Tensor:
+    """(N,) sigmoid scores in (0, 1) of the sequences under score-model parameters ``params``
+    (the backbone under ``autocast`` when given, the scores float32)."""
+    return functional_call(score, params, (tokens, mask), {"autocast": autocast})
 

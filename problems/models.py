@@ -28,6 +28,7 @@ Token inputs are ``(B, L)`` LongTensors right-padded with ``PAD_INDEX`` = 0 (see
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -46,6 +47,13 @@ ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def autocast_scope(device_type: str, autocast: Optional[torch.dtype]):
+    """``torch.autocast(device_type, dtype=autocast)``, or a context that does nothing when
+    ``autocast`` is None: where the problems' ``dtype="bfloat16"`` option (see
+    :func:`problems.options.check_precision`) puts a network's forward pass under autocast."""
+    return contextlib.nullcontext() if autocast is None else torch.autocast(device_type, dtype=autocast)
 
 
 class FunctionalModel:
@@ -90,7 +98,7 @@ class FunctionalModel:
         if self.autocast is None:
             return functional_call(self.module, params, inputs)
         device = next(iter(params.values())).device.type
-        with torch.autocast(device, dtype=self.autocast):
+        with autocast_scope(device, self.autocast):
             out = functional_call(self.module, params, inputs)
         return out.to(self.dtype)
 
