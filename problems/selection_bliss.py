@@ -38,11 +38,11 @@ def build_problem(inputs: RoundInputs, score_params=None):
     from .data_selection import DataSelection
     o = inputs.options
     p_opts = dict(o.get("problem_options") or {})
-    unknown = set(p_opts) - {"gamma", "reg", "batch_size", "val_batch_size", "sampling"}
+    unknown = set(p_opts) - {"gamma", "reg", "batch_size", "val_batch_size", "sampling", "dtype"}
     if unknown:
         raise ValueError(f"problem_options {sorted(unknown)}: bilevel select passes only gamma, reg, batch_size, "
-                         "val_batch_size and sampling to the data-selection problem (the data and models are the "
-                         "pipeline's)")
+                         "val_batch_size, sampling and dtype (bfloat16: the bilevel phase under bf16 autocast) to "
+                         "the data-selection problem (the data and models are the pipeline's)")
     p_opts.setdefault("batch_size", int(o.get("batch_size", 8)))
     data = o["_data"]
     return DataSelection(splits=data.splits, tokenizer_path=str(data.tokenizer_path), model_preset=o["preset"],

@@ -210,3 +210,22 @@ def test_bliss_fresh_score_model_ablation_reinitialises_it_every_round(tmp_path,
 def test_keep_score_model_rejects_a_non_boolean(tmp_path):
     with pytest.raises(ConfigError, match="keep_score_model"):
         config(tmp_path, "keep_score_model=sometimes")
+
+
+def test_bilevel_phase_takes_the_dtype_option(tmp_path, monkeypatch):
+    """``problem_options.dtype=bfloat16`` reaches the round's data-selection problem (its
+    forward passes under bf16 autocast); an option select does not pass is refused by name."""
+    from bilevel.problems import selection_bliss
+    built = []
+    build = selection_bliss.build_problem
+
+    def recording_build(inputs, score_params=None):
+        built.append(build(inputs, score_params))
+        return built[-1]
+
+    monkeypatch.setattr(selection_bliss, "build_problem", recording_build)
+    run_select(config(tmp_path, "rounds=1", "methods=[bliss]", "problem_options.dtype=bfloat16"))
+    import torch
+    assert [p.autocast for p in built] == [torch.bfloat16]
+    with pytest.raises(ValueError, match="lower_lr"):
+        run_select(config(tmp_path, "rounds=1", "methods=[bliss]", "problem_options.lower_lr=0.1", "name=bad"))
