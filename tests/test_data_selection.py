@@ -11,42 +11,28 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 
 from bilevel import oracles, solve, tree  # noqa: E402
 from bilevel.hypergrad import implicit  # noqa: E402
 from bilevel.problem import validate  # noqa: E402
 from bilevel.problems import language_model as LM  # noqa: E402
-from bilevel.problems.data.text_pool import Cloze, Document, TextSplits  # noqa: E402
 from bilevel.problems.data_selection import DataSelection, sample_weights  # noqa: E402
 from bilevel.registry import make_solver  # noqa: E402
 
-WORDS = tuple("sun moon star sky sea land tree leaf rock sand rain snow wind fire cloud hill lake road bird fish".split())
-
-
-def _text(rng, n):
-    return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=rng))
+import word_corpus  # noqa: E402  (tests/word_corpus.py)
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    rng = torch.Generator().manual_seed(0)
-    pool = [Document(f"p/{i}", "p", "P", _text(rng, 30)) for i in range(8)]
-    pool += [Document(f"noise/{i}", "p", "N", "fish " * 30, noise="spam", origin="p/0") for i in range(2)]
-    val = [Cloze(f"v/{i}", f"v/{i}", "V", _text(rng, 6), WORDS[i]) for i in range(6)]
-    splits = TextSplits(pool, val, [Document("t/0", "p", "T", _text(rng, 40))],
-                        [Document("o/0", "o", "O", "rock " * 20)])
-    vocab = {w: i for i, w in enumerate(("<|endoftext|>",) + WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    problem = DataSelection(splits=splits, tokenizer_path=str(path), seq_len=8, batch_size=4, val_batch_size=3,
+    splits = word_corpus.splits(torch.Generator().manual_seed(0), pool=8, pool_words=30, noise=2, val=6, val_words=6)
+    path = word_corpus.tokenizer(tmp_path_factory.mktemp("tok"))
+    problem = DataSelection(splits=splits, tokenizer_path=path, seq_len=8, batch_size=4, val_batch_size=3,
                             proxy_arch=dict(hidden_size=4, num_attention_heads=1, intermediate_size=8),
                             target_arch=dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=2,
                                              intermediate_size=16),
                             warmup_steps=5, dtype="float64", gamma=0.1, reg=1e-3, eval_pool=32)
-    problem._tokenizer_path = str(path)  # for tests that build a second problem on the same data
+    problem._tokenizer_path = path  # for tests that build a second problem on the same data
     return problem
 
 

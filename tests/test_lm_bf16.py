@@ -13,17 +13,16 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 
 import bilevel  # noqa: E402
 from bilevel import solve, tree  # noqa: E402
 from bilevel.hypergrad import implicit  # noqa: E402
 from bilevel.problems import language_model as LM  # noqa: E402
-from bilevel.problems.data.text_pool import Cloze, Document, TextSplits  # noqa: E402
 from bilevel.problems.data_selection import DataSelection  # noqa: E402
 from bilevel.registry import make_solver  # noqa: E402
 
-WORDS = tuple("sun moon star sky sea land tree leaf rock sand rain snow wind fire cloud hill lake road bird fish".split())
+import word_corpus  # noqa: E402  (tests/word_corpus.py)
 
 #: Relative error (norm of the difference over the float32 norm) of the bf16-autocast
 #: hypergradient against float32 at the same point and batches. bf16 keeps 8 bits of mantissa
@@ -33,26 +32,13 @@ WORDS = tuple("sun moon star sky sea land tree leaf rock sand rain snow wind fir
 BF16_TOLERANCE = 0.05
 
 
-def _text(rng, n):
-    return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=rng))
-
-
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory):
     """{"float32": problem, "bfloat16": problem}: the same splits, tokenizer and warmed-up models
     (the bf16 problem starts from the float32 one's proxy and target)."""
-    rng = torch.Generator().manual_seed(0)
-    pool = [Document(f"p/{i}", "p", "P", _text(rng, 60)) for i in range(12)]
-    pool += [Document(f"noise/{i}", "p", "N", "fish " * 60, noise="spam", origin="p/0") for i in range(3)]
-    val = [Cloze(f"v/{i}", f"v/{i}", "V", _text(rng, 10), WORDS[i]) for i in range(8)]
-    splits = TextSplits(pool, val, [Document("t/0", "p", "T", _text(rng, 40))],
-                        [Document("o/0", "o", "O", "rock " * 20)])
-    vocab = {w: i for i, w in enumerate(("<|endoftext|>",) + WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    common = dict(splits=splits, tokenizer_path=str(path), model_preset="tiny", seq_len=16, batch_size=6,
+    splits = word_corpus.splits(torch.Generator().manual_seed(0), pool=12, pool_words=60, noise=3, val=8, val_words=10)
+    path = word_corpus.tokenizer(tmp_path_factory.mktemp("tok"))
+    common = dict(splits=splits, tokenizer_path=path, model_preset="tiny", seq_len=16, batch_size=6,
                   val_batch_size=4, gamma=0.1, reg=1e-4, eval_pool=32, seed=0)
     full = DataSelection(warmup_steps=5, dtype="float32", **common)
     mixed = DataSelection(warmup_steps=0, dtype="bfloat16", proxy_params=full.proxy_params,
