@@ -42,6 +42,7 @@ static inputs and outputs, graph memory pools).
 """
 from __future__ import annotations
 
+import abc
 import operator
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -138,13 +139,14 @@ for _name in _OPERATIONS:
 
 # -- backends -----------------------------------------------------------------------------------------
 
-class Backend:
+class Backend(abc.ABC):
     """How a step is captured: ``capture(fn, inputs) -> (replay, outputs)``, where ``fn(inputs)``
     returns a list of tensors, ``inputs`` are the static input buffers, ``outputs`` the static
     output buffers that ``replay()`` refills from the current contents of ``inputs``."""
 
+    @abc.abstractmethod
     def capture(self, fn: Callable[[List[torch.Tensor]], List[torch.Tensor]], inputs: List[torch.Tensor]):
-        raise NotImplementedError
+        """Capture ``fn`` on ``inputs``: (replay, outputs)."""
 
 
 class CudaBackend(Backend):

@@ -604,23 +604,24 @@ class LowerProducts:
     def hvp(self, v: Tree) -> Tree:
         """d2_yy g . v. Counts one ``hvp``."""
         _record("hvp")
-        fast = self._fast.get("y")
-        if fast is not None:
-            outputs, keys, names, leaves = fast
-            return dict(zip(names, torch.autograd.grad(outputs, leaves, [v[k] for k in keys], retain_graph=True)))
-        out = self._reverse(v, "y") if self._reverse_mode else \
-            _forward_second_order(self.problem, self.x, self.y, v, self.batch, True, False)[0]
-        return out if self._reduce is None else self._reduce(out)[0]
+        return self._product(v, "y")
 
     def cross(self, v: Tree) -> Tree:
         """d2_xy g . v, shaped like x. Counts one ``cross``."""
         _record("cross")
-        fast = self._fast.get("x")
+        return self._product(v, "x")
+
+    def _product(self, v: Tree, wrt: str) -> Tree:
+        """d/d(wrt) <grad_y g, v>: the checked-once fast path, else reverse or forward mode."""
+        fast = self._fast.get(wrt)
         if fast is not None:
             outputs, keys, names, leaves = fast
             return dict(zip(names, torch.autograd.grad(outputs, leaves, [v[k] for k in keys], retain_graph=True)))
-        out = self._reverse(v, "x") if self._reverse_mode else \
-            _forward_second_order(self.problem, self.x, self.y, v, self.batch, False, True)[1]
+        if self._reverse_mode:
+            out = self._reverse(v, wrt)
+        else:
+            hv, cr, _ = _forward_second_order(self.problem, self.x, self.y, v, self.batch, wrt == "y", wrt == "x")
+            out = hv if wrt == "y" else cr
         return out if self._reduce is None else self._reduce(out)[0]
 
 

@@ -435,3 +435,17 @@ def run_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run_files")
     return {"rt": str(write_rotten_tomatoes(folder / "rt.csv.bz2", n=900, positive_rate=0.7)),
             "mnist": str(write_mnist_5k(folder / "mnist.csv.gz", n_per_class=20))}
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """torch.compile with dynamo's "eager" backend (the same single graph, without inductor's code
+    generation: seconds instead of minutes on 2 cores), the compiled-step caches emptied before
+    and after (bilevel.compiled for single runs, bilevel.many_compile for batched ones)."""
+    from bilevel import compiled, many_compile
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    compiled.clear_cache()
+    many_compile.clear_cache()
+    yield
+    compiled.clear_cache()
+    many_compile.clear_cache()

@@ -17,14 +17,6 @@ from bilevel.compiled import CompileFallback, compiled_step
 from bilevel.config import load
 
 
-@pytest.fixture
-def eager_backend(monkeypatch):
-    monkeypatch.setattr(compiled, "BACKEND", "eager")
-    compiled.clear_cache()
-    yield
-    compiled.clear_cache()
-
-
 @pytest.fixture(scope="module")
 def quad():
     return make_problem("quadratic", preset="tiny", dtype="float64")

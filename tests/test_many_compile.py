@@ -10,19 +10,11 @@ import pytest
 import torch
 
 import bilevel
-from bilevel import compiled, many_compile
+from bilevel import many_compile
 from bilevel.compiled import CompileFallback
 from bilevel.many import LoopFallback
 
 from test_many import CASES, assert_same_run, digits, quadratic
-
-
-@pytest.fixture
-def eager_backend(monkeypatch):
-    monkeypatch.setattr(compiled, "BACKEND", "eager")
-    many_compile.clear_cache()
-    yield
-    many_compile.clear_cache()
 
 
 def _compiled_equals_lone(problem, name, options, steps=4, seeds=(0, 1)):
